@@ -1,0 +1,379 @@
+"""Frame decoding and spatial augmentation, exactly as the reference computes them (SPEC 3.2).
+
+Train: one random draw per clip, applied to all its frames, in this order:
+  1. DFEW: brightness factor ~ U(0.5, 1.5) (PIL `ImageEnhance.Brightness`).
+     FERV39k: rotation angle ~ U(-4, 4) degrees (nearest, no expand, black corners).
+     MAFW / synthetic: nothing.
+  2. Random-sized crop: up to 10 tries of area fraction ~ U(0.08, 1), aspect ~ U(3/4, 4/3)
+     (linear), `w = round(sqrt(A r))`, `h = round(sqrt(A / r))`, swap w and h with p 0.5; a
+     try succeeds when the crop fits, its corner is then uniform; the crop is resized to
+     `size x size` (bilinear). When all tries fail: resize the short side to `size`
+     (bilinear), then a uniform `size x size` crop. Parameters come from the first frame.
+  3. Horizontal flip with p 0.5.
+Test: bilinear resize straight to `size x size` (aspect not kept).
+
+Frames stay uint8 on the host: the output is a `(T, size, size, 3)` uint8 array, and
+`to_model_input` is the one place where pixels become float32 (on the device).
+
+Speed: every transform is one or two PIL calls per frame (PIL's C code releases the GIL),
+repeated frames of short clips are decoded and transformed once, and the clip is written
+into one preallocated array. `fast_decode=True` (opt-in, off in paper configs) additionally
+lets libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale (`Image.draft`) when the crop is still at
+least `size` pixels after it, and crops + resizes in one `resize(box=...)` call on the
+smaller image. The random parameters are the same with or without it (they are drawn from
+the full-size frame), but pixels differ slightly from the reference: the DCT-domain
+downscale is not PIL's bilinear filter, `resize(box=...)` reads filter support from
+outside the crop where `crop().resize()` (the reference) stops at the crop's border, and
+DFEW's brightness is applied after the resize (on size x size pixels instead of the crop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+from PIL import ImageEnhance
+from PIL import ImageFile
+
+# Mean / std of OpenAI CLIP's preprocessing (RGB, on [0, 1] pixels).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The extra, dataset-specific train augmentation applied before the crop.
+DATASET_AUGMENTATION: dict[str, str | None] = {
+    'dfew': 'brightness',
+    'ferv39k': 'rotation',
+    'mafw': None,
+    'synthetic': None,
+    'synthetic7': None,
+    'synthetic11': None,
+}
+
+_BRIGHTNESS_RANGE = (0.5, 1.5)
+_ROTATION_DEGREES = 4.0
+_CROP_TRIES = 10
+_CROP_AREA_RANGE = (0.08, 1.0)
+_CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+
+Frame = str | os.PathLike[str] | bytes
+
+
+class FrameError(ValueError):
+  """A frame cannot be decoded, or a clip's frames disagree in size."""
+
+
+def _require_strict_truncation() -> None:
+  # With this PIL global set, a truncated JPEG decodes "successfully" with grey rows at the
+  # bottom: a corrupt clip would be trained on silently.
+  if ImageFile.LOAD_TRUNCATED_IMAGES:
+    raise RuntimeError(
+        'PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some other library?): truncated '
+        'frames would be decoded silently as partly grey images. Set it back to False.')
+
+
+def _frame_name(frame: Frame, index: int) -> str:
+  return f'frame {index} ({len(frame)} encoded bytes)' if isinstance(frame, bytes) else str(frame)
+
+
+def _open(frame: Frame, index: int) -> Image.Image:
+  try:
+    return Image.open(io.BytesIO(frame) if isinstance(frame, bytes) else frame)
+  except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, ...).
+    raise FrameError(f'cannot open {_frame_name(frame, index)}: {e}') from e
+
+
+def _load_rgb(im: Image.Image, frame: Frame, index: int) -> Image.Image:
+  # PIL closes a path frame's file after a successful load(); close it on failure too.
+  try:
+    im.load()
+    return im if im.mode == 'RGB' else im.convert('RGB')
+  except Exception as e:
+    im.close()
+    raise FrameError(f'cannot decode {_frame_name(frame, index)}: {e}') from e
+
+
+def _check_indices(num_frames: int, indices: Sequence[int]) -> None:
+  if len(indices) == 0:
+    raise ValueError('no frame indices to decode')
+  bad = [int(i) for i in indices if not 0 <= int(i) < num_frames]
+  if bad:
+    raise FrameError(
+        f'frame index {bad[0]} out of range: the clip has {num_frames} frames')
+
+
+def decode_frames(frames: Sequence[Frame], indices: Sequence[int]) -> list[Image.Image]:
+  """Decodes `frames[i]` for each i of `indices` into RGB PIL images (loaded in memory).
+
+  A frame whose index repeats (edge-padded short clips) is decoded once and the same image
+  object appears several times in the result. Non-RGB frames (grey, RGBA, CMYK, 16-bit, ...)
+  are converted with `Image.convert('RGB')`, as the reference does.
+
+  Raises:
+    FrameError: a frame is unreadable, corrupt, empty or truncated (naming the file).
+  """
+  _require_strict_truncation()
+  _check_indices(len(frames), indices)
+  cache: dict[int, Image.Image] = {}
+  for i in indices:
+    i = int(i)
+    if i not in cache:
+      cache[i] = _load_rgb(_open(frames[i], i), frames[i], i)
+  return [cache[int(i)] for i in indices]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+  """The random draw of one clip's train augmentation (pixel units of the full frame)."""
+  brightness: float | None  # Brightness factor (DFEW), else None.
+  angle: float | None  # Rotation angle in degrees (FERV39k), else None.
+  crop: tuple[int, int, int, int] | None  # (x1, y1, w, h) of a successful crop try.
+  fallback: tuple[int, int, int, int] | None  # (resized w, resized h, x1, y1) otherwise.
+  flip: bool
+
+
+def _augmentation_of(dataset: str) -> str | None:
+  try:
+    return DATASET_AUGMENTATION[dataset]
+  except KeyError:
+    raise ValueError(
+        f'unknown augmentation dataset {dataset!r}: expected one of '
+        f'{sorted(DATASET_AUGMENTATION)}') from None
+
+
+def draw_train_params(
+    width: int, height: int, rng: np.random.Generator, *, dataset: str, size: int
+) -> TrainParams:
+  """Draws one clip's augmentation parameters for frames of `width x height` pixels."""
+  extra = _augmentation_of(dataset)
+  brightness = angle = None
+  if extra == 'brightness':
+    brightness = float(rng.uniform(*_BRIGHTNESS_RANGE))
+  elif extra == 'rotation':
+    angle = float(rng.uniform(-_ROTATION_DEGREES, _ROTATION_DEGREES))
+  crop = fallback = None
+  area = width * height
+  for _ in range(_CROP_TRIES):
+    target_area = rng.uniform(*_CROP_AREA_RANGE) * area
+    aspect = rng.uniform(*_CROP_ASPECT_RANGE)
+    # Python's round (half to even), as the reference computes it.
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if rng.random() < 0.5:
+      w, h = h, w
+    if w <= width and h <= height:
+      x1 = int(rng.integers(0, width - w + 1))
+      y1 = int(rng.integers(0, height - h + 1))
+      crop = (x1, y1, w, h)
+      break
+  if crop is None:
+    # torchvision Resize(int): short side to `size`, long side truncated.
+    if width <= height:
+      rw, rh = size, int(size * height / width)
+    else:
+      rw, rh = int(size * width / height), size
+    fallback = (rw, rh, int(rng.integers(0, rw - size + 1)),
+                int(rng.integers(0, rh - size + 1)))
+  flip = bool(rng.random() < 0.5)
+  return TrainParams(brightness=brightness, angle=angle, crop=crop, fallback=fallback,
+                     flip=flip)
+
+
+def _brightness(im: Image.Image, factor: float | None) -> Image.Image:
+  return im if factor is None else ImageEnhance.Brightness(im).enhance(factor)
+
+
+def _flip(im: Image.Image, flip: bool) -> Image.Image:
+  # PIL's transpose is a fast C copy; flipping the stacked numpy array (a strided copy
+  # over the 3-channel axis) costs several times more.
+  return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
+
+
+def _apply_exact(im: Image.Image, p: TrainParams, size: int) -> Image.Image:
+  """One frame, reference semantics (crop, then resize the crop)."""
+  if p.angle is not None:
+    im = im.rotate(p.angle, resample=Image.Resampling.NEAREST, expand=False)
+  if p.crop is not None:
+    x1, y1, w, h = p.crop
+    # Brightness is per pixel, so applying it to the crop only is exact and cheaper.
+    im = _brightness(im.crop((x1, y1, x1 + w, y1 + h)), p.brightness)
+    return im.resize((size, size), Image.Resampling.BILINEAR)
+  rw, rh, x1, y1 = p.fallback
+  im = _brightness(im, p.brightness)
+  if im.size != (rw, rh):
+    im = im.resize((rw, rh), Image.Resampling.BILINEAR)
+  return im.crop((x1, y1, x1 + size, y1 + size))
+
+
+def _stack(images: Sequence[Image.Image], transform, size: int) -> np.ndarray:
+  """Applies `transform` once per distinct image object, into one (T, size, size, 3) array."""
+  out = np.empty((len(images), size, size, 3), np.uint8)
+  done: dict[int, int] = {}
+  for t, im in enumerate(images):
+    first = done.get(id(im))
+    if first is None:
+      out[t] = np.asarray(transform(im))
+      done[id(im)] = t
+    else:
+      out[t] = out[first]
+  return out
+
+
+def _check_same_size(sizes: Sequence[tuple[int, int]], names: Sequence[str]) -> None:
+  for size, name in zip(sizes, names):
+    if size != sizes[0]:
+      raise FrameError(
+          f'frames of one clip differ in size: {names[0]} is {sizes[0][0]}x{sizes[0][1]}, '
+          f'{name} is {size[0]}x{size[1]} (one crop is applied to all frames)')
+
+
+def train_transform(
+    images: Sequence[Image.Image], rng: np.random.Generator, *, dataset: str, size: int
+) -> np.ndarray:
+  """Train augmentation of one clip (see the module docstring) -> (T, size, size, 3) uint8.
+
+  Args:
+    images: the clip's RGB frames (e.g. from `decode_frames`), all the same size.
+    rng: the generator of this clip's one random draw.
+    dataset: 'dfew' (adds brightness), 'ferv39k' (adds rotation), 'mafw' or 'synthetic'.
+    size: output height and width.
+  """
+  _check_same_size([im.size for im in images], [f'frame {t}' for t in range(len(images))])
+  p = draw_train_params(*images[0].size, rng, dataset=dataset, size=size)
+  return _stack(images, lambda im: _flip(_apply_exact(im, p, size), p.flip), size)
+
+
+def test_transform(images: Sequence[Image.Image], *, size: int) -> np.ndarray:
+  """Test transform: bilinear resize of each frame to size x size -> (T, size, size, 3) uint8."""
+  return _stack(images, lambda im: im.resize((size, size), Image.Resampling.BILINEAR), size)
+
+
+test_transform.__test__ = False  # Not a pytest test, even when imported into a test module.
+
+
+def _open_drafted(frame: Frame, index: int, request: tuple[int, int]
+                  ) -> tuple[Image.Image, tuple[int, int], float]:
+  """Opens a frame, asking libjpeg for a reduced decode when `request` allows it.
+
+  Returns the loaded RGB image, the frame's full size and the scale of the decode (1, 2, 4
+  or 8; always 1 for non-JPEG frames).
+  """
+  im = _open(frame, index)
+  full_size = im.size
+  scale = 1.0
+  if im.format == 'JPEG':
+    result = im.draft('RGB', request)
+    if result is not None:
+      scale = full_size[0] / result[1][2]
+  return _load_rgb(im, frame, index), full_size, scale
+
+
+def _decode_unique(frames: Sequence[Frame], indices: Sequence[int],
+                   request: tuple[int, int]) -> tuple[list, list, list]:
+  """`_open_drafted` on each distinct index: (images, full sizes, scales), one per index."""
+  _require_strict_truncation()
+  _check_indices(len(frames), indices)
+  cache: dict[int, tuple[Image.Image, tuple[int, int], float]] = {}
+  for i in indices:
+    i = int(i)
+    if i not in cache:
+      cache[i] = _open_drafted(frames[i], i, request)
+  return ([cache[int(i)][0] for i in indices], [cache[int(i)][1] for i in indices],
+          [cache[int(i)][2] for i in indices])
+
+
+def _full_size(frame: Frame, index: int) -> tuple[int, int]:
+  im = _open(frame, index)  # Reads the header only.
+  size = im.size
+  im.close()
+  return size
+
+
+def load_train_clip(
+    frames: Sequence[Frame],
+    indices: Sequence[int],
+    rng: np.random.Generator,
+    *,
+    dataset: str,
+    size: int,
+    fast_decode: bool = False,
+) -> np.ndarray:
+  """Decodes `frames[indices]` and applies the train augmentation -> (T, size, size, 3) uint8.
+
+  With `fast_decode=False` this equals `train_transform(decode_frames(frames, indices), rng,
+  ...)`. With `fast_decode=True` the same random parameters are used but JPEGs are decoded
+  at reduced scale where the crop keeps at least `size` pixels (see the module docstring).
+  """
+  if not fast_decode:
+    return train_transform(decode_frames(frames, indices), rng, dataset=dataset, size=size)
+  _check_indices(len(frames), indices)
+  first = int(indices[0])
+  width, height = _full_size(frames[first], first)
+  p = draw_train_params(width, height, rng, dataset=dataset, size=size)
+  if p.crop is not None:
+    _, _, w, h = p.crop
+    # libjpeg picks scale s = min(W // rw, H // rh); this request keeps w / s, h / s >= size.
+    request = (math.ceil(width * size / w), math.ceil(height * size / h))
+  else:
+    request = (size, size)  # Keeps the short side >= size for the fallback's resize.
+  images, full_sizes, scales = _decode_unique(frames, indices, request)
+  _check_same_size(full_sizes, [_frame_name(frames[int(i)], int(i)) for i in indices])
+
+  def transform(im: Image.Image, scale: float) -> Image.Image:
+    if p.angle is not None:
+      im = im.rotate(p.angle, resample=Image.Resampling.NEAREST, expand=False)
+    if p.crop is not None:
+      x1, y1, w, h = p.crop
+      box = (x1 / scale, y1 / scale, (x1 + w) / scale, (y1 + h) / scale)
+      if p.brightness is None:
+        return im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+      return _brightness(im.resize((size, size), Image.Resampling.BILINEAR, box=box),
+                         p.brightness)
+    rw, rh, x1, y1 = p.fallback
+    im = _brightness(im, p.brightness)
+    if im.size != (rw, rh):
+      im = im.resize((rw, rh), Image.Resampling.BILINEAR)
+    return im.crop((x1, y1, x1 + size, y1 + size))
+
+  scale_of = {id(im): s for im, s in zip(images, scales)}
+  return _stack(images, lambda im: _flip(transform(im, scale_of[id(im)]), p.flip), size)
+
+
+def load_test_clip(
+    frames: Sequence[Frame], indices: Sequence[int], *, size: int, fast_decode: bool = False
+) -> np.ndarray:
+  """Decodes `frames[indices]` and resizes each to size x size -> (T, size, size, 3) uint8.
+
+  `fast_decode=True` lets libjpeg decode at reduced scale while both sides stay >= size.
+  """
+  if not fast_decode:
+    return test_transform(decode_frames(frames, indices), size=size)
+  images, _, _ = _decode_unique(frames, indices, (size, size))
+  return test_transform(images, size=size)
+
+
+def to_model_input(video_uint8: Any, *, normalize: bool = False) -> Any:
+  """uint8 pixels -> float32 `x / 255`, optionally CLIP mean/std normalised (channels last).
+
+  The single place where pixels become float: the pipeline ships uint8 (4x fewer bytes) and
+  the trainer calls this on the device. Works on numpy arrays (returns numpy) and on jax
+  arrays / tracers (returns jax). `normalize=False` is the reference (no mean/std).
+  """
+  if isinstance(video_uint8, np.ndarray):
+    xp = np
+  else:
+    import jax.numpy as xp  # pylint: disable=g-import-not-at-top
+  if video_uint8.dtype != np.uint8:
+    raise TypeError(f'expected uint8 pixels, got dtype {video_uint8.dtype}')
+  if video_uint8.shape[-1] != 3:
+    raise ValueError(f'expected channels-last RGB (..., 3), got shape {video_uint8.shape}')
+  x = video_uint8.astype(xp.float32) / xp.float32(255.0)
+  if normalize:
+    mean = xp.asarray(CLIP_MEAN, dtype=xp.float32)
+    std = xp.asarray(CLIP_STD, dtype=xp.float32)
+    x = (x - mean) / std
+  return x

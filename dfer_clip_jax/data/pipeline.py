@@ -1,0 +1,628 @@
+"""grain input pipelines: clip source -> per-process batches of uint8 videos -> global arrays.
+
+Flow (training)::
+
+  source (random access: frame folders or packed TFDS records; data_api record interface)
+    -> global plan: epoch e visits the clips in permutation perm(seed, e); global step k of
+       the epoch takes perm[k G : (k + 1) G] (G = global batch = batch_size x
+       process_count; the last N mod G clips of each epoch are dropped, as the reference's
+       drop_last does)
+    -> this process's rows: perm[k G + p B : k G + (p + 1) B] (B = batch_size per process,
+       p = process_index), so each process reads only its own clips
+    -> per clip: read the record, sample 16 frame indices (`sampling`), decode + augment
+       (`augment`) with a generator seeded by (seed, epoch, clip index) only
+    -> `grain.MapDataset.batch` -> thread prefetch (`to_iter_dataset`) -> process prefetch
+       (`mp_prefetch`, when worker_count > 0)
+    -> `{'video': uint8 (B, T, H, W, 3), 'label': int32 (B,), 'index': int32 (B,),
+         'mask': bool (B,)}` numpy batches
+    -> `to_global_batch`: global `jax.Array`s sharded on the batch axis over the mesh.
+  Pixels stay uint8 until the device: `augment.to_model_input` makes them float there.
+
+Every batch is a pure function of (seed, step), so the sequence is reproducible, identical for
+any worker count, and the same global batches are produced for any process count with the
+same global batch size. The iterator's state is just the next global step (JSON), so a
+resumed run continues the exact sequence (`ClipBatchIterator.get_state` / `set_state`; it is
+a `grain.DatasetIterator`, so grain's Orbax checkpoint handler can save it too).
+
+Evaluation: clip j of the source sits at global position j; global step k holds positions
+[k G, (k + 1) G) and process p the rows [k G + p B, k G + (p + 1) B). Positions >= N are
+padding rows (zero video, label 0, index -1, mask False), so every clip is seen exactly once
+across processes and every process yields the same number of batches (multi-host jit).
+
+Bad clips (unreadable frames, missing folder, frame count differing from the record's):
+  'error' (default): raise `BadClipError` naming the clip (clip id, annotation file:line).
+  'skip': training replaces the clip by the next readable clip of the epoch's permutation
+  (deterministic, so resume and worker counts are unaffected; a clip may then appear twice
+  in that epoch); evaluation sets the row's mask to False. Either way every skipped clip is
+  logged and recorded in `dataset.skipped` (detected in the main process, also with worker
+  processes, by comparing each batch with the plan). Validate the lists at start-up
+  (`validate.validate_clips`) to find bad clips before training rather than during it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+from absl import logging
+import grain
+import numpy as np
+
+from dfer_clip_jax.data import augment as augment_lib
+from dfer_clip_jax.data import sampling
+
+BAD_CLIP_POLICIES = ('error', 'skip')
+
+# Distinct first words of the seed sequences, so that the shuffle, the per-clip draws and
+# the train / val split never share a random stream.
+_SHUFFLE_STREAM = 0x5348
+_CLIP_STREAM = 0x434C
+_SPLIT_STREAM = 0x5350
+# Element count standing for "forever" when num_epochs is None (kept below 2**63 so that
+# index arithmetic stays within int64; 2**62 elements never run out).
+_UNBOUNDED_ELEMENTS = 2**62
+
+
+class BadClipError(RuntimeError):
+  """A clip cannot be loaded; names the clip, its annotation line when known and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedClip:
+  """A clip left out under bad_clip_policy='skip'."""
+  index: int  # Index of the clip in the source.
+  clip_id: str
+  origin: str | None  # 'annotation_file:line' when the source knows it.
+  reason: str
+  step: int  # Global step of the batch it was left out of.
+  replaced_by: int | None  # Train: the clip used instead. Eval: None (the row is masked).
+
+
+def steps_per_epoch(num_clips: int, global_batch: int) -> int:
+  """Training steps per epoch: full global batches only (the partial one is dropped)."""
+  if global_batch < 1:
+    raise ValueError(f'global_batch must be positive, got {global_batch}')
+  return num_clips // global_batch
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(num_clips: int, seed: int, epoch: int) -> np.ndarray:
+  order = np.random.default_rng([_SHUFFLE_STREAM, seed, epoch]).permutation(num_clips)
+  order.flags.writeable = False  # Shared by every caller through the cache.
+  return order
+
+
+def epoch_order(num_clips: int, seed: int, epoch: int) -> np.ndarray:
+  """The order in which training epoch `epoch` visits the clips (a permutation)."""
+  return _permutation(num_clips, seed, epoch).copy()
+
+
+def clip_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  """The generator of one clip's sampling and augmentation draws in one epoch."""
+  return np.random.default_rng([_CLIP_STREAM, seed, epoch, index])
+
+
+class _ClipLoader:
+  """Turns a clip index into one pipeline element (picklable, for grain worker processes)."""
+
+  def __init__(self, source, *, train: bool, num_frames: int, image_size: int, augment: str,
+               fix_short_sampling: bool, fast_decode: bool):
+    self.source = source
+    self.train = train
+    self.num_frames = num_frames
+    self.image_size = image_size
+    self.augment = augment
+    self.fix_short_sampling = fix_short_sampling
+    self.fast_decode = fast_decode
+
+  def describe(self, index: int) -> tuple[str, str | None]:
+    """(clip_id, 'file:line' or None) of a clip, without touching its frames if possible."""
+    annotations = getattr(self.source, 'annotations', None)
+    if annotations is not None and hasattr(annotations[index], 'origin'):
+      return annotations[index].clip_id, annotations[index].origin
+    try:
+      record = self.source[index]
+    except Exception:  # The record itself may be what is broken.
+      return f'#{index}', None
+    return str(record.get('clip_id', f'#{index}')), record.get('origin')
+
+  def video(self, index: int, seed: int, epoch: int) -> tuple[np.ndarray, int]:
+    """Loads clip `index`: (video uint8 (T, H, W, 3), label). Raises BadClipError."""
+    try:
+      record = self.source[index]
+      frames, count = record['frames'], int(record['num_frames'])
+      if len(frames) != count:
+        raise ValueError(f'{len(frames)} frames found, the annotation says {count}')
+      if self.train:
+        rng = clip_rng(seed, epoch, index)
+        indices = sampling.train_indices(count, rng, self.num_frames,
+                                         fix_short=self.fix_short_sampling)
+        video = augment_lib.load_train_clip(frames, indices, rng, dataset=self.augment,
+                                            size=self.image_size, fast_decode=self.fast_decode)
+      else:
+        indices = sampling.test_indices(count, self.num_frames)
+        video = augment_lib.load_test_clip(frames, indices, size=self.image_size,
+                                           fast_decode=self.fast_decode)
+      return video, int(record['label'])
+    except Exception as e:
+      clip_id, origin = self.describe(index)
+      where = f' ({origin})' if origin else ''
+      raise BadClipError(f'clip {index} {clip_id!r}{where}: {type(e).__name__}: {e}') from e
+
+  def failure(self, index: int, seed: int, epoch: int) -> str:
+    """Why clip `index` cannot be loaded (re-runs the load; for skip reports)."""
+    try:
+      self.video(index, seed, epoch)
+    except BadClipError as e:
+      return str(e)
+    return 'loaded fine when retried (transient read error?)'
+
+
+def _element(video: np.ndarray, label: int, index: int, mask: bool) -> dict[str, np.ndarray]:
+  return {'video': video, 'label': np.int32(label), 'index': np.int32(index),
+          'mask': np.bool_(mask)}
+
+
+class _TrainElements:
+  """Element e of this process -> the element of the global training plan."""
+
+  def __init__(self, loader: _ClipLoader, *, num_clips: int, seed: int, batch_size: int,
+               process_index: int, process_count: int, bad_clip_policy: str):
+    self.loader = loader
+    self.num_clips = num_clips
+    self.seed = seed
+    self.batch_size = batch_size
+    self.process_index = process_index
+    self.global_batch = batch_size * process_count
+    self.steps_per_epoch = steps_per_epoch(num_clips, self.global_batch)
+    self.bad_clip_policy = bad_clip_policy
+
+  def positions(self, step: int) -> tuple[int, np.ndarray]:
+    """(epoch, positions in the epoch's permutation) of this process's rows of `step`."""
+    epoch, k = divmod(step, self.steps_per_epoch)
+    start = k * self.global_batch + self.process_index * self.batch_size
+    return epoch, np.arange(start, start + self.batch_size)
+
+  def planned(self, step: int) -> tuple[int, np.ndarray]:
+    """(epoch, clip indices) of this process's rows of global step `step`."""
+    epoch, pos = self.positions(step)
+    return epoch, _permutation(self.num_clips, self.seed, epoch)[pos]
+
+  def __call__(self, element: int) -> dict[str, np.ndarray]:
+    step, row = divmod(element, self.batch_size)
+    epoch, pos = self.positions(step)
+    pos = int(pos[row])
+    order = _permutation(self.num_clips, self.seed, epoch)
+    index = int(order[pos])
+    try:
+      video, label = self.loader.video(index, self.seed, epoch)
+      return _element(video, label, index, True)
+    except BadClipError as e:
+      if self.bad_clip_policy == 'error':
+        raise
+      logging.warning('skipping bad clip at step %d: %s', step, e)
+    # Deterministic replacement: the next readable clip of this epoch's order.
+    for k in range(1, self.num_clips):
+      alt = int(order[(pos + k) % self.num_clips])
+      try:
+        video, label = self.loader.video(alt, self.seed, epoch)
+      except BadClipError as e:
+        logging.warning('skipping bad clip at step %d: %s', step, e)
+        continue
+      return _element(video, label, alt, True)
+    raise BadClipError(f'no clip of the {self.num_clips} in the source can be loaded')
+
+
+class _EvalElements:
+  """Element e of this process -> a clip (or a padding row) of the evaluation plan."""
+
+  def __init__(self, loader: _ClipLoader, *, num_clips: int, batch_size: int,
+               process_index: int, process_count: int, bad_clip_policy: str):
+    self.loader = loader
+    self.num_clips = num_clips
+    self.batch_size = batch_size
+    self.process_index = process_index
+    self.global_batch = batch_size * process_count
+    self.num_steps = max(1, math.ceil(num_clips / self.global_batch))
+    self.bad_clip_policy = bad_clip_policy
+
+  def planned(self, step: int) -> tuple[None, np.ndarray]:
+    """(None, clip indices) of this process's rows of `step`; -1 marks padding rows."""
+    start = step * self.global_batch + self.process_index * self.batch_size
+    pos = np.arange(start, start + self.batch_size)
+    return None, np.where(pos < self.num_clips, pos, -1)
+
+  def _blank(self) -> np.ndarray:
+    size = self.loader.image_size
+    return np.zeros((self.loader.num_frames, size, size, 3), np.uint8)
+
+  def __call__(self, element: int) -> dict[str, np.ndarray]:
+    step, row = divmod(element, self.batch_size)
+    index = int(self.planned(step)[1][row])
+    if index < 0:
+      return _element(self._blank(), 0, -1, False)
+    try:
+      video, label = self.loader.video(index, 0, 0)
+      return _element(video, label, index, True)
+    except BadClipError as e:
+      if self.bad_clip_policy == 'error':
+        raise
+      logging.warning('masking out bad eval clip at step %d: %s', step, e)
+      return _element(self._blank(), 0, index, False)
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index must lie in [0, {process_count}), got {process_index}')
+
+
+class ClipDataset:
+  """Per-process batches of one pipeline; iterate it to get a `ClipBatchIterator`.
+
+  Attributes:
+    batches: the per-process batches as a `grain.MapDataset` (random access by global step).
+    skipped: every clip left out so far under bad_clip_policy='skip' (`SkippedClip`s).
+    num_steps: number of batches (None: training without an epoch limit).
+    steps_per_epoch: training steps per epoch (eval: `num_steps`).
+  """
+
+  def __init__(self, elements: _TrainElements | _EvalElements, *, kind: str,
+               num_steps: int | None, fingerprint: dict[str, Any], worker_count: int,
+               read_threads: int):
+    self._elements = elements
+    self.kind = kind
+    self.num_steps = num_steps
+    self.fingerprint = fingerprint
+    self.worker_count = worker_count
+    self.read_threads = read_threads
+    self.batch_size = elements.batch_size
+    self.steps_per_epoch = (elements.steps_per_epoch if kind == 'train' else num_steps)
+    self.skipped: list[SkippedClip] = []
+    total = num_steps if num_steps is not None else _UNBOUNDED_ELEMENTS // self.batch_size
+    self.batches: grain.MapDataset = (
+        grain.MapDataset.range(total * self.batch_size)
+        .map(elements)
+        .batch(self.batch_size, drop_remainder=True))
+
+  def __len__(self) -> int:
+    if self.num_steps is None:
+      raise TypeError('this training dataset repeats forever (num_epochs=None): no length')
+    return self.num_steps
+
+  def __iter__(self) -> ClipBatchIterator:
+    return ClipBatchIterator(self)
+
+  def iter_from(self, step: int) -> grain.IterDataset:
+    """The grain pipeline yielding this process's batches from global step `step` on."""
+    ds = self.batches.slice(slice(step, None)).to_iter_dataset(
+        grain.ReadOptions(num_threads=self.read_threads,
+                          prefetch_buffer_size=max(1, self.read_threads)))
+    if self.worker_count > 0:
+      # grain reads absl flags in its workers; outside absl.app (tests, notebooks) they are
+      # unparsed and grain raises UnparsedFlagAccessError.
+      from absl import flags  # pylint: disable=g-import-not-at-top
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
+    return ds
+
+  def record_skips(self, step: int, batch: dict[str, np.ndarray]) -> None:
+    """Compares a batch with the plan; records (and logs) every clip that was left out."""
+    epoch, planned = self._elements.planned(step)
+    if self.kind == 'train':
+      left_out = np.flatnonzero(batch['index'] != planned)
+    else:
+      left_out = np.flatnonzero((planned >= 0) & ~batch['mask'])
+    loader = self._elements.loader
+    seed = getattr(self._elements, 'seed', 0)
+    for row in left_out:
+      index = int(planned[row])
+      clip_id, origin = loader.describe(index)
+      skip = SkippedClip(
+          index=index, clip_id=clip_id, origin=origin,
+          reason=loader.failure(index, seed, epoch or 0), step=step,
+          replaced_by=int(batch['index'][row]) if self.kind == 'train' else None)
+      self.skipped.append(skip)
+      logging.warning('skipped clip (%d so far): %s', len(self.skipped), skip)
+
+
+class ClipBatchIterator(grain.DatasetIterator):
+  """Iterator over a `ClipDataset` whose state is the next global step (JSON-serialisable).
+
+  `get_state()` -> `{'step': int, 'fingerprint': {...}}`; `set_state(state)` continues from
+  that step (the fingerprint must match the dataset's: same clips, seed, global batch,
+  frames, image size, augmentation). Worker and process counts may differ on restore.
+  """
+
+  def __init__(self, dataset: ClipDataset, step: int = 0):
+    super().__init__()
+    self._dataset = dataset
+    self._step = step
+    self._it = None
+
+  @property
+  def step(self) -> int:
+    """Global step of the next batch."""
+    return self._step
+
+  def _inner(self):
+    if self._it is None:
+      self._it = iter(self._dataset.iter_from(self._step))
+    return self._it
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._dataset.num_steps is not None and self._step >= self._dataset.num_steps:
+      self.close()  # Stops worker processes now rather than at garbage collection.
+      raise StopIteration
+    try:
+      batch = next(self._inner())
+    except BaseException:
+      self.close()  # Stops the worker processes of a failed pipeline now.
+      raise
+    self._dataset.record_skips(self._step, batch)
+    self._step += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {'step': self._step, 'fingerprint': dict(self._dataset.fingerprint)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    saved = state.get('fingerprint', {})
+    ours = self._dataset.fingerprint
+    diff = {k: (saved.get(k), ours.get(k)) for k in set(saved) | set(ours)
+            if saved.get(k) != ours.get(k)}
+    if diff:
+      raise ValueError(
+          'the saved data iterator state belongs to a different pipeline: '
+          + ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in sorted(diff.items())))
+    step = int(state['step'])
+    if step < 0:
+      raise ValueError(f'step must be non-negative, got {step}')
+    self.close()
+    self._closed = False
+    self._step = step
+
+  def start_prefetch(self) -> None:
+    inner = self._inner()
+    if hasattr(inner, 'start_prefetch'):
+      inner.start_prefetch()
+
+  def close(self) -> None:
+    if self._it is not None:
+      if hasattr(self._it, 'close'):
+        self._it.close()
+      self._it = None
+    self._closed = True
+
+
+def _check_common(source, batch_size, num_frames, image_size, worker_count, read_threads,
+                  bad_clip_policy) -> int:
+  num_clips = len(source)
+  if num_clips == 0:
+    raise ValueError('the clip source is empty')
+  for name, value in (('batch_size', batch_size), ('num_frames', num_frames),
+                      ('image_size', image_size)):
+    if value < 1:
+      raise ValueError(f'{name} must be positive, got {value}')
+  if worker_count < 0 or read_threads < 0:
+    raise ValueError(f'worker_count and read_threads must be >= 0, got {worker_count} and '
+                     f'{read_threads}')
+  if bad_clip_policy not in BAD_CLIP_POLICIES:
+    raise ValueError(f'bad_clip_policy must be one of {BAD_CLIP_POLICIES}, '
+                     f'got {bad_clip_policy!r}')
+  return num_clips
+
+
+def make_train_dataset(
+    source,
+    *,
+    seed: int,
+    num_frames: int,
+    image_size: int,
+    augment: str,
+    batch_size: int,
+    fix_short_sampling: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+    bad_clip_policy: str = 'error',
+    num_epochs: int | None = None,
+    fast_decode: bool = False,
+    read_threads: int = 2,
+) -> ClipDataset:
+  """The training pipeline (see the module docstring).
+
+  Args:
+    source: random-access clip source (data_api record interface).
+    seed: seeds the per-epoch shuffle and every clip's sampling / augmentation.
+    num_frames: frames per clip (temporal segments; 16 in the paper).
+    image_size: output height and width (224 in the paper).
+    augment: the dataset's augmentation: 'dfew', 'ferv39k', 'mafw' or 'synthetic'.
+    batch_size: clips per batch *per process*; the global batch is
+      batch_size x process_count.
+    fix_short_sampling: whole-clip segments in the train sampler (`sampling.train_indices`
+      fix_short); False is the reference.
+    process_index, process_count: this process and the number of processes
+      (`jax.process_index()`, `jax.process_count()`).
+    worker_count: grain worker processes (0: decode in threads of this process).
+    bad_clip_policy: 'error' or 'skip' (see the module docstring).
+    num_epochs: stop after this many epochs; None repeats forever.
+    fast_decode: reduced-scale JPEG decoding (`augment.load_train_clip`); changes pixels
+      slightly, off for the reference behaviour.
+    read_threads: threads building batches in each process (main or worker).
+
+  Returns:
+    A `ClipDataset`; `iter()` gives batches `{'video': uint8 (B, T, H, W, 3),
+    'label': int32 (B,), 'index': int32 (B,), 'mask': bool (B,) all True}`.
+  """
+  num_clips = _check_common(source, batch_size, num_frames, image_size, worker_count,
+                            read_threads, bad_clip_policy)
+  _check_process(process_index, process_count)
+  if seed < 0:
+    raise ValueError(f'seed must be non-negative, got {seed}')
+  if augment not in augment_lib.DATASET_AUGMENTATION:
+    raise ValueError(f'unknown augment {augment!r}: expected one of '
+                     f'{sorted(augment_lib.DATASET_AUGMENTATION)}')
+  global_batch = batch_size * process_count
+  spe = steps_per_epoch(num_clips, global_batch)
+  if spe == 0:
+    raise ValueError(f'{num_clips} clips do not fill one global batch of {global_batch} '
+                     f'({batch_size} per process x {process_count} processes)')
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f'num_epochs must be positive or None, got {num_epochs}')
+  loader = _ClipLoader(source, train=True, num_frames=num_frames, image_size=image_size,
+                       augment=augment, fix_short_sampling=fix_short_sampling,
+                       fast_decode=fast_decode)
+  elements = _TrainElements(loader, num_clips=num_clips, seed=seed, batch_size=batch_size,
+                            process_index=process_index, process_count=process_count,
+                            bad_clip_policy=bad_clip_policy)
+  fingerprint = {
+      'kind': 'train', 'num_clips': num_clips, 'global_batch': global_batch, 'seed': seed,
+      'num_frames': num_frames, 'image_size': image_size, 'augment': augment,
+      'fix_short_sampling': fix_short_sampling, 'fast_decode': fast_decode,
+  }
+  return ClipDataset(elements, kind='train',
+                     num_steps=None if num_epochs is None else num_epochs * spe,
+                     fingerprint=fingerprint, worker_count=worker_count,
+                     read_threads=read_threads)
+
+
+def make_eval_dataset(
+    source,
+    *,
+    batch_size: int,
+    num_frames: int,
+    image_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+    bad_clip_policy: str = 'error',
+    fast_decode: bool = False,
+    read_threads: int = 2,
+) -> ClipDataset:
+  """The evaluation pipeline: every clip exactly once over all processes, in order.
+
+  Each process yields `ceil(N / (batch_size x process_count))` batches; rows past the last
+  clip are padding with `mask=False` and `index=-1` (never count them). Under
+  bad_clip_policy='skip' an unreadable clip's row also gets `mask=False` and is recorded in
+  `dataset.skipped`. Arguments as in `make_train_dataset`.
+  """
+  num_clips = _check_common(source, batch_size, num_frames, image_size, worker_count,
+                            read_threads, bad_clip_policy)
+  _check_process(process_index, process_count)
+  loader = _ClipLoader(source, train=False, num_frames=num_frames, image_size=image_size,
+                       augment='', fix_short_sampling=False, fast_decode=fast_decode)
+  elements = _EvalElements(loader, num_clips=num_clips, batch_size=batch_size,
+                           process_index=process_index, process_count=process_count,
+                           bad_clip_policy=bad_clip_policy)
+  fingerprint = {
+      'kind': 'eval', 'num_clips': num_clips, 'global_batch': elements.global_batch,
+      'num_frames': num_frames, 'image_size': image_size, 'fast_decode': fast_decode,
+  }
+  return ClipDataset(elements, kind='eval', num_steps=elements.num_steps,
+                     fingerprint=fingerprint, worker_count=worker_count,
+                     read_threads=read_threads)
+
+
+def to_global_batch(batch: dict[str, np.ndarray], mesh,
+                    batch_axes: Sequence[str] = ('data', 'fsdp')) -> dict[str, Any]:
+  """Process-local numpy batch -> global `jax.Array`s sharded on the leading axis.
+
+  Args:
+    batch: this process's rows (every leaf has the per-process batch as leading axis).
+    mesh: the `jax.sharding.Mesh`.
+    batch_axes: mesh axes the batch is split over; axes absent from the mesh are ignored.
+
+  Returns:
+    The same keys, as global arrays of leading size batch_size x (number of processes
+    holding distinct rows), with `NamedSharding(mesh, P(batch_axes))`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  if not axes:
+    raise ValueError(f'none of the batch axes {tuple(batch_axes)} is in the mesh '
+                     f'{mesh.axis_names}')
+  shards = math.prod(mesh.shape[a] for a in axes)
+  sharding = NamedSharding(mesh, PartitionSpec(axes if len(axes) > 1 else axes[0]))
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    rows = value.shape[0] * jax.process_count()
+    if rows % shards:
+      raise ValueError(
+          f'batch[{key!r}] has {value.shape[0]} rows per process ({rows} in all), which do '
+          f'not split over the {shards} shards of mesh axes {axes}')
+    out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out
+
+
+def split_train_val(annotations_or_num_clips, val_fraction: float, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Deterministic split of a training list into train / validation indices.
+
+  Stratified by label: each class contributes `round(val_fraction x its count)` clips to
+  validation, at least one when the class has two or more clips and val_fraction > 0 (so
+  every class counts in the validation UAR), and always keeps at least one for training.
+
+  Args:
+    annotations_or_num_clips: `ClipAnnotation`s, a source with a `labels` attribute, a
+      sequence of int labels, or a clip count (then the split is not stratified).
+    val_fraction: in [0, 1).
+    seed: the split's seed.
+
+  Returns:
+    `(train_indices, val_indices)`, sorted int64 arrays partitioning range(num_clips).
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f'val_fraction must lie in [0, 1), got {val_fraction}')
+  data = annotations_or_num_clips
+  if isinstance(data, (int, np.integer)):
+    labels = np.zeros(int(data), np.int64)
+  elif hasattr(data, 'labels'):
+    labels = np.asarray(list(data.labels), np.int64)
+  else:
+    labels = np.asarray([getattr(x, 'label', x) for x in data], np.int64)
+  rng = np.random.default_rng([_SPLIT_STREAM, seed])
+  val = []
+  for label in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == label))
+    n_val = int(round(val_fraction * len(members)))
+    if val_fraction > 0 and len(members) >= 2:
+      n_val = min(max(n_val, 1), len(members) - 1)
+    val.append(members[:n_val])
+  val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+  train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+  return train_idx.astype(np.int64), val_idx.astype(np.int64)
+
+
+class SubsetSource:
+  """The clips `indices` of a source, as a source (e.g. the train / val parts of a split).
+
+  Records are the parent's; `index` in batches then refers to positions in this subset.
+  """
+
+  def __init__(self, source, indices: Sequence[int]):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+    n = len(source)
+    if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
+      raise ValueError(f'subset indices must lie in [0, {n})')
+    parent = getattr(source, 'annotations', None)
+    if parent is not None:
+      self.annotations = [parent[i] for i in self.indices]
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.source[int(self.indices[index])]
+
+  @property
+  def labels(self) -> list[int]:
+    if hasattr(self.source, 'labels'):
+      parent = self.source.labels
+      return [int(parent[i]) for i in self.indices]
+    return [int(self.source[int(i)]['label']) for i in self.indices]
