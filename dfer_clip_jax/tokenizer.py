@@ -44,7 +44,8 @@ def tokenize(tokenizer, texts: Sequence[str], context_length: int = 77
   so this equals OpenAI's zero padding. Texts that don't fit raise instead of being truncated
   (truncation would cut the end-of-text token and pool at the wrong place).
   """
-  ids_KxL = np.full((len(texts), context_length), END_OF_TEXT, np.int32)
+  # The tokenizer's own end-of-text id (49407 for CLIP's vocabulary, smaller for the demo's).
+  ids_KxL = np.full((len(texts), context_length), tokenizer.eos_token_id, np.int32)
   eot_K = np.zeros((len(texts),), np.int32)
   for i, text in enumerate(texts):
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
