@@ -432,7 +432,8 @@ def export_model(model: DFERCLIP, clip_config: CLIPConfig, out_dir: str | os.Pat
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in model_arrays(model).items()},
+  # np.array, not np.ascontiguousarray, which turns 0-d arrays (logit_scale) into (1,).
+  save_file({k: np.array(v, order="C") for k, v in model_arrays(model).items()},
             str(out / EXPORT_WEIGHTS))
   meta = {"format": EXPORT_FORMAT, "dfer_clip": model.config.to_dict(),
           "clip": clip_config.to_dict()}

@@ -344,3 +344,24 @@ class CLIP(nnx.Module):
   def token_embedding(self) -> jax.Array:
     """The (vocab, W) token-embedding table."""
     return self.text.token_embedding.embedding[...]
+
+
+def preset(variant: str, **overrides) -> CLIPConfig:
+  """OpenAI's CLIP sizes by name (for random init and benchmarks), plus the CPU-sized `tiny`."""
+  if variant == "tiny":
+    return tiny_config(**overrides)
+  sizes = {
+      # name: (vision width, layers, patch, text width, text layers, embed_dim)
+      "B/32": (768, 12, 32, 512, 12, 512),
+      "B/16": (768, 12, 16, 512, 12, 512),
+      "L/14": (1024, 24, 14, 768, 12, 768),
+  }
+  if variant not in sizes:
+    raise ValueError(f"unknown CLIP variant {variant!r}: expected one of {sorted(sizes)} or tiny")
+  vw, vl, patch, tw, tl, embed = sizes[variant]
+  cfg = CLIPConfig(
+      vision=CLIPVisionConfig(width=vw, layers=vl, heads=vw // 64, mlp_dim=4 * vw,
+                              patch_size=patch, image_size=224),
+      text=CLIPTextConfig(width=tw, layers=tl, heads=tw // 64, mlp_dim=4 * tw),
+      embed_dim=embed)
+  return dataclasses.replace(cfg, **overrides)

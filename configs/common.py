@@ -1,0 +1,172 @@
+"""Shared config pieces: the full key set with defaults, and `parse_arg` for `file.py:k=v,...`.
+
+Every key the code reads is defined here with its default and a comment; configs are returned
+locked, so a misspelled key (in a config file or a `--config.x=...` override) fails at start-up.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Arguments accepted after the colon in `--config=configs/dfew.py:fold=2,variant=B/16`.
+VARIANTS = ("B/32", "B/16", "L/14", "tiny")
+TEXT_TYPES = ("class_name", "name_with_context", "descriptor", "template")
+BASELINES = ("", "zeroshot", "linear_probe", "finetune", "finetune_tm", "coop")
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses `k=v,k2=v2` with the types of `defaults`; unknown keys raise (big_vision style)."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; expected one of {sorted(defaults)}")
+    default = defaults[key]
+    if not sep:  # a bare flag means True
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r}: expected true or false")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      try:
+        out[key] = type(default)(value)
+      except ValueError as e:
+        raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__}") \
+            from e
+  return out
+
+
+def clip_preset(variant: str) -> dict:
+  """Image size and patch of the CLIP sizes we name; used for random init and benchmarks."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown CLIP variant {variant!r}; expected one of {VARIANTS}")
+  return {"B/32": dict(image_size=224), "B/16": dict(image_size=224),
+          "L/14": dict(image_size=224), "tiny": dict(image_size=32)}[variant]
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key, with the paper recipe (SPEC section 2) as defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 1  # one seed for init, shuffling, augmentation (the reference uses 1)
+  c.dataset = "dfew"  # dfew | ferv39k | mafw | synthetic: class names, augmentation
+  c.fold = 1  # 1..5 for DFEW and MAFW; FERV39k has one split
+  c.num_classes = 0  # 0 = the dataset's (7; MAFW 11); the synthetic dataset takes 7 or 11
+
+  c.clip = ml_collections.ConfigDict()
+  c.clip.checkpoint = ""  # HF CLIP folder or OpenAI/OpenCLIP file; "" = random init of variant
+  c.clip.variant = "B/32"  # CLIP size for random init: B/32 | B/16 | L/14 | tiny
+  c.clip.tokenizer = ""  # folder with vocab.json + merges.txt; "" = the checkpoint folder
+  c.clip.act = ""  # activation of OpenAI-format weights ("" = quick_gelu; LAION: gelu)
+  c.clip.image_size = 224  # input resolution (position embedding resampled if it differs)
+  c.clip.dtype = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
+  c.clip.attention_impl = "xla"  # xla | cudnn | plain
+  c.clip.remat = False  # recompute image-tower blocks in the backward pass to save memory
+
+  c.model = ml_collections.ConfigDict()
+  c.model.baseline = ""  # "" = DFER-CLIP; zeroshot | linear_probe | finetune | finetune_tm | coop
+  c.model.text_type = "descriptor"  # class_name | name_with_context | descriptor | template
+  c.model.template = ""  # for text_type=template, e.g. "a photo of {}."
+  c.model.class_texts_file = ""  # user class texts (JSON or one per line) instead of ours
+  c.model.n_ctx = 8  # learnable context tokens M
+  c.model.class_specific = True  # context per class (C, M, W), else shared (M, W)
+  c.model.position = "end"  # class text position relative to the context: end | middle | front
+  c.model.temporal_depth = 1  # temporal transformer blocks; 0 = mean of frame features
+  c.model.temporal_heads = 8
+  c.model.temporal_dim_head = 64
+  c.model.temporal_mlp_dim = 1024
+  c.model.temporal_dropout = 0.0
+  c.model.logit_scale = "fixed"  # fixed (x100, paper) | clip (CLIP's learned logit_scale)
+  c.model.fixed_logit_scale = 100.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "folders"  # folders (annotation lists) | packed (TFDS array_record) | synthetic
+  c.data.root = ""  # joined with relative frame-folder paths of the annotation lists
+  c.data.train_list = ""  # annotation list of the training split
+  c.data.test_list = ""  # annotation list of the test split
+  c.data.packed_dir = ""  # TFDS data_dir of packed datasets
+  c.data.packed_name = ""  # e.g. dfew/fold1; "" = derived from dataset and fold
+  c.data.synthetic_dir = ""  # "" = <workdir>/synthetic (generated when absent)
+  c.data.synthetic_clips = 700  # clips generated for the synthetic dataset
+  c.data.synthetic_size = 64  # frame side of generated synthetic clips
+  c.data.num_frames = 16  # frames sampled per clip (T)
+  c.data.augment = "dfew"  # dfew (brightness) | ferv39k (rotation) | mafw | none
+  c.data.fix_short_sampling = False  # spread train frames over 16..31-frame clips (paper: off)
+  c.data.normalize = False  # CLIP mean/std normalisation (paper: off)
+  c.data.fast_decode = False  # JPEG draft-mode downscaling while decoding (changes pixels)
+  c.data.bad_clip_policy = "error"  # error | skip (skipped clips are counted and reported)
+  c.data.validate = True  # check every clip's frames before training
+  c.data.worker_count = 4  # grain worker processes (0 = in the main process)
+  c.data.val_fraction = 0.1  # stratified validation split carved from train (0 = none)
+  c.data.val_seed = 0  # seed of that split
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"  # sgd (PyTorch-form momentum, coupled weight decay) | adamw
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4  # coupled for sgd (added to the gradient), decoupled for adamw
+  c.optim.lr_temporal = 1e-2  # temporal transformer (and a linear head)
+  c.optim.lr_image = 1e-5  # CLIP image tower
+  c.optim.lr_prompt = 1e-3  # learnable prompt context
+  c.optim.lr_head = 1e-3  # linear head of the classifier baselines
+  c.optim.milestones = (30, 40)  # epochs at which the learning rates are multiplied by gamma
+  c.optim.gamma = 0.1
+  c.optim.warmup_epochs = 0.0  # linear warm-up (paper: none)
+  c.optim.clip_grad_norm = 0.0  # global gradient-norm clipping (0 = off, paper)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 50
+  c.train.batch_size = 48  # global batch (clips); the last partial batch is dropped
+  c.train.eval_batch_size = 48  # global batch for evaluation (padded, masked)
+  c.train.log_every_steps = 20
+  c.train.checkpoint_every_steps = 500  # plus one at every epoch end
+  c.train.keep_checkpoints = 2  # last K kept, plus the best by validation UAR
+  c.train.eval_every_epochs = 1
+  c.train.select_metric = "uar"  # metric that picks the best checkpoint (on validation)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size (-1 = the remaining devices)
+  c.mesh.fsdp = 1  # parameter-sharding axis size
+  c.mesh.fsdp_min_size = 2 ** 18  # parameters with fewer elements stay replicated
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # call jax.distributed.initialize (auto-detects TPU/SLURM/MPI)
+  c.distributed.coordinator_address = ""  # host:port for manual clusters
+  c.distributed.num_processes = 0  # 0 = auto
+  c.distributed.process_id = -1  # -1 = auto
+  return c
+
+
+def apply_args(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
+  """Applies the common variant arguments (see `common_args`) to a config."""
+  c.fold = a.fold
+  c.clip.variant = a.variant
+  c.clip.image_size = clip_preset(a.variant)["image_size"]
+  if a.ctx >= 0:
+    c.model.n_ctx = a.ctx
+  if a.depth >= 0:
+    c.model.temporal_depth = a.depth
+  if a.text:
+    if a.text not in TEXT_TYPES:
+      raise ValueError(f"text={a.text!r}: expected one of {TEXT_TYPES}")
+    c.model.text_type = a.text
+    if a.text == "template":
+      c.model.template = "a photo of {}."
+      c.model.n_ctx = 0
+  if a.baseline not in BASELINES:
+    raise ValueError(f"baseline={a.baseline!r}: expected one of {BASELINES[1:]}")
+  c.model.baseline = a.baseline
+  if a.protocol not in ("val", "paper"):
+    raise ValueError(f"protocol={a.protocol!r}: expected val or paper")
+  if a.protocol == "paper":
+    c.data.val_fraction = 0.0  # train on the whole train split; select on test, labelled so
+
+
+def common_args(arg: str | None, **extra):
+  return parse_arg(arg, fold=1, variant="B/32", ctx=-1, depth=-1, text="", baseline="",
+                   protocol="val", **extra)

@@ -1,0 +1,128 @@
+"""From a config to the train / validation / test clip sources of a run.
+
+`config.data.source` picks frame folders + annotation lists (the reference format), packed TFDS
+datasets, or the synthetic dataset (generated into the workdir when absent). Frame folders are
+validated before training (`config.data.validate`): with `bad_clip_policy='error'` any problem
+stops the run with the full report; with `'skip'` the bad clips are left out and every one is
+listed in the log and in `<workdir>/skipped_clips.txt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+from absl import logging
+import jax
+
+from dfer_clip_jax.data import annotations as annotations_lib
+from dfer_clip_jax.data import classes as classes_lib
+from dfer_clip_jax.data import pipeline
+from dfer_clip_jax.data import validate as validate_lib
+
+
+@dataclasses.dataclass
+class Sources:
+  train: Any  # random-access clip source (record interface)
+  val: Any | None  # carved from train (None when val_fraction is 0)
+  test: Any
+  class_names: tuple[str, ...]
+  skipped: list[str] = dataclasses.field(default_factory=list)  # clips left out by validation
+
+
+def dataset_class_names(dataset: str, num_classes: int | None = None) -> tuple[str, ...]:
+  """Class names in label order; `num_classes` picks 7 or 11 for the synthetic dataset."""
+  if dataset == "synthetic":
+    return classes_lib.class_names("synthetic11" if num_classes == 11 else "synthetic7")
+  names = classes_lib.class_names(dataset)
+  if num_classes and num_classes != len(names):
+    raise ValueError(f"num_classes={num_classes} but {dataset} has {len(names)} classes")
+  return names
+
+
+def _synthetic_lists(data, workdir: pathlib.Path, num_classes: int, fold: int
+                     ) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+  from dfer_clip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(data.synthetic_dir) if data.synthetic_dir else workdir / "synthetic"
+  train, test = root / "train.txt", root / "test.txt"
+  if not (train.is_file() and test.is_file()):
+    # Every process would race to write the same files: only process 0 generates.
+    if jax.process_index() == 0:
+      logging.info("generating the synthetic dataset (%d clips) into %s", data.synthetic_clips,
+                   root)
+      print(f"Generating {data.synthetic_clips} synthetic clips into {root} ...", flush=True)
+      synthetic.generate(root, num_classes=num_classes, num_clips=data.synthetic_clips,
+                         seed=0, image_size=data.synthetic_size, overwrite=True)
+    _sync("synthetic dataset")
+  del fold
+  return root, train, test
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _folder_source(path: pathlib.Path, root: pathlib.Path | None, class_names, data,
+                   skipped: list[str]):
+  anns = annotations_lib.read_annotations(path, data_root=root, num_classes=len(class_names))
+  if data.validate:
+    report = validate_lib.validate_clips(anns, class_names=class_names,
+                                         progress=jax.process_index() == 0)
+    if report.warnings:
+      logging.warning("%s: %d warnings\n%s", path, len(report.warnings), report.format())
+    if not report.ok:
+      if data.bad_clip_policy == "error":
+        raise validate_lib.ValidationError(
+            f"{path}: {len(report.errors)} problems (set data.bad_clip_policy=skip to leave the "
+            f"bad clips out)\n{report.format()}")
+      bad = report.bad_lines
+      for a in anns:
+        if a.line_no in bad:
+          skipped.append(f"{a.origin} {a.frame_dir}")
+      logging.warning("%s: leaving out %d bad clips:\n%s", path, len(bad), report.format())
+      anns = [a for a in anns if a.line_no not in bad]
+  return annotations_lib.FrameFolderSource(anns)
+
+
+def build_sources(config, workdir: str | pathlib.Path) -> Sources:
+  """The run's sources from `config.data` (see configs/common.py)."""
+  data = config.data
+  workdir = pathlib.Path(workdir)
+  class_names = dataset_class_names(config.dataset, config.num_classes or None)
+  skipped: list[str] = []
+  if data.source == "packed":
+    from dfer_clip_jax.data import packed  # pylint: disable=g-import-not-at-top
+    name = data.packed_name or (config.dataset if config.dataset == "ferv39k"
+                                else f"{config.dataset}/fold{config.fold}")
+    train = packed.packed_source(data.packed_dir, name, "train")
+    test = packed.packed_source(data.packed_dir, name, "test")
+  elif data.source in ("folders", "synthetic"):
+    if data.source == "synthetic":
+      root, train_list, test_list = _synthetic_lists(data, workdir, len(class_names), config.fold)
+    else:
+      if not data.train_list or not data.test_list:
+        raise ValueError("data.source=folders needs data.train_list and data.test_list "
+                         "(annotation lists: '<frame_dir> <num_frames> <label>' per line)")
+      root = pathlib.Path(data.root) if data.root else None
+      train_list, test_list = pathlib.Path(data.train_list), pathlib.Path(data.test_list)
+      if root is not None:
+        train_list = train_list if train_list.is_absolute() or train_list.exists() \
+            else root / train_list
+        test_list = test_list if test_list.is_absolute() or test_list.exists() \
+            else root / test_list
+    train = _folder_source(train_list, root, class_names, data, skipped)
+    test = _folder_source(test_list, root, class_names, data, skipped)
+  else:
+    raise ValueError(f"data.source={data.source!r}: expected folders, packed or synthetic")
+  val = None
+  if data.val_fraction > 0:
+    train_idx, val_idx = pipeline.split_train_val(list(train.labels), data.val_fraction,
+                                                  data.val_seed)
+    train, val = pipeline.SubsetSource(train, train_idx), pipeline.SubsetSource(train, val_idx)
+  if skipped and jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "skipped_clips.txt").write_text("\n".join(skipped) + "\n")
+  return Sources(train=train, val=val, test=test, class_names=class_names, skipped=skipped)

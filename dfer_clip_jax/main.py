@@ -1,0 +1,44 @@
+r"""Train and/or evaluate DFER-CLIP.
+
+  python -m dfer_clip_jax.main --config=configs/dfew.py:fold=1 --workdir=runs/dfew_fold1
+  python -m dfer_clip_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m dfer_clip_jax.main --config=configs/demo.py --workdir=runs/demo --mode=eval
+
+Rerunning the same command resumes from the newest usable checkpoint in the workdir.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from dfer_clip_jax import distributed
+from dfer_clip_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, reports.")
+_MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"],
+                          "train_and_eval: train with per-epoch evaluation and a final report; "
+                          "train: the same (evaluation is part of training); eval: restore "
+                          "--checkpoint and evaluate the test split.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest",
+                                  "For --mode=eval: latest, best, a step, or a checkpoint folder "
+                                  "(e.g. from python -m dfer_clip_jax.convert).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  distributed.initialize(config.distributed)
+  logging.info("config:\n%s", config)
+  if _MODE.value == "eval":
+    train.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
+  else:
+    train.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,394 @@
+"""The trainer: `train_and_evaluate(config, workdir)` and `evaluate_checkpoint(config, workdir)`.
+
+One jitted train step (state donated, batch sharded over the mesh), epoch-end evaluation on the
+validation split (carved from train) and the test split, Orbax checkpoints that resume exactly
+(parameters, optimizer state, data iterator position, evaluation history), and a final report:
+last epoch, best by validation, and the paper's protocol (best test WAR, labelled as selected on
+test).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dfer_clip_jax import checkpointing
+from dfer_clip_jax import evaluate as evaluate_lib
+from dfer_clip_jax import metric_writer
+from dfer_clip_jax import metrics as metrics_lib
+from dfer_clip_jax import optim
+from dfer_clip_jax import sharding as sharding_lib
+from dfer_clip_jax import state as state_lib
+from dfer_clip_jax.data import augment
+from dfer_clip_jax.data import pipeline
+from dfer_clip_jax.data import sources as sources_lib
+
+CHECKPOINT_FORMAT = "dfer_clip_jax.train/1"
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or a norm became NaN/Inf; the run stops and the last good checkpoint stays."""
+
+
+def _mesh(config):
+  return sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+
+
+def _check_batch(global_batch: int, mesh, what: str) -> int:
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if global_batch % n_dev or global_batch % n_proc:
+    raise ValueError(f"{what}={global_batch} must be a multiple of the {n_dev} devices and "
+                     f"{n_proc} processes")
+  return global_batch // n_proc
+
+
+def make_train_step(graphdef, opt_graphdef, *, normalize: bool, dropout: bool):
+  """The jitted-to-be step: (model state, optimizer state, batch, rng) -> new states, metrics."""
+
+  def step(model_state, opt_state, batch, rng):
+    model = nnx.merge(graphdef, model_state)
+    optimizer = nnx.merge(opt_graphdef, opt_state)
+    video = augment.to_model_input(batch["video"], normalize=normalize)
+    labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+
+    def loss_fn(m):
+      logits, _ = m(video, train=True, rngs=nnx.Rngs(dropout=rng) if dropout else None)
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # loss in float32
+      nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+      loss = (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+      return loss, logits
+
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
+    (loss, logits), grads = grad_fn(model)
+    optimizer.update(model, grads)
+    correct = (logits.argmax(-1) == labels).astype(jnp.float32)
+    metrics = {
+        "loss": loss,
+        "accuracy": (correct * mask).sum() / jnp.maximum(mask.sum(), 1.0),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(nnx.state(model, optimizer.wrt)),
+    }
+    return nnx.state(model), nnx.state(optimizer), metrics
+
+  return step
+
+
+class Trainer:
+  """Everything a run builds from its config; `fit()` trains, `evaluate()` evaluates."""
+
+  def __init__(self, config, workdir: str | pathlib.Path):
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self.primary = jax.process_index() == 0
+    if self.primary:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+    self.mesh = _mesh(config)
+    self.sources = sources_lib.build_sources(config, self.workdir)
+    self.class_names = self.sources.class_names
+    t = config.train
+    self.batch = _check_batch(t.batch_size, self.mesh, "train.batch_size")
+    self.eval_batch = _check_batch(t.eval_batch_size, self.mesh, "train.eval_batch_size")
+    self.steps_per_epoch = pipeline.steps_per_epoch(len(self.sources.train), t.batch_size)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"the train split has {len(self.sources.train)} clips, fewer than one "
+                       f"batch of {t.batch_size}")
+    rngs = nnx.Rngs(config.seed)
+    model, self.spec, self.groups, self.trained = state_lib.build_model(
+        config, self.workdir, self.class_names, rngs=rngs)
+    self.epochs = t.epochs if self.trained else 0
+    self.total_steps = self.epochs * self.steps_per_epoch
+    optimizer = (state_lib.build_optimizer(config, model, self.groups, self.steps_per_epoch)
+                 if self.trained else None)
+    self.counts = (state_lib.log_parameter_counts(model, optimizer) if optimizer is not None
+                   else {})
+    self.graphdef, model_state = nnx.split(model)
+    self.model_state, self.model_shardings = state_lib.shard_state(
+        model_state, self.mesh, config.mesh.fsdp_min_size)
+    if optimizer is not None:
+      self.opt_graphdef, opt_state = nnx.split(optimizer)
+      self.opt_state, self.opt_shardings = state_lib.shard_state(
+          opt_state, self.mesh, config.mesh.fsdp_min_size)
+    else:
+      self.opt_graphdef, self.opt_state, self.opt_shardings = None, None, None
+    self.evaluator = evaluate_lib.Evaluator(self.graphdef, self.mesh,
+                                            normalize=config.data.normalize)
+    self.checkpointer = checkpointing.Checkpointer(
+        self.workdir / "checkpoints", keep_last=t.keep_checkpoints, keep_best=True,
+        best_metric="select", best_mode="max", async_save=True, save_interval_steps=1)
+    self.history: list[dict[str, Any]] = []
+
+  # -- checkpoint contents -------------------------------------------------------------------
+
+  def checkpoint_config(self) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "has_optimizer": self.opt_state is not None,
+            "model": self.spec.to_dict(), "config": json.loads(self.config.to_json())}
+
+  def _state(self) -> dict[str, Any]:
+    state = {"model": self.model_state}
+    if self.opt_state is not None:
+      state["optimizer"] = self.opt_state
+    return state
+
+  def _abstract_state(self) -> dict[str, Any]:
+    out = {"model": state_lib.abstract_with_shardings(self.model_state, self.model_shardings)}
+    if self.opt_state is not None:
+      out["optimizer"] = state_lib.abstract_with_shardings(self.opt_state, self.opt_shardings)
+    return out
+
+  def restore_latest(self) -> tuple[int, dict[str, Any] | None]:
+    """Resumes from the newest usable checkpoint, if any: (step, data state)."""
+    if self.checkpointer.latest_valid_step() is None:
+      return 0, None
+    step, state, data_state, _, _ = self.checkpointer.restore(
+        "latest", abstract_state=self._abstract_state())
+    self.model_state = state["model"]
+    if self.opt_state is not None:
+      self.opt_state = state["optimizer"]
+    self.history = list((data_state or {}).get("history", []))
+    if self.primary:
+      print(f"Resumed from checkpoint step {step} in {self.workdir / 'checkpoints'}", flush=True)
+    return int(step), data_state
+
+  # -- evaluation ------------------------------------------------------------------------------
+
+  def _eval_dataset(self, source):
+    d = self.config.data
+    return pipeline.make_eval_dataset(
+        source, batch_size=self.eval_batch, num_frames=d.num_frames,
+        image_size=self.config.clip.image_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), worker_count=d.worker_count,
+        bad_clip_policy=d.bad_clip_policy, fast_decode=d.fast_decode)
+
+  def evaluate_split(self, split: str) -> evaluate_lib.EvalResult:
+    source = getattr(self.sources, split)
+    return self.evaluator.run(self.model_state, self._eval_dataset(source), source,
+                              self.class_names)
+
+  def _epoch_eval(self, epoch: int, step: int, writer) -> dict[str, Any]:
+    entry: dict[str, Any] = {"epoch": epoch, "step": step, "val": None}
+    for split in ("val", "test"):
+      if getattr(self.sources, split) is None:
+        continue
+      s = self.evaluate_split(split).summary
+      entry[split] = {"uar": s["uar"], "war": s["war"]}
+      writer.write(step, {f"{split}/uar": s["uar"], f"{split}/war": s["war"]})
+    if self.primary:
+      val = entry["val"]
+      print(f"epoch {epoch}: test UAR {entry['test']['uar']:.2f} WAR {entry['test']['war']:.2f}"
+            + (f" | val UAR {val['uar']:.2f} WAR {val['war']:.2f}" if val else ""), flush=True)
+    return entry
+
+  def _select_value(self, entry) -> float:
+    # Best checkpoint: validation UAR; without a validation split the paper's protocol (test WAR).
+    if entry["val"] is not None:
+      return float(entry["val"][self.config.train.select_metric])
+    return float(entry["test"]["war"])
+
+  # -- training --------------------------------------------------------------------------------
+
+  def fit(self) -> dict[str, Any]:
+    """Trains (resuming if a checkpoint exists), evaluates each epoch, writes the report."""
+    config, t, d = self.config, self.config.train, self.config.data
+    start_step, data_state = self.restore_latest()
+    writer = metric_writer.MetricWriter(self.workdir)
+    if self.trained and start_step < self.total_steps:
+      self._train_loop(start_step, data_state, writer)
+    elif not self.history:
+      self.history.append(self._epoch_eval(0, 0, writer))  # untrained model (zero-shot)
+    writer.close()
+    self.checkpointer.wait()
+    return self.report()
+
+  def _train_loop(self, start_step: int, data_state, writer) -> None:
+    config, t, d = self.config, self.config.train, self.config.data
+    dataset = pipeline.make_train_dataset(
+        self.sources.train, seed=config.seed, num_frames=d.num_frames,
+        image_size=config.clip.image_size, augment=d.augment, batch_size=self.batch,
+        fix_short_sampling=d.fix_short_sampling, process_index=jax.process_index(),
+        process_count=jax.process_count(), worker_count=d.worker_count,
+        bad_clip_policy=d.bad_clip_policy, num_epochs=self.epochs, fast_decode=d.fast_decode)
+    it = iter(dataset)
+    if data_state is not None and data_state.get("iterator") is not None:
+      it.set_state(data_state["iterator"])
+    if it.step != start_step:
+      raise RuntimeError(f"data iterator at step {it.step} but the train state at {start_step}")
+    step_fn = jax.jit(
+        make_train_step(self.graphdef, self.opt_graphdef, normalize=d.normalize,
+                        dropout=config.model.temporal_dropout > 0),
+        donate_argnums=(0, 1),
+        out_shardings=(self.model_shardings, self.opt_shardings, None))
+    schedule = state_lib.make_schedule(config, self.steps_per_epoch)
+    progress = metric_writer.Progress(self.total_steps, self.steps_per_epoch, start_step)
+    base_key = jax.random.key(config.seed)
+    pending: tuple[int, Any] | None = None  # metrics of the last dispatched step
+    window: list[dict[str, float]] = []
+    t_window = time.perf_counter()
+    last_saved = start_step
+
+    def fetch(item) -> dict[str, float]:
+      step_no, m = item
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(m[k])]
+      if bad:
+        raise NonFiniteError(
+            f"non-finite {', '.join(bad)} at step {step_no} (loss={m['loss']}, grad_norm="
+            f"{m['grad_norm']}, param_norm={m['param_norm']}); training stopped, the last good "
+            f"checkpoint (step {last_saved}) is kept in {self.workdir / 'checkpoints'}")
+      m["step"] = step_no
+      return m
+
+    for step in range(start_step, self.total_steps):
+      batch = pipeline.to_global_batch(next(it), self.mesh)
+      rng = jax.random.fold_in(base_key, step)
+      self.model_state, self.opt_state, m = step_fn(self.model_state, self.opt_state, batch, rng)
+      # Metrics of the previous step are fetched after this one is dispatched: no stall.
+      if pending is not None:
+        window.append(fetch(pending))
+      pending = (step + 1, m)  # the metrics belong to the update that made step + 1
+      done = step + 1
+      epoch_end = done % self.steps_per_epoch == 0
+      if done % t.log_every_steps == 0 or epoch_end or done == self.total_steps:
+        window.append(fetch(pending))
+        pending = None
+        self._log(done, window, time.perf_counter() - t_window, schedule, writer, progress)
+        window, t_window = [], time.perf_counter()
+      if epoch_end:
+        epoch = done // self.steps_per_epoch
+        if pending is not None:
+          window.append(fetch(pending))
+          pending = None
+        entry = None
+        if epoch % t.eval_every_epochs == 0 or done == self.total_steps:
+          entry = self._epoch_eval(epoch, done, writer)
+          self.history.append(entry)
+        self._save(done, it, entry)
+        last_saved = done
+        t_window = time.perf_counter()
+      elif done % t.checkpoint_every_steps == 0:
+        if pending is not None:  # never save a state whose loss was not checked
+          window.append(fetch(pending))
+          pending = None
+        self._save(done, it, None)
+        last_saved = done
+    if dataset.skipped and self.primary:
+      logging.warning("%d clips were skipped during training (bad_clip_policy=skip): %s",
+                      len(dataset.skipped), dataset.skipped[:20])
+
+  def _save(self, step: int, it, entry) -> None:
+    metrics = None
+    if entry is not None:
+      metrics = {"select": self._select_value(entry), "epoch": entry["epoch"],
+                 "test": entry["test"], "val": entry["val"]}
+    self.checkpointer.save(step, state=self._state(),
+                           data_state={"iterator": it.get_state(), "history": self.history},
+                           config=self.checkpoint_config(), metrics=metrics, force=True)
+
+  def _log(self, step, window, seconds, schedule, writer, progress) -> None:
+    mean = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "step"}
+    clips_per_s = len(window) * self.config.train.batch_size / max(seconds, 1e-9)
+    lrs = optim.group_learning_rates(self.groups, step - 1, schedule)
+    scalars = {f"train/{k}": v for k, v in mean.items()}
+    scalars.update({f"lr/{k}": v for k, v in lrs.items()})
+    scalars["train/clips_per_s"] = clips_per_s
+    scalars["train/step_time_s"] = seconds / len(window)
+    writer.write(step, scalars)
+    progress.print(step, mean["loss"], mean["accuracy"], clips_per_s)
+
+  # -- reporting -------------------------------------------------------------------------------
+
+  def report(self) -> dict[str, Any]:
+    rows = metrics_lib.report_rows(self.history, val_metric=self.config.train.select_metric)
+    report = {"rows": rows, "history": self.history, "class_names": list(self.class_names),
+              "skipped_clips": self.sources.skipped, **self.counts}
+    # Full outputs (per-class recall, confusion matrix, predictions) of the final model.
+    result = self.evaluate_split("test")
+    evaluate_lib.write(result, self.workdir / "eval" / "last", self.class_names)
+    report["last_test"] = result.summary
+    if self.primary:
+      (self.workdir / "report.json").write_text(json.dumps(report, indent=2))
+      print(metrics_lib.format_report_table(rows), flush=True)
+      print(f"Report: {self.workdir / 'report.json'}; predictions and confusion matrix: "
+            f"{self.workdir / 'eval' / 'last'}; TensorBoard: tensorboard --logdir "
+            f"{self.workdir / 'tensorboard'}", flush=True)
+    return report
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains the configured model in `workdir` (resuming automatically) and returns the report."""
+  trainer = Trainer(config, workdir)
+  try:
+    return trainer.fit()
+  finally:
+    trainer.checkpointer.close()
+
+
+def evaluate_checkpoint(config, workdir: str | pathlib.Path, which: str = "latest"
+                        ) -> dict[str, Any]:
+  """Restores a checkpoint (`latest`, `best`, a step, or a folder path) and evaluates the test
+  split; writes `<workdir>/eval/<name>/`."""
+  workdir = pathlib.Path(workdir)
+  ckpt_dir = workdir / "checkpoints"
+  path = pathlib.Path(which)
+  source_dir = path if path.is_dir() else ckpt_dir
+  saved = checkpointing.read_config(source_dir if path.is_dir() else workdir)
+  spec = state_lib.ModelSpec.from_dict(saved["model"])
+  mesh = _mesh(config)
+  sources = sources_lib.build_sources(config, workdir)
+  if tuple(sources.class_names) != spec.class_names:
+    raise ValueError(f"the checkpoint's classes {spec.class_names} differ from the dataset's "
+                     f"{sources.class_names}")
+  abstract_model = nnx.eval_shape(lambda: state_lib.model_from_spec(spec, rngs=nnx.Rngs(0)))
+  graphdef, model_shapes = nnx.split(abstract_model)
+  model_sh = sharding_lib.state_shardings(model_shapes, mesh, min_size=config.mesh.fsdp_min_size)
+  abstract = {"model": state_lib.abstract_with_shardings(model_shapes, model_sh)}
+  if saved.get("has_optimizer"):
+    trained_cfg = saved["config"]
+    del trained_cfg  # the optimizer's structure follows the model's groups: rebuild abstractly
+    abstract["optimizer"] = _abstract_optimizer(config, abstract_model, spec, mesh)
+  ckptr = checkpointing.Checkpointer(ckpt_dir, keep_last=10**6, keep_best=True,
+                                     best_metric="select")
+  try:
+    step, state, _, _, _ = ckptr.restore(which, abstract_state=abstract)
+  finally:
+    ckptr.close()
+  eval_batch = _check_batch(config.train.eval_batch_size, mesh, "train.eval_batch_size")
+  dataset = pipeline.make_eval_dataset(
+      sources.test, batch_size=eval_batch, num_frames=spec.num_frames,
+      image_size=spec.image_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), worker_count=config.data.worker_count,
+      bad_clip_policy=config.data.bad_clip_policy, fast_decode=config.data.fast_decode)
+  evaluator = evaluate_lib.Evaluator(graphdef, mesh, normalize=spec.normalize)
+  result = evaluator.run(state["model"], dataset, sources.test, spec.class_names)
+  name = path.name if path.is_dir() else (f"step_{step}" if which not in ("latest", "best")
+                                          else which)
+  out = workdir / "eval" / name
+  evaluate_lib.write(result, out, spec.class_names)
+  if jax.process_index() == 0:
+    s = result.summary
+    print(f"Checkpoint step {step}: test UAR {s['uar']:.2f} WAR {s['war']:.2f} "
+          f"({s['counts']['total']} clips) -> {out}", flush=True)
+  return {"step": step, **result.summary}
+
+
+def _abstract_optimizer(config, abstract_model, spec, mesh):
+  """The optimizer state's structure for a model of `spec`, without materialising anything."""
+  _, groups, _ = state_lib.dfer_config(config, spec.class_names)
+
+  def make():
+    model = state_lib.model_from_spec(spec, rngs=nnx.Rngs(0))
+    return nnx.state(state_lib.build_optimizer(config, model, groups, 1))
+
+  shapes = nnx.eval_shape(make)
+  shardings = sharding_lib.state_shardings(shapes, mesh, min_size=config.mesh.fsdp_min_size)
+  del abstract_model
+  return state_lib.abstract_with_shardings(shapes, shardings)

@@ -1,0 +1,204 @@
+"""The main job end to end on tiny shapes: configs, training, checkpoints, resume, evaluation."""
+
+import csv
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dfer_clip_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs import common, demo, dfew, ferv39k, mafw  # noqa: E402  pylint: disable=g-import-not-at-top
+
+# Tiny run: 42 synthetic clips of 24 px, 4 frames at 16 px, batch 8, 2 epochs.
+TINY_ARGS = "clips=42,epochs=2,frames=4"
+TINY_OVERRIDES = {"data.synthetic_size": 24, "clip.image_size": 16, "train.batch_size": 8,
+                  "train.eval_batch_size": 8, "train.checkpoint_every_steps": 2,
+                  "train.log_every_steps": 1, "data.validate": True}
+
+
+def tiny_config(workdir_synth, **extra):
+  c = demo.get_config(TINY_ARGS)
+  with c.unlocked():
+    for key, value in {**TINY_OVERRIDES, **extra}.items():
+      section, name = key.split(".")
+      c[section][name] = value
+    c.data.synthetic_dir = str(workdir_synth)
+  return c
+
+
+def cli_overrides(workdir_synth, **extra):
+  out = [f"--config={REPO / 'configs' / 'demo.py'}:{TINY_ARGS}",
+         f"--config.data.synthetic_dir={workdir_synth}"]
+  out += [f"--config.{k}={v}" for k, v in {**TINY_OVERRIDES, **extra}.items()]
+  return out
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+  """The synthetic dataset, generated once for the module."""
+  from dfer_clip_jax.data import synthetic
+  root = tmp_path_factory.mktemp("synth")
+  synthetic.generate(root, num_classes=7, num_clips=42, seed=0, image_size=24, processes=1)
+  return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  report = train.train_and_evaluate(tiny_config(synth), workdir)
+  return workdir, report
+
+
+def test_all_configs_parse_and_typos_fail():
+  for module in (dfew, mafw):
+    for fold in range(1, 6):
+      assert module.get_config(f"fold={fold}").fold == fold
+  ferv39k.get_config()
+  for arg in ("variant=B/16", "variant=L/14", "ctx=4", "ctx=16", "depth=0", "depth=3",
+              "text=class_name", "text=name_with_context", "text=template", "baseline=zeroshot",
+              "baseline=linear_probe", "baseline=finetune", "baseline=finetune_tm",
+              "baseline=coop", "protocol=paper"):
+    dfew.get_config(arg)
+  paper = dfew.get_config()
+  assert (paper.clip.variant, paper.model.n_ctx, paper.model.temporal_depth) == ("B/32", 8, 1)
+  assert paper.model.text_type == "descriptor" and paper.optim.name == "sgd"
+  assert tuple(paper.optim.milestones) == (30, 40) and paper.train.batch_size == 48
+  assert paper.train.epochs == 50 and not paper.data.normalize and paper.clip.dtype == "float32"
+  with pytest.raises(ValueError, match="unknown config argument 'flod'"):
+    dfew.get_config("flod=2")
+  with pytest.raises(ValueError, match="folds 1..5"):
+    mafw.get_config("fold=6")
+  with pytest.raises(AttributeError):
+    paper.train.epoch = 3  # locked: a misspelled key fails
+  with pytest.raises(ValueError, match="baseline"):
+    dfew.get_config("baseline=nope")
+  demo.get_config()
+  assert common.parse_arg("a=3,b", a=1, b=False).to_dict() == {"a": 3, "b": True}
+
+
+def test_main_rejects_unknown_override(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "dfer_clip_jax.main", f"--config={REPO / 'configs/dfew.py'}",
+       f"--workdir={tmp_path}", "--config.train.epochz=3"],
+      capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert proc.returncode != 0
+  assert "epochz" in proc.stderr
+
+
+def test_train_and_evaluate_writes_everything(finished_run):
+  workdir, report = finished_run
+  rows = report["rows"]
+  assert set(rows) == {"last epoch", "best by validation", "paper protocol (selected on test)"}
+  assert len(report["history"]) == 2
+  for name in ("report.json", "metrics.jsonl", "eval/last/metrics.json",
+               "eval/last/predictions.csv", "eval/last/confusion_matrix.png"):
+    assert (workdir / name).is_file(), name
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_lines = [x for x in lines if "train/loss" in x]
+  assert {"train/loss", "train/accuracy", "train/grad_norm", "train/param_norm",
+          "train/clips_per_s", "lr/image", "lr/temporal", "lr/prompt"} <= set(train_lines[0])
+  with open(workdir / "eval/last/predictions.csv") as fh:
+    rows_csv = list(csv.DictReader(fh))
+  assert len(rows_csv) == report["last_test"]["counts"]["total"]
+  for r in rows_csv:
+    probs = [float(v) for k, v in r.items() if k.startswith("prob_")]
+    assert abs(sum(probs) - 1) < 1e-4
+
+
+def test_eval_mode_reproduces_final_metrics(finished_run, synth):
+  workdir, report = finished_run
+  result = train.evaluate_checkpoint(tiny_config(synth), workdir, "latest")
+  assert result["uar"] == report["last_test"]["uar"]
+  assert result["war"] == report["last_test"]["war"]
+  assert result["confusion_matrix"] == report["last_test"]["confusion_matrix"]
+
+
+def test_rerun_of_finished_run_does_not_train_again(finished_run, synth):
+  workdir, report = finished_run
+  again = train.train_and_evaluate(tiny_config(synth), workdir)
+  assert again["rows"] == report["rows"]
+
+
+def test_kill_and_resume_is_bit_identical(finished_run, synth, tmp_path):
+  """SIGKILL a run mid-training, rerun the same command: same predictions as an uninterrupted
+  run (same devices, CPU)."""
+  ref_dir, _ = finished_run
+  workdir = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "dfer_clip_jax.main", f"--workdir={workdir}",
+         *cli_overrides(synth)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  ckpt = workdir / "checkpoints"
+  try:
+    # Kill once a mid-run checkpoint (step 2 or 4 of 6) is complete.
+    while time.time() < deadline and proc.poll() is None:
+      steps = [p for p in ckpt.glob("[0-9]*") if (p / "commit_success.txt").exists()]
+      if any(int(p.name) in (2, 4) for p in steps):
+        break
+      time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert not (workdir / "report.json").exists()
+  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Resumed from checkpoint step" in done.stdout
+  assert ((workdir / "eval/last/predictions.csv").read_text()
+          == (ref_dir / "eval/last/predictions.csv").read_text())
+
+
+def test_corrupt_latest_checkpoint_falls_back(finished_run, synth, tmp_path):
+  ref_dir, _ = finished_run
+  workdir = tmp_path / "copy"
+  shutil.copytree(ref_dir, workdir)
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  latest = workdir / "checkpoints" / str(steps[-1])
+  for f in latest.rglob("*"):
+    if f.is_file() and f.stat().st_size > 1000:
+      f.write_bytes(f.read_bytes()[:100])  # truncate the array data
+  result = train.evaluate_checkpoint(tiny_config(synth), workdir, "latest")
+  assert result["step"] == steps[-2]
+
+
+def test_one_device_and_eight_devices_agree(synth, tmp_path):
+  """The same first steps on 1 device, on 8 (data parallel) and on 8 with FSDP sharding."""
+  assert jax.device_count() == 8
+  losses = {}
+  for name, mesh in (("1", dict(data=1, fsdp=1)), ("8", dict(data=8, fsdp=1)),
+                     ("fsdp", dict(data=2, fsdp=4))):
+    c = tiny_config(synth, **{"train.epochs": 1})
+    with c.unlocked():
+      c.mesh.data, c.mesh.fsdp = mesh["data"], mesh["fsdp"]
+      c.mesh.fsdp_min_size = 1024
+    trainer = train.Trainer(c, tmp_path / name)
+    try:
+      trainer.fit()
+    finally:
+      trainer.checkpointer.close()
+    lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    losses[name] = np.array([x["train/loss"] for x in lines if "train/loss" in x])
+  np.testing.assert_allclose(losses["8"], losses["1"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(losses["fsdp"], losses["1"], rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_loss_stops_with_step(synth, tmp_path):
+  c = tiny_config(synth, **{"optim.lr_temporal": 1e30, "optim.lr_image": 1e30})
+  with pytest.raises(train.NonFiniteError, match=r"at step \d+"):
+    train.train_and_evaluate(c, tmp_path / "nan")
