@@ -1,0 +1,1 @@
+"""Running a model on the user's videos: reading inputs, faces, clip windows, plots."""
