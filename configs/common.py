@@ -88,15 +88,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "folders"  # folders (annotation lists) | packed (TFDS array_record) | synthetic
   c.data.root = ""  # joined with relative frame-folder paths of the annotation lists
-  c.data.train_list = ""  # annotation list of the training split
-  c.data.test_list = ""  # annotation list of the test split
+  c.data.train_list = ""  # annotation list of the training split ({fold} = the fold number)
+  c.data.test_list = ""  # annotation list of the test split ({fold} = the fold number)
   c.data.packed_dir = ""  # TFDS data_dir of packed datasets
-  c.data.packed_name = ""  # e.g. dfew/fold1; "" = derived from dataset and fold
+  c.data.packed_name = ""  # e.g. dfew/fold{fold}; "" = derived from dataset and fold
   c.data.synthetic_dir = ""  # "" = <workdir>/synthetic (generated when absent)
   c.data.synthetic_clips = 700  # clips generated for the synthetic dataset
   c.data.synthetic_size = 64  # frame side of generated synthetic clips
+  c.data.synthetic_max_frames = 120  # longest generated synthetic clip (frames)
   c.data.num_frames = 16  # frames sampled per clip (T)
-  c.data.augment = "dfew"  # dfew (brightness) | ferv39k (rotation) | mafw | none
+  c.data.augment = "dfew"  # dfew (brightness) | ferv39k (rotation) | mafw | synthetic (none)
+  c.data.crop_min_area = 0.08  # smallest area fraction of the random-sized crop (reference)
   c.data.fix_short_sampling = False  # spread train frames over 16..31-frame clips (paper: off)
   c.data.normalize = False  # CLIP mean/std normalisation (paper: off)
   c.data.fast_decode = False  # JPEG draft-mode downscaling while decoding (changes pixels)

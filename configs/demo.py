@@ -5,10 +5,12 @@ r"""The demo: DFER-CLIP on the synthetic dynamic-expression dataset, on a laptop
 Nothing is downloaded: the synthetic dataset is generated into the workdir, the CLIP is a tiny
 random one and the tokenizer a small BPE vocabulary built offline from the class texts. The model
 is the real DFER-CLIP (per-frame CLIP, temporal transformer with a class token, class-specific
-learnable context before our class descriptions, cosine logits x100) with the paper's recipe
-scaled down: SGD with momentum and coupled weight decay, per-group learning rates, multistep
-decay. Because the CLIP starts from random weights, its image tower gets a much larger learning
-rate than the paper's 1e-5 (which fine-tunes a pretrained CLIP).
+learnable context before our class descriptions, cosine logits x100) and the paper's recipe
+scaled down (per-group learning rates, multistep decay, random-sized crop + flip + brightness),
+with three changes, all config switches, because this CLIP starts from random weights instead of
+a pretrained one: AdamW instead of SGD (the paper's image-tower lr of 1e-5 only suits a
+pretrained tower), CLIP mean/std input normalisation, and milder crops (area >= 50%).
+On a 2-core CPU it generates 2,100 clips (about a minute) and trains for a few minutes.
 """
 
 import os
@@ -19,7 +21,7 @@ from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-p
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, classes=7, clips=700, epochs=12, frames=8)
+  a = common.parse_arg(arg, classes=7, clips=2100, epochs=15, frames=8)
   c = common.base_config()
   c.seed = 0
   c.dataset = "synthetic"
@@ -32,15 +34,21 @@ def get_config(arg=None):
   c.data.source = "synthetic"
   c.data.synthetic_clips = a.clips
   c.data.synthetic_size = 48
+  c.data.synthetic_max_frames = 48  # short clips keep generation fast; 8 frames are sampled
   c.data.num_frames = a.frames
   c.data.augment = "dfew"
+  c.data.crop_min_area = 0.5
+  c.data.normalize = True
   c.data.worker_count = 0
   c.data.val_fraction = 0.1
-  c.optim.lr_image = 0.05
-  c.optim.lr_temporal = 0.05
-  c.optim.lr_prompt = 0.01
-  c.optim.milestones = (int(a.epochs * 0.6), int(a.epochs * 0.8))
-  c.optim.warmup_epochs = 0.5
+  c.optim.name = "adamw"
+  c.optim.weight_decay = 0.05
+  c.optim.lr_image = 1e-3
+  c.optim.lr_temporal = 1e-3
+  c.optim.lr_prompt = 1e-3
+  c.optim.lr_head = 1e-3
+  c.optim.milestones = (int(a.epochs * 0.7), int(a.epochs * 0.9))
+  c.optim.warmup_epochs = 1.0
   c.train.epochs = a.epochs
   c.train.batch_size = 32
   c.train.eval_batch_size = 64

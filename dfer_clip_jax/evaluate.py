@@ -55,7 +55,11 @@ class Evaluator:
     self._probs = jax.jit(probs)
 
   def run(self, model_state, dataset, source, class_names) -> EvalResult:
-    """Evaluates every clip of `source` exactly once (padded rows are masked out)."""
+    """Evaluates every clip of `source` exactly once (padded rows are masked out).
+
+    Collective in multi-process runs: every process iterates its own rows of the same global
+    batches and gets the full result (all processes' rows, gathered).
+    """
     text_feats = self._text(model_state)  # once per evaluation: it doesn't depend on the video
     chunks = []
     for batch in dataset:
@@ -65,12 +69,19 @@ class Evaluator:
     probs, labels, index, mask = (
         np.concatenate([np.asarray(multihost_utils.process_allgather(c[i], tiled=True))
                         for c in chunks]) for i in range(4))
+    # Rows of every process, gathered: each clip of the source must appear exactly once (index
+    # -1 marks padding; a clip masked out as unreadable still counts as visited).
+    visited = np.sort(index[index >= 0])
+    if not np.array_equal(visited, np.arange(len(source))):
+      distinct = len(np.unique(visited))
+      raise RuntimeError(
+          f"the evaluation visited {distinct} distinct clips of {len(source)} with "
+          f"{len(visited) - distinct} repeats over {jax.process_count()} processes: every clip "
+          "must be evaluated exactly once (the evaluation plan or the batch layout is broken)")
     keep = mask.astype(bool)
     probs, labels, index = probs[keep], labels[keep], index[keep]
     order = np.argsort(index, kind="stable")
     probs, labels, index = probs[order], labels[order], index[order]
-    if len(np.unique(index)) != len(index):
-      raise AssertionError("a clip was evaluated twice: the evaluation plan is broken")
     preds = probs.argmax(-1)
     conf = metrics_lib.confusion_matrix(labels, preds, len(class_names))
     summary = metrics_lib.summarize(conf, class_names)

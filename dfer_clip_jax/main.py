@@ -5,6 +5,11 @@ r"""Train and/or evaluate DFER-CLIP.
   python -m dfer_clip_jax.main --config=configs/demo.py --workdir=runs/demo --mode=eval
 
 Rerunning the same command resumes from the newest usable checkpoint in the workdir.
+
+Multi-process (one process per TPU host or GPU, the same command on every process):
+`--config.distributed.initialize=True` on Cloud TPU VMs, under SLURM or Open MPI (JAX finds the
+cluster), or DFER_COORDINATOR_ADDRESS / DFER_NUM_PROCESSES / DFER_PROCESS_ID anywhere else;
+launch/tpu_pod.sh, launch/slurm_gpu.sbatch and launch/local.sh do it for you.
 """
 
 from absl import app
@@ -31,6 +36,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and grain log every operation at INFO; the console keeps our progress lines.
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   distributed.initialize(config.distributed)
   logging.info("config:\n%s", config)

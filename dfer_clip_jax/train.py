@@ -5,6 +5,13 @@ validation split (carved from train) and the test split, Orbax checkpoints that 
 (parameters, optimizer state, data iterator position, evaluation history), and a final report:
 last epoch, best by validation, and the paper's protocol (best test WAR, labelled as selected on
 test).
+
+Multi-process runs (one process per TPU host or GPU; see `distributed` and launch/): every
+process builds the same Trainer and runs the same jitted step on global arrays; each reads only
+its own rows of every global batch. Only process 0 writes logs, reports, TensorBoard events and
+evaluation outputs; every process takes part in the Orbax saves and restores, and all resume
+from the step process 0 names among those every process finds usable. The workdir must be one
+folder that all processes see (a shared or mounted file system).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -23,6 +31,7 @@ import optax
 from flax import nnx
 
 from dfer_clip_jax import checkpointing
+from dfer_clip_jax import distributed
 from dfer_clip_jax import evaluate as evaluate_lib
 from dfer_clip_jax import metric_writer
 from dfer_clip_jax import metrics as metrics_lib
@@ -38,6 +47,22 @@ CHECKPOINT_FORMAT = "dfer_clip_jax.train/1"
 
 class NonFiniteError(FloatingPointError):
   """The loss or a norm became NaN/Inf; the run stops and the last good checkpoint stays."""
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+  """`workdir` as a Path; a URL (gs://, s3://) is refused with what to do instead."""
+  text = str(workdir)
+  if _URL.match(text):
+    raise ValueError(
+        f"workdir {text!r} is a URL, but the workdir is written through the local file system "
+        "(the checkpoint integrity records, metrics.jsonl, TensorBoard events, the report and "
+        "the demo tokenizer use file paths; pathlib would turn 'gs://b/x' into 'gs:/b/x'). "
+        "Mount the bucket on every host (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/gcs`, as "
+        "launch/tpu_pod.sh does) and pass the mounted path, e.g. --workdir=/mnt/gcs/runs/dfew")
+  return pathlib.Path(workdir)
 
 
 def _mesh(config):
@@ -88,8 +113,8 @@ class Trainer:
 
   def __init__(self, config, workdir: str | pathlib.Path):
     self.config = config
-    self.workdir = pathlib.Path(workdir)
-    self.primary = jax.process_index() == 0
+    self.workdir = local_workdir(workdir)
+    self.primary = distributed.is_primary()
     if self.primary:
       self.workdir.mkdir(parents=True, exist_ok=True)
     self.mesh = _mesh(config)
@@ -103,8 +128,10 @@ class Trainer:
       raise ValueError(f"the train split has {len(self.sources.train)} clips, fewer than one "
                        f"batch of {t.batch_size}")
     rngs = nnx.Rngs(config.seed)
-    model, self.spec, self.groups, self.trained = state_lib.build_model(
-        config, self.workdir, self.class_names, rngs=rngs)
+    # Building the model may write into the workdir (the demo tokenizer): process 0 goes first.
+    with distributed.primary_first("building the model"):
+      model, self.spec, self.groups, self.trained = state_lib.build_model(
+          config, self.workdir, self.class_names, rngs=rngs)
     self.epochs = t.epochs if self.trained else 0
     self.total_steps = self.epochs * self.steps_per_epoch
     optimizer = (state_lib.build_optimizer(config, model, self.groups, self.steps_per_epoch)
@@ -147,10 +174,14 @@ class Trainer:
 
   def restore_latest(self) -> tuple[int, dict[str, Any] | None]:
     """Resumes from the newest usable checkpoint, if any: (step, data state)."""
-    if self.checkpointer.latest_valid_step() is None:
+    if jax.process_count() > 1:
+      which = agreed_latest_step(self.checkpointer)
+    else:
+      which = "latest" if self.checkpointer.latest_valid_step() is not None else None
+    if which is None:
       return 0, None
     step, state, data_state, _, _ = self.checkpointer.restore(
-        "latest", abstract_state=self._abstract_state())
+        which, abstract_state=self._abstract_state())
     self.model_state = state["model"]
     if self.opt_state is not None:
       self.opt_state = state["optimizer"]
@@ -216,7 +247,8 @@ class Trainer:
         image_size=config.clip.image_size, augment=d.augment, batch_size=self.batch,
         fix_short_sampling=d.fix_short_sampling, process_index=jax.process_index(),
         process_count=jax.process_count(), worker_count=d.worker_count,
-        bad_clip_policy=d.bad_clip_policy, num_epochs=self.epochs, fast_decode=d.fast_decode)
+        bad_clip_policy=d.bad_clip_policy, num_epochs=self.epochs, fast_decode=d.fast_decode,
+        crop_min_area=d.crop_min_area)
     it = iter(dataset)
     if data_state is not None and data_state.get("iterator") is not None:
       it.set_state(data_state["iterator"])
@@ -323,6 +355,37 @@ class Trainer:
     return report
 
 
+def agreed_latest_step(ckptr: checkpointing.Checkpointer) -> int | None:
+  """The newest step that *every* process finds usable; newer broken steps are set aside.
+
+  Collective (multi-process runs). Each process checks the steps process 0 lists
+  (`checkpointing.verify_checkpoint`: commit marker, metadata, file sizes against the integrity
+  record) and the newest step accepted by all is taken. A choice made per process could differ
+  (a file system that shows one host a truncated file) and the processes would then restore
+  different steps, or block in Orbax's restore barrier; so does a step that passes the checks
+  but fails to read on one process, which is why the checks run first, on every process.
+  """
+  ckptr.wait()
+  steps = distributed.broadcast_json(ckptr.all_steps() if distributed.is_primary() else None)
+  reasons = [checkpointing.verify_checkpoint(ckptr.directory / str(s)) for s in steps]
+  verdicts = distributed.gather_json(reasons)  # [process][step] -> None or why unusable
+  chosen, broken = None, []
+  for i in reversed(range(len(steps))):
+    why = [(p, v[i]) for p, v in enumerate(verdicts) if v[i] is not None]
+    if not why:
+      chosen = steps[i]
+      break
+    if distributed.is_primary():
+      logging.warning("checkpoint %s is unusable (%s); trying the previous one",
+                      ckptr.directory / str(steps[i]),
+                      "; ".join(f"process {p}: {r}" for p, r in why))
+    broken.append(steps[i])
+  if broken and chosen is not None:
+    # So that the resumed run can save those steps again (every process must call it).
+    ckptr._set_aside(broken)  # pylint: disable=protected-access
+  return chosen
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Trains the configured model in `workdir` (resuming automatically) and returns the report."""
   trainer = Trainer(config, workdir)
@@ -336,7 +399,7 @@ def evaluate_checkpoint(config, workdir: str | pathlib.Path, which: str = "lates
                         ) -> dict[str, Any]:
   """Restores a checkpoint (`latest`, `best`, a step, or a folder path) and evaluates the test
   split; writes `<workdir>/eval/<name>/`."""
-  workdir = pathlib.Path(workdir)
+  workdir = local_workdir(workdir)
   ckpt_dir = workdir / "checkpoints"
   path = pathlib.Path(which)
   source_dir = path if path.is_dir() else ckpt_dir
@@ -358,7 +421,13 @@ def evaluate_checkpoint(config, workdir: str | pathlib.Path, which: str = "lates
   ckptr = checkpointing.Checkpointer(ckpt_dir, keep_last=10**6, keep_best=True,
                                      best_metric="select")
   try:
-    step, state, _, _, _ = ckptr.restore(which, abstract_state=abstract)
+    restore_which: str | int = which
+    if which == "latest" and jax.process_count() > 1:
+      agreed = agreed_latest_step(ckptr)
+      if agreed is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} is usable on every process")
+      restore_which = agreed
+    step, state, _, _, _ = ckptr.restore(restore_which, abstract_state=abstract)
   finally:
     ckptr.close()
   eval_batch = _check_batch(config.train.eval_batch_size, mesh, "train.eval_batch_size")
@@ -373,7 +442,7 @@ def evaluate_checkpoint(config, workdir: str | pathlib.Path, which: str = "lates
                                           else which)
   out = workdir / "eval" / name
   evaluate_lib.write(result, out, spec.class_names)
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     s = result.summary
     print(f"Checkpoint step {step}: test UAR {s['uar']:.2f} WAR {s['war']:.2f} "
           f"({s['counts']['total']} clips) -> {out}", flush=True)

@@ -108,3 +108,19 @@ def test_frame_folder_source(tmp_path):
     source[3]
   # Picklable: grain worker processes receive the source.
   assert pickle.loads(pickle.dumps(source))[0]['frames'] == source[0]['frames']
+
+
+def test_reference_absolute_paths_are_rerooted_under_data_root(tmp_path):
+  """The reference's lists hold the authors' absolute paths; they work given the data root."""
+  from PIL import Image
+  root = tmp_path / 'DFEW'
+  for clip in ('00001', '00002'):
+    (root / 'DFEW_Frame_Face' / clip).mkdir(parents=True)
+    Image.new('RGB', (8, 8)).save(root / 'DFEW_Frame_Face' / clip / '1.jpg')
+  lst = tmp_path / 'set_1_train.txt'
+  lst.write_text('/data/EECS-IoannisLab/datasets/DFEW/DFEW_Frame_Face/00001 1 0\n'
+                 '/data/EECS-IoannisLab/datasets/DFEW/DFEW_Frame_Face/00002 1 3\n')
+  anns = annotations.read_annotations(lst, data_root=root, num_classes=7)
+  assert [a.frame_dir for a in anns] == [root / 'DFEW_Frame_Face' / '00001',
+                                         root / 'DFEW_Frame_Face' / '00002']
+  assert all(a.frame_dir.is_dir() for a in anns)

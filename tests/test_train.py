@@ -202,3 +202,16 @@ def test_non_finite_loss_stops_with_step(synth, tmp_path):
   c = tiny_config(synth, **{"optim.lr_temporal": 1e30, "optim.lr_image": 1e30})
   with pytest.raises(train.NonFiniteError, match=r"at step \d+"):
     train.train_and_evaluate(c, tmp_path / "nan")
+
+
+def test_folds_summary_reuses_finished_folds(finished_run, synth, tmp_path, capsys):
+  from dfer_clip_jax import folds
+  ref_dir, report = finished_run
+  shutil.copytree(ref_dir, tmp_path / "fold1")
+  summary = folds.run_folds(tiny_config(synth), tmp_path)
+  assert "finished earlier" in capsys.readouterr().out
+  last = summary["last epoch"]
+  assert last["num_folds"] == 1
+  assert last["uar"]["mean"] == pytest.approx(report["rows"]["last epoch"]["uar"])
+  assert "mean" in (tmp_path / "folds.md").read_text()
+  assert json.loads((tmp_path / "folds.json").read_text())["last epoch"]["num_folds"] == 1

@@ -160,8 +160,10 @@ def read_annotations(
 
   Args:
     path: the annotation list (`<frame_dir> <num_frames> <label>` per line).
-    data_root: folder that relative frame folders are joined with (absolute ones are kept);
-      when None, relative folders are taken relative to the annotation file's folder.
+    data_root: folder that relative frame folders are joined with; absolute folders that
+      don't exist (the reference lists hold the authors' paths) are re-rooted under it
+      (`rebase_absolute`); when None, relative folders are taken relative to the annotation
+      file's folder.
     num_classes: when given, labels must lie in [0, num_classes).
 
   Returns:
@@ -177,7 +179,37 @@ def read_annotations(
     raise AnnotationError(path, errors)
   if not annotations:
     raise AnnotationError(path, [LineError(1, 'malformed_line', 'the list holds no clips')])
+  if data_root is not None:
+    annotations = rebase_absolute(annotations, pathlib.Path(data_root))
   return annotations
+
+
+def rebase_absolute(clips: Sequence[ClipAnnotation], data_root: pathlib.Path
+                    ) -> list[ClipAnnotation]:
+  """Re-roots absolute frame folders that do not exist under `data_root`.
+
+  The reference's lists hold the authors' absolute paths (e.g.
+  `/data/EECS-IoannisLab/datasets/DFEW/DFEW_Frame_Face/02522`). The shortest trailing
+  part of the first missing folder that exists under `data_root` (here
+  `DFEW_Frame_Face/02522` or `02522`) fixes how many trailing components are kept for
+  every missing absolute folder; the clip id becomes that relative part. When no trailing
+  part exists, the clips are returned unchanged and validation reports the folders.
+  """
+  missing = [c for c in clips if c.frame_dir.is_absolute() and not c.frame_dir.exists()]
+  if not missing:
+    return list(clips)
+  parts = missing[0].frame_dir.parts[1:]  # without the root '/'
+  keep = next((k for k in range(1, len(parts) + 1)
+               if (data_root / pathlib.Path(*parts[-k:])).is_dir()), None)
+  if keep is None:
+    return list(clips)
+  out = []
+  for clip in clips:
+    if clip.frame_dir.is_absolute() and not clip.frame_dir.exists():
+      tail = pathlib.Path(*clip.frame_dir.parts[-keep:])
+      clip = dataclasses.replace(clip, frame_dir=data_root / tail, clip_id=tail.as_posix())
+    out.append(clip)
+  return out
 
 
 def list_frames(frame_dir: str | os.PathLike[str]) -> list[pathlib.Path]:

@@ -58,6 +58,7 @@ _BRIGHTNESS_RANGE = (0.5, 1.5)
 _ROTATION_DEGREES = 4.0
 _CROP_TRIES = 10
 _CROP_AREA_RANGE = (0.08, 1.0)
+DEFAULT_CROP_MIN_AREA = _CROP_AREA_RANGE[0]  # the reference (torchvision) value
 _CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 
 Frame = str | os.PathLike[str] | bytes
@@ -146,9 +147,16 @@ def _augmentation_of(dataset: str) -> str | None:
 
 
 def draw_train_params(
-    width: int, height: int, rng: np.random.Generator, *, dataset: str, size: int
+    width: int, height: int, rng: np.random.Generator, *, dataset: str, size: int,
+    crop_min_area: float = _CROP_AREA_RANGE[0],
 ) -> TrainParams:
-  """Draws one clip's augmentation parameters for frames of `width x height` pixels."""
+  """Draws one clip's augmentation parameters for frames of `width x height` pixels.
+
+  `crop_min_area` is the smallest area fraction of the random-sized crop (the reference's
+  0.08; larger values crop less aggressively, e.g. for models trained from scratch).
+  """
+  if not 0.0 < crop_min_area <= 1.0:
+    raise ValueError(f'crop_min_area must be in (0, 1], got {crop_min_area}')
   extra = _augmentation_of(dataset)
   brightness = angle = None
   if extra == 'brightness':
@@ -158,7 +166,7 @@ def draw_train_params(
   crop = fallback = None
   area = width * height
   for _ in range(_CROP_TRIES):
-    target_area = rng.uniform(*_CROP_AREA_RANGE) * area
+    target_area = rng.uniform(crop_min_area, _CROP_AREA_RANGE[1]) * area
     aspect = rng.uniform(*_CROP_ASPECT_RANGE)
     # Python's round (half to even), as the reference computes it.
     w = int(round(math.sqrt(target_area * aspect)))
@@ -232,7 +240,8 @@ def _check_same_size(sizes: Sequence[tuple[int, int]], names: Sequence[str]) -> 
 
 
 def train_transform(
-    images: Sequence[Image.Image], rng: np.random.Generator, *, dataset: str, size: int
+    images: Sequence[Image.Image], rng: np.random.Generator, *, dataset: str, size: int,
+    crop_min_area: float = _CROP_AREA_RANGE[0],
 ) -> np.ndarray:
   """Train augmentation of one clip (see the module docstring) -> (T, size, size, 3) uint8.
 
@@ -243,7 +252,8 @@ def train_transform(
     size: output height and width.
   """
   _check_same_size([im.size for im in images], [f'frame {t}' for t in range(len(images))])
-  p = draw_train_params(*images[0].size, rng, dataset=dataset, size=size)
+  p = draw_train_params(*images[0].size, rng, dataset=dataset, size=size,
+                        crop_min_area=crop_min_area)
   return _stack(images, lambda im: _flip(_apply_exact(im, p, size), p.flip), size)
 
 
@@ -301,6 +311,7 @@ def load_train_clip(
     dataset: str,
     size: int,
     fast_decode: bool = False,
+    crop_min_area: float = _CROP_AREA_RANGE[0],
 ) -> np.ndarray:
   """Decodes `frames[indices]` and applies the train augmentation -> (T, size, size, 3) uint8.
 
@@ -309,11 +320,13 @@ def load_train_clip(
   at reduced scale where the crop keeps at least `size` pixels (see the module docstring).
   """
   if not fast_decode:
-    return train_transform(decode_frames(frames, indices), rng, dataset=dataset, size=size)
+    return train_transform(decode_frames(frames, indices), rng, dataset=dataset, size=size,
+                           crop_min_area=crop_min_area)
   _check_indices(len(frames), indices)
   first = int(indices[0])
   width, height = _full_size(frames[first], first)
-  p = draw_train_params(width, height, rng, dataset=dataset, size=size)
+  p = draw_train_params(width, height, rng, dataset=dataset, size=size,
+                        crop_min_area=crop_min_area)
   if p.crop is not None:
     _, _, w, h = p.crop
     # libjpeg picks scale s = min(W // rw, H // rh); this request keeps w / s, h / s >= size.

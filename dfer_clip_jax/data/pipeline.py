@@ -108,8 +108,10 @@ class _ClipLoader:
   """Turns a clip index into one pipeline element (picklable, for grain worker processes)."""
 
   def __init__(self, source, *, train: bool, num_frames: int, image_size: int, augment: str,
-               fix_short_sampling: bool, fast_decode: bool):
+               fix_short_sampling: bool, fast_decode: bool,
+               crop_min_area: float = augment_lib.DEFAULT_CROP_MIN_AREA):
     self.source = source
+    self.crop_min_area = crop_min_area
     self.train = train
     self.num_frames = num_frames
     self.image_size = image_size
@@ -140,7 +142,8 @@ class _ClipLoader:
         indices = sampling.train_indices(count, rng, self.num_frames,
                                          fix_short=self.fix_short_sampling)
         video = augment_lib.load_train_clip(frames, indices, rng, dataset=self.augment,
-                                            size=self.image_size, fast_decode=self.fast_decode)
+                                            size=self.image_size, fast_decode=self.fast_decode,
+                                            crop_min_area=self.crop_min_area)
       else:
         indices = sampling.test_indices(count, self.num_frames)
         video = augment_lib.load_test_clip(frames, indices, size=self.image_size,
@@ -431,6 +434,7 @@ def make_train_dataset(
     num_epochs: int | None = None,
     fast_decode: bool = False,
     read_threads: int = 2,
+    crop_min_area: float = augment_lib.DEFAULT_CROP_MIN_AREA,
 ) -> ClipDataset:
   """The training pipeline (see the module docstring).
 
@@ -452,6 +456,7 @@ def make_train_dataset(
     fast_decode: reduced-scale JPEG decoding (`augment.load_train_clip`); changes pixels
       slightly, off for the reference behaviour.
     read_threads: threads building batches in each process (main or worker).
+    crop_min_area: smallest area fraction of the random-sized crop (reference: 0.08).
 
   Returns:
     A `ClipDataset`; `iter()` gives batches `{'video': uint8 (B, T, H, W, 3),
@@ -474,7 +479,7 @@ def make_train_dataset(
     raise ValueError(f'num_epochs must be positive or None, got {num_epochs}')
   loader = _ClipLoader(source, train=True, num_frames=num_frames, image_size=image_size,
                        augment=augment, fix_short_sampling=fix_short_sampling,
-                       fast_decode=fast_decode)
+                       fast_decode=fast_decode, crop_min_area=crop_min_area)
   elements = _TrainElements(loader, num_clips=num_clips, seed=seed, batch_size=batch_size,
                             process_index=process_index, process_count=process_count,
                             bad_clip_policy=bad_clip_policy)

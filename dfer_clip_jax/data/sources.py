@@ -5,17 +5,24 @@ datasets, or the synthetic dataset (generated into the workdir when absent). Fra
 validated before training (`config.data.validate`): with `bad_clip_policy='error'` any problem
 stops the run with the full report; with `'skip'` the bad clips are left out and every one is
 listed in the log and in `<workdir>/skipped_clips.txt`.
+
+Multi-process runs: process 0 alone generates the synthetic dataset and validates the frame
+folders, the others wait for its verdict; then every process checks that all of them built the
+same clip lists (`check_same_on_all_processes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import pathlib
 from typing import Any
 
 from absl import logging
 import jax
 
+from dfer_clip_jax import distributed
 from dfer_clip_jax.data import annotations as annotations_lib
 from dfer_clip_jax.data import classes as classes_lib
 from dfer_clip_jax.data import pipeline
@@ -46,45 +53,80 @@ def _synthetic_lists(data, workdir: pathlib.Path, num_classes: int, fold: int
   from dfer_clip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(data.synthetic_dir) if data.synthetic_dir else workdir / "synthetic"
   train, test = root / "train.txt", root / "test.txt"
-  if not (train.is_file() and test.is_file()):
-    # Every process would race to write the same files: only process 0 generates.
-    if jax.process_index() == 0:
-      logging.info("generating the synthetic dataset (%d clips) into %s", data.synthetic_clips,
-                   root)
-      print(f"Generating {data.synthetic_clips} synthetic clips into {root} ...", flush=True)
-      synthetic.generate(root, num_classes=num_classes, num_clips=data.synthetic_clips,
-                         seed=0, image_size=data.synthetic_size, overwrite=True)
-    _sync("synthetic dataset")
+
+  def generate_once() -> None:
+    if train.is_file() and test.is_file():
+      return
+    logging.info("generating the synthetic dataset (%d clips) into %s", data.synthetic_clips,
+                 root)
+    print(f"Generating {data.synthetic_clips} synthetic clips into {root} ...", flush=True)
+    synthetic.generate(root, num_classes=num_classes, num_clips=data.synthetic_clips,
+                       seed=0, image_size=data.synthetic_size,
+                       max_frames=data.synthetic_max_frames, overwrite=True)
+
+  # Every process would race to write the same files: process 0 alone decides and generates,
+  # the others wait for it (and fail with its error if it fails).
+  distributed.run_on_primary("generating the synthetic dataset", generate_once)
   del fold
   return root, train, test
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def _folder_source(path: pathlib.Path, root: pathlib.Path | None, class_names, data,
                    skipped: list[str]):
   anns = annotations_lib.read_annotations(path, data_root=root, num_classes=len(class_names))
   if data.validate:
-    report = validate_lib.validate_clips(anns, class_names=class_names,
-                                         progress=jax.process_index() == 0)
-    if report.warnings:
-      logging.warning("%s: %d warnings\n%s", path, len(report.warnings), report.format())
-    if not report.ok:
-      if data.bad_clip_policy == "error":
+
+    def validate() -> dict[str, Any]:
+      report = validate_lib.validate_clips(anns, class_names=class_names, progress=True)
+      if report.warnings:
+        logging.warning("%s: %d warnings\n%s", path, len(report.warnings), report.format())
+      if not report.ok and data.bad_clip_policy == "error":
         raise validate_lib.ValidationError(
             f"{path}: {len(report.errors)} problems (set data.bad_clip_policy=skip to leave the "
             f"bad clips out)\n{report.format()}")
-      bad = report.bad_lines
+      return {"bad_lines": sorted(report.bad_lines), "report": report.format()}
+
+    # Process 0 reads every clip's frames once and tells the others which lines to leave out,
+    # so all processes train on the same clips (and a shared file system is read once).
+    verdict = distributed.run_on_primary(f"validating {path}", validate)
+    bad = set(verdict["bad_lines"])
+    if bad:
       for a in anns:
         if a.line_no in bad:
           skipped.append(f"{a.origin} {a.frame_dir}")
-      logging.warning("%s: leaving out %d bad clips:\n%s", path, len(bad), report.format())
+      logging.warning("%s: leaving out %d bad clips:\n%s", path, len(bad), verdict["report"])
       anns = [a for a in anns if a.line_no not in bad]
   return annotations_lib.FrameFolderSource(anns)
+
+
+def _digest(sources: Sources) -> str:
+  """What every process must agree on: class names, and each split's clips and labels."""
+  h = hashlib.sha256(json.dumps(list(sources.class_names)).encode())
+  for name in ("train", "val", "test"):
+    source = getattr(sources, name)
+    h.update(f"|{name}:{-1 if source is None else len(source)}".encode())
+    if source is None:
+      continue
+    annotations = getattr(source, "annotations", None)
+    if annotations is not None:
+      rows = [(a.clip_id, a.num_frames, a.label) for a in annotations]
+    else:
+      rows = list(source.labels)
+    h.update(json.dumps(rows).encode())
+  return h.hexdigest()
+
+
+def check_same_on_all_processes(sources: Sources) -> None:
+  """Raises on every process if any process built different sources (e.g. per-host copies of
+  the annotation lists that differ); a silent mismatch would train on a mix of datasets."""
+  digests = distributed.gather_json(_digest(sources))
+  if len(set(digests)) > 1:
+    differ = [i for i, d in enumerate(digests) if d != digests[0]]
+    raise ValueError(
+        f"processes {differ} built different train/val/test clip lists than process 0 (clip "
+        "ids, frame counts or labels differ): every process must read the same annotation "
+        "lists / packed dataset (check data.root, data.train_list, data.test_list and "
+        "data.packed_dir on every host)")
 
 
 def build_sources(config, workdir: str | pathlib.Path) -> Sources:
@@ -95,8 +137,8 @@ def build_sources(config, workdir: str | pathlib.Path) -> Sources:
   skipped: list[str] = []
   if data.source == "packed":
     from dfer_clip_jax.data import packed  # pylint: disable=g-import-not-at-top
-    name = data.packed_name or (config.dataset if config.dataset == "ferv39k"
-                                else f"{config.dataset}/fold{config.fold}")
+    name = data.packed_name.format(fold=config.fold) or (
+        config.dataset if config.dataset == "ferv39k" else f"{config.dataset}/fold{config.fold}")
     train = packed.packed_source(data.packed_dir, name, "train")
     test = packed.packed_source(data.packed_dir, name, "test")
   elif data.source in ("folders", "synthetic"):
@@ -107,7 +149,9 @@ def build_sources(config, workdir: str | pathlib.Path) -> Sources:
         raise ValueError("data.source=folders needs data.train_list and data.test_list "
                          "(annotation lists: '<frame_dir> <num_frames> <label>' per line)")
       root = pathlib.Path(data.root) if data.root else None
-      train_list, test_list = pathlib.Path(data.train_list), pathlib.Path(data.test_list)
+      # `{fold}` in a list path is the fold number (one command line for every fold).
+      train_list = pathlib.Path(data.train_list.format(fold=config.fold))
+      test_list = pathlib.Path(data.test_list.format(fold=config.fold))
       if root is not None:
         train_list = train_list if train_list.is_absolute() or train_list.exists() \
             else root / train_list
@@ -122,7 +166,10 @@ def build_sources(config, workdir: str | pathlib.Path) -> Sources:
     train_idx, val_idx = pipeline.split_train_val(list(train.labels), data.val_fraction,
                                                   data.val_seed)
     train, val = pipeline.SubsetSource(train, train_idx), pipeline.SubsetSource(train, val_idx)
-  if skipped and jax.process_index() == 0:
+  sources = Sources(train=train, val=val, test=test, class_names=class_names, skipped=skipped)
+  if jax.process_count() > 1:
+    check_same_on_all_processes(sources)
+  if skipped and distributed.is_primary():
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "skipped_clips.txt").write_text("\n".join(skipped) + "\n")
-  return Sources(train=train, val=val, test=test, class_names=class_names, skipped=skipped)
+  return sources

@@ -3,7 +3,8 @@ r"""Synthetic dynamic-expression dataset: the project's embedded default data.
 Renders face-like clips with PIL (ImageDraw only) whose expression develops over
 time, writes them as JPEG frame folders plus annotation lists in the reference
 format (`<frame_dir> <num_frames> <label>`, paths relative to the output folder),
-and is deterministic by seed: the same arguments give byte-identical files.
+and is deterministic by seed: the same arguments give byte-identical files (with
+the same numpy / Pillow builds; the JPEG encoder's output may differ across them).
 
     python -m dfer_clip_jax.data.synthetic --out=/tmp/synth --classes=7 \
         --clips=700 --seed=0 [--folds=5] [--size=64]
@@ -14,10 +15,11 @@ Layout written under `out`:
   train_fold{i}.txt, test_fold{i}.txt   with `folds=k`: k stratified folds, i = 1..k
   synthetic.json                the generation arguments (read by the tfds builder)
 
-Frames are 64x64 by default (`--size`): the demo trains at 32-64 px, and the
-features are drawn large enough (cartoon proportions, anti-aliased by 2x/4x
-supersampling) to stay visible at 32 px. The input-pipeline benchmark renders at
-256 px to measure at the paper's 224 px input.
+Frames are 64x64 by default (`--size`): the demo trains at 32-64 px, so faces are
+framed like the face crops of DFEW (the head fills most of the frame) and drawn
+with cartoon proportions, anti-aliased by 2x / 4x supersampling, so that the cues
+stay visible at 32 px. The input-pipeline benchmark renders at 256 px to measure
+at the paper's 224 px input.
 
 What varies per clip (nuisance, independent of the label): identity (head shape,
 skin / hair / lip / eye colour, hair style, feature sizes and positions, resting
@@ -30,11 +32,12 @@ intensity.
 Classes (label ids as in `classes.py`) and their cues:
   0 happiness  smile (corners up), teeth, raised cheeks (blush), narrowed eyes;
                onset -> apex -> partial offset.
-  1 sadness    corners down, brows' inner ends up, lowered gaze and head; slow onset.
+  1 sadness    corners down, brows' inner ends up, lowered gaze and head, a tear
+               running down one cheek; slow onset.
   2 neutral    resting face; sometimes small talking movements of the mouth.
   3 anger      brows down in a V, narrowed eyes, pressed narrow lips, flushed skin.
   4 surprise   brows up, eyes wide, mouth open in an O: FAST onset, then held still.
-  5 disgust    nose wrinkles, raised upper lip showing teeth, corners down, squint.
+  5 disgust    nose wrinkles, raised upper lip, tongue out, corners down, squint.
   6 fear       the SAME apex as surprise, but after onset the expression oscillates
                (mouth / eyes / brows open and close 3-5 times per clip) and the
                head trembles (per-frame jitter).
@@ -75,6 +78,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+import tqdm
 
 NUM_CLASSES_CHOICES = (7, 11)
 DEFAULT_IMAGE_SIZE = 64
@@ -88,7 +92,7 @@ _SPLIT_STREAM = 2**32
 # apex_delta` (plus class-specific dynamics below).
 _PARAMS = ('curve', 'open', 'width', 'asym', 'teeth', 'lip_raise', 'press',
            'brow_raise', 'brow_angle', 'eye_open', 'cheek', 'wrinkle', 'gaze_x',
-           'gaze_y', 'pitch', 'tilt', 'flush')
+           'gaze_y', 'pitch', 'tilt', 'flush', 'tear', 'tongue')
 
 # Apex deltas from the resting face, per label. `curve` > 0 lifts the mouth
 # corners; `brow_angle` > 0 lifts the brows' inner ends (worry), < 0 lowers them
@@ -98,13 +102,13 @@ _SURPRISE_APEX = {'brow_raise': 1.0, 'eye_open': 0.65, 'open': 1.0, 'width': -0.
 _APEX: dict[int, dict[str, float]] = {
     0: {'curve': 1.0, 'open': 0.3, 'teeth': 1.0, 'cheek': 1.0, 'eye_open': -0.4,
         'brow_raise': 0.15, 'width': 0.15},
-    1: {'curve': -0.9, 'brow_angle': 1.0, 'brow_raise': -0.1, 'eye_open': -0.3,
+    1: {'curve': -1.0, 'brow_angle': 1.0, 'brow_raise': -0.1, 'eye_open': -0.3, 'tear': 1.0,
         'gaze_y': 0.7, 'pitch': 0.6, 'press': 0.3},
     2: {},
     3: {'brow_raise': -0.9, 'brow_angle': -1.0, 'eye_open': -0.4, 'width': -0.25,
         'curve': -0.3, 'press': 1.0, 'flush': 1.0},
     4: dict(_SURPRISE_APEX),
-    5: {'wrinkle': 1.0, 'lip_raise': 1.0, 'teeth': 0.8, 'curve': -0.5,
+    5: {'wrinkle': 1.0, 'lip_raise': 1.0, 'open': 0.35, 'tongue': 1.0, 'curve': -0.5,
         'brow_raise': -0.45, 'brow_angle': -0.3, 'eye_open': -0.45},
     6: dict(_SURPRISE_APEX),
     7: {'asym': 1.0, 'eye_open': -0.2, 'brow_raise': -0.1, 'pitch': -0.5},
@@ -271,8 +275,8 @@ def _motion(rng: np.random.Generator, u: np.ndarray, num_frames: int):
 
 
 def _expression(label: int, rng: np.random.Generator, u: np.ndarray,
-                identity: _Identity) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Class-specific time course: params, extra blink, extra dx, dy, angle."""
+                identity: _Identity) -> _Trajectory:
+  """Class-specific time course: expression, extra blinks and head jitter."""
   if label not in _APEX:
     raise ValueError(f'label {label} is outside the synthetic classes 0..{max(_APEX)}')
   n = u.shape[0]
@@ -282,7 +286,7 @@ def _expression(label: int, rng: np.random.Generator, u: np.ndarray,
   intensity = rng.uniform(0.75, 1.0)
   side = 1.0 if rng.uniform() < 0.5 else -1.0
   apex = dict(_APEX[label])
-  for key in ('asym', 'tilt'):
+  for key in ('asym', 'tilt', 'tear'):  # one-sided cues: the side is drawn per clip
     if key in apex:
       apex[key] *= side
 
@@ -290,7 +294,7 @@ def _expression(label: int, rng: np.random.Generator, u: np.ndarray,
     if rng.uniform() < 0.5:
       f, phase = rng.uniform(3, 6), rng.uniform(0, 2 * np.pi)
       params['open'] += 0.15 * np.maximum(0, np.sin(2 * np.pi * f * u + phase))
-    return params, blink, jx, jy, jangle
+    return _Trajectory(params, blink, jx, jy, jangle)
   if label == 4:  # surprise: fast onset, then held
     start = rng.uniform(0.1, 0.4)
     env = _ramp(u, start, rng.uniform(0.02, 0.06))
@@ -319,12 +323,12 @@ def _expression(label: int, rng: np.random.Generator, u: np.ndarray,
     for k in _PARAMS:
       start_v = _DISAPPOINTMENT_START.get(k, 0.0)
       params[k] += intensity * ((1 - turn) * start_v + turn * apex.get(k, 0.0))
-    return params, blink, jx, jy, jangle
+    return _Trajectory(params, blink, jx, jy, jangle)
   else:
     env = _standard_envelope(u, rng)
   for k, v in apex.items():
     params[k] += intensity * env * v
-  return params, blink, jx, jy, jangle
+  return _Trajectory(params, blink, jx, jy, jangle)
 
 
 def _trajectory(label: int, num_frames: int, identity: _Identity,
@@ -332,9 +336,9 @@ def _trajectory(label: int, num_frames: int, identity: _Identity,
                 expr_rng: np.random.Generator) -> _Trajectory:
   u = np.linspace(0.0, 1.0, num_frames) if num_frames > 1 else np.zeros(1)
   dx, dy, dangle, blink = _motion(motion_rng, u, num_frames)
-  params, xblink, jx, jy, jangle = _expression(label, expr_rng, u, identity)
-  return _Trajectory(params=params, blink=np.maximum(blink, xblink),
-                     dx=dx + jx, dy=dy + jy, dangle=dangle + jangle)
+  expr = _expression(label, expr_rng, u, identity)
+  return _Trajectory(params=expr.params, blink=np.maximum(blink, expr.blink),
+                     dx=dx + expr.dx, dy=dy + expr.dy, dangle=dangle + expr.dangle)
 
 
 class _Painter:
@@ -354,14 +358,11 @@ class _Painter:
     py = self._cy + self._sin * x + self._cos * y
     return list(zip(px.tolist(), py.tolist()))
 
-  def polygon(self, xy: np.ndarray, fill, outline=None, width: float = 0.0):
-    if outline is not None and width > 0:
-      self.draw.polygon(self.pts(xy), fill=fill, outline=outline,
-                        width=max(1, round(width * self.scale)))
-    else:
-      self.draw.polygon(self.pts(xy), fill=fill)
+  def polygon(self, xy: np.ndarray, fill) -> None:
+    self.draw.polygon(self.pts(xy), fill=fill)
 
-  def line(self, xy: np.ndarray, fill, width: float):
+  def line(self, xy: np.ndarray, fill, width: float) -> None:
+    """A polyline `width` head half-widths wide (at least one canvas pixel)."""
     self.draw.line(self.pts(xy), fill=fill, width=max(1, round(width * self.scale)),
                    joint='curve')
 
@@ -430,6 +431,15 @@ def _draw_face(p: _Painter, ident: _Identity, v: dict[str, float], blink: float,
     lid = np.concatenate([lid, [[ex + rx * 1.05, ey]]])
     p.line(lid, fill=(25, 20, 20), width=0.04)
 
+  # A tear rolling down from one eye as sadness builds up.
+  if abs(v['tear']) > 0.2:
+    side = float(np.sign(v['tear']))
+    ty = oy + ident.eye_y + ident.eye_ry + 0.12 + 0.4 * (min(abs(v['tear']), 1.0) - 0.2)
+    tx = ox + side * (ident.eye_dx + 0.05)
+    drop = np.concatenate([[[tx, ty - 0.16]], _ellipse(tx, ty, 0.08, 0.1, n=12,
+                                                       t0=-0.25 * np.pi, t1=1.25 * np.pi)])
+    p.polygon(drop, fill=(120, 185, 250))
+
   # Brows: inner and outer ends move with raise and angle.
   base = oy + ident.eye_y - ident.brow_gap - 0.2 * v['brow_raise']
   for side in (-1, 1):
@@ -460,7 +470,7 @@ def _draw_face(p: _Painter, ident: _Identity, v: dict[str, float], blink: float,
   bump = np.sqrt(np.clip(1 - q, 0, 1))
   my = oy + ident.mouth_y
   asym = v['asym']
-  base_y = my - 0.2 * v['curve'] * q - 0.34 * abs(asym) * q * (xs * np.sign(asym) > 0)
+  base_y = my - 0.28 * v['curve'] * q - 0.34 * abs(asym) * q * (xs * np.sign(asym) > 0)
   open_ = max(0.0, v['open'])
   upper = base_y - (0.08 * open_ + 0.12 * max(0.0, v['lip_raise'])) * bump
   lower = base_y + 0.42 * open_ * bump
@@ -473,6 +483,10 @@ def _draw_face(p: _Painter, ident: _Identity, v: dict[str, float], blink: float,
       t_low = np.minimum(upper + teeth * 0.11 * bump, lower)
       band = np.concatenate([np.stack([x, upper], 1), np.stack([x, t_low], 1)[::-1]])
       p.polygon(band, fill=(235, 232, 220))
+    if v['tongue'] > 0.05:
+      t = min(v['tongue'], 1.0)
+      p.polygon(_ellipse(ox, float(lower[7]) - 0.02 + 0.06 * t, 0.45 * w, 0.05 + 0.1 * t, n=16),
+                fill=(215, 80, 95))
   lip_w = ident.lip_w * (1.0 - 0.55 * min(max(v['press'], 0.0), 1.0))
   p.line(np.stack([x, upper], 1), fill=_rgb(ident.lips), width=lip_w)
   p.line(np.stack([x, lower], 1), fill=_rgb(ident.lips), width=lip_w * 1.2)
@@ -588,7 +602,9 @@ def generate(out_dir: str | os.PathLike, *, num_classes: int = 7, num_clips: int
     test_fraction: fraction of each class in `test.txt`.
     image_size: frame size in pixels (square).
     min_frames, max_frames: clip length range (inclusive, uniform).
-    processes: worker processes; None -> os.cpu_count(); 1 -> no pool.
+    processes: worker processes; None -> os.cpu_count(); 1 -> no pool. Workers are
+      spawned (not forked), so a calling script needs the `if __name__ == '__main__':`
+      guard.
     overwrite: replace an existing `frames/` folder (refused otherwise).
     progress: optional callback (done, total) after each clip.
 
@@ -693,16 +709,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--overwrite', action='store_true', help='replace existing frames/')
   args = parser.parse_args(argv)
   start = time.perf_counter()
-
-  def report(done: int, total: int) -> None:
-    if done == total or done % max(1, total // 20) == 0:
-      print(f'\r{done}/{total} clips', end='', file=sys.stderr, flush=True)
-
-  paths = generate(args.out, num_classes=args.classes, num_clips=args.clips, seed=args.seed,
-                   folds=args.folds, test_fraction=args.test_fraction, image_size=args.size,
-                   min_frames=args.min_frames, max_frames=args.max_frames,
-                   processes=args.processes, overwrite=args.overwrite, progress=report)
-  print(file=sys.stderr)
+  with tqdm.tqdm(total=args.clips, unit='clip', desc='rendering') as bar:
+    paths = generate(args.out, num_classes=args.classes, num_clips=args.clips, seed=args.seed,
+                     folds=args.folds, test_fraction=args.test_fraction,
+                     image_size=args.size, min_frames=args.min_frames,
+                     max_frames=args.max_frames, processes=args.processes,
+                     overwrite=args.overwrite, progress=lambda done, total: bar.update(1))
   print(f'wrote {args.clips} clips to {args.out} in {time.perf_counter() - start:.1f} s '
         f'({os.cpu_count()} cores); lists: ' + ', '.join(p.name for p in paths.values()))
   return 0

@@ -16,12 +16,14 @@ import functools
 import math
 from typing import Any, Literal
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
-AttentionImpl = Literal["xla", "cudnn", "plain"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "plain"]
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +99,33 @@ def activation(name: Activation):
   raise ValueError(f"unknown activation {name!r}: expected quick_gelu, gelu or gelu_tanh")
 
 
+def resolve_attention_impl(impl: AttentionImpl, dtype, head_dim: int) -> str:
+  """The implementation `attention` runs for `impl`: `auto` picks cuDNN's fused (flash) attention
+  on a GPU for half-precision operands with a head dim cuDNN takes (a multiple of 8, at most
+  128), and XLA's otherwise (CPU, TPU, float32); any other choice is returned unchanged."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention implementation {impl!r}: expected one of "
+                     f"{ATTENTION_IMPLS}")
+  if impl != "auto":
+    return impl
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if half and head_dim % 8 == 0 and head_dim <= 128 and jax.default_backend() in ("gpu", "cuda"):
+    return "cudnn"
+  return "xla"
+
+
+# Reasons for which `auto` fell back from cuDNN to XLA while tracing (logged once each; the
+# benchmark reports them).
+CUDNN_FALLBACKS: set[str] = set()
+
+
 def attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool,
               impl: AttentionImpl = "xla") -> jax.Array:
-  """Scaled dot-product attention; `plain` is the explicit reference formula."""
-  if impl == "plain":
+  """Scaled dot-product attention (scale head_dim ** -0.5), softmax in float32 in every
+  implementation; `plain` is the explicit reference formula, `auto` see
+  `resolve_attention_impl`."""
+  chosen = resolve_attention_impl(impl, q_BxLxHxD.dtype, q_BxLxHxD.shape[-1])
+  if chosen == "plain":
     scale = q_BxLxHxD.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD,
                         preferred_element_type=jnp.float32) * scale
@@ -110,22 +135,40 @@ def attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool,
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxLxHxD.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v_BxLxHxD)
-  implementation = {"xla": "xla", "cudnn": "cudnn"}.get(impl)
-  if implementation is None:
-    raise ValueError(f"unknown attention implementation {impl!r}: expected xla, cudnn or plain")
+  if chosen == "cudnn" and impl == "auto":
+    # cuDNN's own checks (library present, version, shapes) run while tracing: when they refuse,
+    # `auto` falls back to XLA instead of failing the model.
+    try:
+      return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=causal,
+                                          implementation="cudnn")
+    except (NotImplementedError, RuntimeError, ValueError) as err:
+      if str(err) not in CUDNN_FALLBACKS:
+        CUDNN_FALLBACKS.add(str(err))
+        logging.warning("attention 'auto': cuDNN refused (%s); using XLA's attention", err)
+      chosen = "xla"
   return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=causal,
-                                      implementation=implementation)
+                                      implementation=chosen)
+
+
+def _norm_in_float32(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+  return norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm computed in float32 whatever the compute dtype (as OpenAI's CLIP does)."""
+  """LayerNorm computed in float32 whatever the compute dtype (as OpenAI's CLIP does).
+
+  Differentiated, it is recomputed in the backward pass from its input: the backward then keeps
+  that one array (in the compute dtype) instead of three float32 intermediates of its size
+  (x - mean, the normalised x, the float32 copy), 2 bytes per element in bfloat16 instead of
+  12. Recomputing costs one elementwise pass; the values are the same.
+  """
 
   def __init__(self, width: int, eps: float, *, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(width, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
                               rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.norm(x.astype(jnp.float32)).astype(x.dtype)
+    return nnx.remat(_norm_in_float32)(self.norm, x)
 
 
 class MultiheadAttention(nnx.Module):
@@ -135,6 +178,9 @@ class MultiheadAttention(nnx.Module):
                in_std: float, out_std: float, rngs: nnx.Rngs):
     if width % heads:
       raise ValueError(f"width {width} is not divisible by heads {heads}")
+    if attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"unknown attention implementation {attention_impl!r}: expected one of "
+                       f"{ATTENTION_IMPLS}")
     self.heads = heads
     self.attention_impl = attention_impl
     self.in_proj = nnx.Linear(width, 3 * width, dtype=dtype, param_dtype=jnp.float32,
@@ -165,7 +211,10 @@ class MLP(nnx.Module):
                              bias_init=nnx.initializers.zeros, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.c_proj(activation(self.act)(self.c_fc(x)))
+    # The activation is recomputed in the backward pass from the c_fc output: the backward
+    # keeps two mlp_dim-wide arrays per token (the pre-activation, and the activation that
+    # c_proj's weight gradient needs) instead of four (plus the activation's inner terms).
+    return self.c_proj(jax.checkpoint(activation(self.act))(self.c_fc(x)))
 
 
 class ResidualAttentionBlock(nnx.Module):
