@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.act = ""  # activation of OpenAI-format weights ("" = quick_gelu; LAION: gelu)
   c.clip.image_size = 224  # input resolution (position embedding resampled if it differs)
   c.clip.dtype = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
-  c.clip.attention_impl = "xla"  # xla | cudnn | plain
+  # auto: cuDNN flash attention on GPUs in bf16 where it accepts the shapes, else XLA's;
+  # xla | cudnn | plain (the explicit formula).
+  c.clip.attention_impl = "auto"
   c.clip.remat = False  # recompute image-tower blocks in the backward pass to save memory
 
   c.model = ml_collections.ConfigDict()

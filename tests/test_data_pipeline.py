@@ -176,6 +176,19 @@ def test_worker_processes_give_identical_batches(source):
       np.testing.assert_array_equal(a[key], np.asarray(b[key]))
 
 
+def test_fast_decode_batches_identical_across_worker_counts(source):
+  # OpenCV in worker processes (its own thread pool off) gives the in-process pixels.
+  inline = list(_train(source, num_epochs=1, fast_decode=True))
+  workers = list(_train(source, num_epochs=1, fast_decode=True, worker_count=1))
+  exact = list(_train(source, num_epochs=1))
+  assert len(inline) == len(workers) == len(exact) == 6
+  for a, b, e in zip(inline, workers, exact):
+    for key in a:
+      np.testing.assert_array_equal(a[key], np.asarray(b[key]))
+    np.testing.assert_array_equal(a['label'], e['label'])
+    assert np.abs(a['video'].astype(int) - e['video'].astype(int)).mean() < 8
+
+
 def _bytes_source(num_clips: int, bad: set[int]):
   """An in-memory source with encoded frames (the packed-record layout)."""
   records = []

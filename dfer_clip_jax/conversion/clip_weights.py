@@ -321,7 +321,8 @@ def load_clip(source: str | os.PathLike | Mapping[str, Any], *, dtype=jnp.float3
     act: activation override for OpenAI-named weights, whose tensors don't record it
       (`quick_gelu` for OpenAI's models, `gelu` for OpenCLIP's LAION models).
     image_size: input resolution; the position embedding is resampled if it differs.
-    attention_impl: `xla`, `cudnn` or `plain`.
+    attention_impl: `auto` (cuDNN on GPUs in half precision when possible), `xla`, `cudnn`
+      or `plain`.
     remat: rematerialise the image-tower blocks in the backward pass.
     config_json: a HF `config.json` dict for an in-memory mapping in HF naming.
 

@@ -17,14 +17,16 @@ Frames stay uint8 on the host: the output is a `(T, size, size, 3)` uint8 array,
 
 Speed: every transform is one or two PIL calls per frame (PIL's C code releases the GIL),
 repeated frames of short clips are decoded and transformed once, and the clip is written
-into one preallocated array. `fast_decode=True` (opt-in, off in paper configs) additionally
-lets libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale (`Image.draft`) when the crop is still at
-least `size` pixels after it, and crops + resizes in one `resize(box=...)` call on the
-smaller image. The random parameters are the same with or without it (they are drawn from
-the full-size frame), but pixels differ slightly from the reference: the DCT-domain
-downscale is not PIL's bilinear filter, `resize(box=...)` reads filter support from
-outside the crop where `crop().resize()` (the reference) stops at the crop's border, and
-DFEW's brightness is applied after the resize (on size x size pixels instead of the crop).
+into one preallocated array. `fast_decode=True` (opt-in, off in paper configs) swaps PIL
+for OpenCV on the same random parameters (drawn from the full-size frame, in the same
+order): `cv2.imdecode` (libjpeg-turbo; at 1/2, 1/4 or 1/8 scale when the crop still has at
+least `size` pixels after it), the crop as a numpy slice, `cv2.resize` (area averaging when
+shrinking, bilinear when enlarging) written straight into the clip's array, DFEW's
+brightness as a uint8 lookup table equal to PIL's, the flip with `cv2.flip`. Pixels differ
+slightly from the reference: OpenCV's bilinear / area filters are not PIL's bilinear
+filter (PIL widens the filter when shrinking), and a reduced decode is libjpeg's DCT-domain
+downscale with the crop box rounded to its pixel grid. The max / mean differences are
+bounded in `tests/test_data_augment.py`. FERV39k's rotation stays PIL's (exact).
 """
 
 from __future__ import annotations
@@ -265,35 +267,88 @@ def test_transform(images: Sequence[Image.Image], *, size: int) -> np.ndarray:
 test_transform.__test__ = False  # Not a pytest test, even when imported into a test module.
 
 
-def _open_drafted(frame: Frame, index: int, request: tuple[int, int]
-                  ) -> tuple[Image.Image, tuple[int, int], float]:
-  """Opens a frame, asking libjpeg for a reduced decode when `request` allows it.
+_cv2_module = None
 
-  Returns the loaded RGB image, the frame's full size and the scale of the decode (1, 2, 4
-  or 8; always 1 for non-JPEG frames).
+
+def _cv2():
+  """OpenCV, imported on first use with its thread pool off.
+
+  Pipeline parallelism comes from grain's workers and read threads; OpenCV's own threads
+  on top would oversubscribe the cores (and blur the per-core cost of a clip).
   """
-  im = _open(frame, index)
-  full_size = im.size
-  scale = 1.0
-  if im.format == 'JPEG':
-    result = im.draft('RGB', request)
-    if result is not None:
-      scale = full_size[0] / result[1][2]
-  return _load_rgb(im, frame, index), full_size, scale
+  global _cv2_module
+  if _cv2_module is None:
+    import cv2  # pylint: disable=g-import-not-at-top
+    cv2.setNumThreads(1)
+    _cv2_module = cv2
+  return _cv2_module
 
 
-def _decode_unique(frames: Sequence[Frame], indices: Sequence[int],
-                   request: tuple[int, int]) -> tuple[list, list, list]:
-  """`_open_drafted` on each distinct index: (images, full sizes, scales), one per index."""
+def _read_bytes(frame: Frame, index: int) -> bytes:
+  if isinstance(frame, bytes):
+    return frame
+  try:
+    with open(frame, 'rb') as f:
+      return f.read()
+  except OSError as e:
+    raise FrameError(f'cannot open {_frame_name(frame, index)}: {e}') from e
+
+
+def _decode_array(frame: Frame, index: int, reduce: int) -> np.ndarray:
+  """One frame -> RGB uint8 (H, W, 3), decoded at 1/`reduce` scale (1, 2, 4 or 8).
+
+  Complete baseline/progressive JPEGs (SOI ... EOI) go through `cv2.imdecode` (libjpeg-turbo,
+  the same decoder as PIL's: identical pixels at full scale). Anything else -- PNG, odd
+  modes, a JPEG without its end marker (truncated) -- goes through the strict PIL path of
+  `decode_frames`, so bad frames raise the same `FrameError`; it is then reduced by area
+  averaging to the size libjpeg's reduced decode would have.
+  """
+  data = _read_bytes(frame, index)
+  if data[:2] == b'\xff\xd8' and data.rstrip(b'\x00')[-2:] == b'\xff\xd9':
+    cv2 = _cv2()
+    flag = {1: cv2.IMREAD_COLOR_RGB, 2: cv2.IMREAD_REDUCED_COLOR_2,
+            4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if array is not None:
+      # The IMREAD_REDUCED_* flags decode to BGR; reversing the channels is a view.
+      return array if reduce == 1 else array[..., ::-1]
+  try:
+    im = Image.open(io.BytesIO(data))
+  except Exception as e:
+    raise FrameError(f'cannot open {_frame_name(frame, index)}: {e}') from e
+  array = np.asarray(_load_rgb(im, frame, index))
+  if reduce > 1:
+    h, w = array.shape[:2]
+    array = _cv2().resize(array, (-(-w // reduce), -(-h // reduce)),
+                          interpolation=_cv2().INTER_AREA)
+  return array
+
+
+def _decode_unique_arrays(frames: Sequence[Frame], indices: Sequence[int], reduce: int
+                          ) -> tuple[list[np.ndarray], list[int]]:
+  """`_decode_array` once per distinct index: (arrays, position of each index's array)."""
   _require_strict_truncation()
   _check_indices(len(frames), indices)
-  cache: dict[int, tuple[Image.Image, tuple[int, int], float]] = {}
+  arrays: list[np.ndarray] = []
+  slot: dict[int, int] = {}
+  order = []
   for i in indices:
     i = int(i)
-    if i not in cache:
-      cache[i] = _open_drafted(frames[i], i, request)
-  return ([cache[int(i)][0] for i in indices], [cache[int(i)][1] for i in indices],
-          [cache[int(i)][2] for i in indices])
+    if i not in slot:
+      slot[i] = len(arrays)
+      arrays.append(_decode_array(frames[i], i, reduce))
+    order.append(slot[i])
+  shape = arrays[0].shape
+  for i, k in slot.items():
+    if arrays[k].shape != shape:
+      first = int(indices[0])
+      raise FrameError(
+          f'frames of one clip differ in size: {_frame_name(frames[first], first)} is '
+          f'{shape[1]}x{shape[0]}, {_frame_name(frames[i], i)} is '
+          f'{arrays[k].shape[1]}x{arrays[k].shape[0]}' +
+          (f' (after 1/{reduce} decode)' if reduce > 1 else '') +
+          ' (one crop is applied to all frames)')
+  return arrays, order
 
 
 def _full_size(frame: Frame, index: int) -> tuple[int, int]:
@@ -301,6 +356,89 @@ def _full_size(frame: Frame, index: int) -> tuple[int, int]:
   size = im.size
   im.close()
   return size
+
+
+def _reduction(w: int, h: int, size: int) -> int:
+  """Largest libjpeg scale 1/s (s in 1, 2, 4, 8) keeping a w x h region >= size x size."""
+  for s in (8, 4, 2):
+    if w // s >= size and h // s >= size:
+      return s
+  return 1
+
+
+def _resize(src: np.ndarray, width: int, height: int, dst: np.ndarray | None = None
+            ) -> np.ndarray:
+  """cv2 resize closest to PIL's bilinear: area averaging when shrinking both axes
+  (PIL's bilinear filter widens with the scale, i.e. anti-aliases), else bilinear."""
+  cv2 = _cv2()
+  h, w = src.shape[:2]
+  shrink = width <= w and height <= h
+  return cv2.resize(src, (width, height), dst=dst,
+                    interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def brightness_lut(factor: float) -> np.ndarray:
+  """(256,) uint8 table equal to PIL's `ImageEnhance.Brightness(im).enhance(factor)`.
+
+  PIL blends with black in float32 and truncates: out = clip(int(v * factor), 0, 255).
+  """
+  return np.clip(np.arange(256, dtype=np.float32) * np.float32(factor), 0, 255).astype(
+      np.uint8)
+
+
+def _load_train_clip_fast(frames, indices, rng, *, dataset, size, crop_min_area
+                          ) -> np.ndarray:
+  """`load_train_clip(..., fast_decode=True)`: OpenCV decode + crop/resize, same draws."""
+  _check_indices(len(frames), indices)
+  first = int(indices[0])
+  width, height = _full_size(frames[first], first)
+  p = draw_train_params(width, height, rng, dataset=dataset, size=size,
+                        crop_min_area=crop_min_area)
+  # Rotation (FERV39k) needs every pixel of the full frame: no reduced decode then.
+  if p.angle is not None:
+    reduce = 1
+  elif p.crop is not None:
+    reduce = _reduction(p.crop[2], p.crop[3], size)
+  else:
+    reduce = _reduction(width, height, size)
+  arrays, order = _decode_unique_arrays(frames, indices, reduce)
+  if reduce == 1 and arrays[0].shape[:2] != (height, width):
+    raise FrameError(f'frame {first} decodes to {arrays[0].shape[1]}x{arrays[0].shape[0]} '
+                     f'but its header says {width}x{height}')
+  cv2 = _cv2()
+  lut = None if p.brightness is None else brightness_lut(p.brightness)
+  out = np.empty((len(order), size, size, 3), np.uint8)  # (T, size, size, 3)
+  done: dict[int, int] = {}
+  for t, k in enumerate(order):
+    if k in done:
+      out[t] = out[done[k]]
+      continue
+    done[k] = t
+    a = arrays[k]
+    if p.angle is not None:
+      a = np.asarray(Image.fromarray(a).rotate(p.angle, resample=Image.Resampling.NEAREST,
+                                               expand=False))
+    if p.crop is not None:
+      x1, y1, w, h = p.crop
+      # Crop box in the reduced frame's pixels (exact when reduce == 1).
+      x1, y1 = round(x1 / reduce), round(y1 / reduce)
+      w, h = max(1, round(w / reduce)), max(1, round(h / reduce))
+      a = a[y1:y1 + h, x1:x1 + w]
+      if lut is not None:  # On the crop, before the resize: the reference's order.
+        a = cv2.LUT(np.ascontiguousarray(a), lut)
+      frame_out = _resize(a, size, size, dst=None if p.flip else out[t])
+    else:
+      rw, rh, x1, y1 = p.fallback
+      if lut is not None:
+        a = cv2.LUT(a, lut)
+      if a.shape[:2] != (rh, rw):
+        a = _resize(a, rw, rh)
+      frame_out = a[y1:y1 + size, x1:x1 + size]
+      if not p.flip:
+        out[t] = frame_out
+    if p.flip:
+      cv2.flip(np.ascontiguousarray(frame_out), 1, dst=out[t])
+  return out
 
 
 def load_train_clip(
@@ -316,44 +454,17 @@ def load_train_clip(
   """Decodes `frames[indices]` and applies the train augmentation -> (T, size, size, 3) uint8.
 
   With `fast_decode=False` this equals `train_transform(decode_frames(frames, indices), rng,
-  ...)`. With `fast_decode=True` the same random parameters are used but JPEGs are decoded
-  at reduced scale where the crop keeps at least `size` pixels (see the module docstring).
+  ...)`, pixel for pixel. With `fast_decode=True` the random parameters are the same (drawn
+  from the full frame size, in the same order), but frames are decoded with OpenCV (at
+  1/2, 1/4 or 1/8 scale when the crop keeps >= `size` pixels) and cropped + resized with
+  `cv2.resize` (area averaging when shrinking, bilinear when enlarging) instead of PIL's
+  bilinear filter: pixels differ slightly (see `tests/test_data_augment.py` for the bound).
   """
   if not fast_decode:
     return train_transform(decode_frames(frames, indices), rng, dataset=dataset, size=size,
                            crop_min_area=crop_min_area)
-  _check_indices(len(frames), indices)
-  first = int(indices[0])
-  width, height = _full_size(frames[first], first)
-  p = draw_train_params(width, height, rng, dataset=dataset, size=size,
-                        crop_min_area=crop_min_area)
-  if p.crop is not None:
-    _, _, w, h = p.crop
-    # libjpeg picks scale s = min(W // rw, H // rh); this request keeps w / s, h / s >= size.
-    request = (math.ceil(width * size / w), math.ceil(height * size / h))
-  else:
-    request = (size, size)  # Keeps the short side >= size for the fallback's resize.
-  images, full_sizes, scales = _decode_unique(frames, indices, request)
-  _check_same_size(full_sizes, [_frame_name(frames[int(i)], int(i)) for i in indices])
-
-  def transform(im: Image.Image, scale: float) -> Image.Image:
-    if p.angle is not None:
-      im = im.rotate(p.angle, resample=Image.Resampling.NEAREST, expand=False)
-    if p.crop is not None:
-      x1, y1, w, h = p.crop
-      box = (x1 / scale, y1 / scale, (x1 + w) / scale, (y1 + h) / scale)
-      if p.brightness is None:
-        return im.resize((size, size), Image.Resampling.BILINEAR, box=box)
-      return _brightness(im.resize((size, size), Image.Resampling.BILINEAR, box=box),
-                         p.brightness)
-    rw, rh, x1, y1 = p.fallback
-    im = _brightness(im, p.brightness)
-    if im.size != (rw, rh):
-      im = im.resize((rw, rh), Image.Resampling.BILINEAR)
-    return im.crop((x1, y1, x1 + size, y1 + size))
-
-  scale_of = {id(im): s for im, s in zip(images, scales)}
-  return _stack(images, lambda im: _flip(transform(im, scale_of[id(im)]), p.flip), size)
+  return _load_train_clip_fast(frames, indices, rng, dataset=dataset, size=size,
+                               crop_min_area=crop_min_area)
 
 
 def load_test_clip(
@@ -361,12 +472,24 @@ def load_test_clip(
 ) -> np.ndarray:
   """Decodes `frames[indices]` and resizes each to size x size -> (T, size, size, 3) uint8.
 
-  `fast_decode=True` lets libjpeg decode at reduced scale while both sides stay >= size.
+  `fast_decode=True` decodes with OpenCV (reduced scale while both sides stay >= size) and
+  resizes with `cv2.resize`.
   """
   if not fast_decode:
     return test_transform(decode_frames(frames, indices), size=size)
-  images, _, _ = _decode_unique(frames, indices, (size, size))
-  return test_transform(images, size=size)
+  _check_indices(len(frames), indices)
+  first = int(indices[0])
+  reduce = _reduction(*_full_size(frames[first], first), size)
+  arrays, order = _decode_unique_arrays(frames, indices, reduce)
+  out = np.empty((len(order), size, size, 3), np.uint8)  # (T, size, size, 3)
+  done: dict[int, int] = {}
+  for t, k in enumerate(order):
+    if k in done:
+      out[t] = out[done[k]]
+    else:
+      done[k] = t
+      _resize(arrays[k], size, size, dst=out[t])
+  return out
 
 
 def to_model_input(video_uint8: Any, *, normalize: bool = False) -> Any:
