@@ -68,7 +68,7 @@ class CheckpointRef:
     return f"{self.kind} {self.path}{step}"
 
 
-def _is_export(path: pathlib.Path) -> bool:
+def is_export(path: pathlib.Path) -> bool:
   return (path / reference_lib.EXPORT_CONFIG).is_file() and (
       path / reference_lib.EXPORT_WEIGHTS).is_file()
 
@@ -94,7 +94,7 @@ def resolve_checkpoint(path: str | os.PathLike, which: str | int = "latest") -> 
         f"{p} is a file; give the folder holding it: a training workdir, a checkpoint folder, or "
         f"a model export ({reference_lib.EXPORT_WEIGHTS} + {reference_lib.EXPORT_CONFIG}). A "
         "reference .pth must first be converted with `python -m dfer_clip_jax.convert`")
-  if _is_export(p):
+  if is_export(p):
     return CheckpointRef(EXPORT, p, None, given)
   if (p / checkpointing.CONFIG).is_dir() and (p / checkpointing.STATE).is_dir():
     reason = checkpointing.verify_checkpoint(p)

@@ -162,7 +162,8 @@ def write_eval_outputs(out_dir: str | os.PathLike, *, metrics: Mapping[str, Any]
   return paths
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+  """Pillow's default font at `size` pixels (shared by every plot the project draws)."""
   # Pillow's bundled scalable font needs FreeType; the bitmap fallback is small but legible.
   try:
     return ImageFont.load_default(size=size)
@@ -170,7 +171,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
-def _text_size(font, text: str) -> tuple[int, int]:
+def text_size(font, text: str) -> tuple[int, int]:
+  """(width, height) of `text` drawn in `font`."""
   left, top, right, bottom = font.getbbox(text)
   return right - left, bottom - top
 
@@ -196,30 +198,30 @@ def render_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], *
   pct_CxC = np.divide(100.0 * cm_CxC, support_C[:, None], out=np.zeros_like(cm_CxC),
                       where=support_C[:, None] > 0)
 
-  label_font, cell_font, title_font = _font(15), _font(14), _font(18)
+  label_font, cell_font, title_font = load_font(15), load_font(14), load_font(18)
   pad = 10
-  name_w = max(_text_size(label_font, n)[0] for n in class_names)
-  name_h = max(_text_size(label_font, n)[1] for n in class_names)
-  axis_h = _text_size(label_font, "predicted")[1]
-  title_h = _text_size(title_font, title or "Ag")[1]
+  name_w = max(text_size(label_font, n)[0] for n in class_names)
+  name_h = max(text_size(label_font, n)[1] for n in class_names)
+  axis_h = text_size(label_font, "predicted")[1]
+  title_h = text_size(title_font, title or "Ag")[1]
   # Left: rotated "true" axis title + row names; top: title, "predicted", rotated column names.
   grid_x0 = pad + axis_h + pad + name_w + pad
   grid_y0 = 2 * pad + title_h + pad + axis_h + pad + name_w + pad
-  title_w = _text_size(title_font, title)[0]
+  title_w = text_size(title_font, title)[0]
   width = max(grid_x0 + c * cell + pad, title_w + 2 * pad)
   height = grid_y0 + c * cell + pad
   img = Image.new("RGB", (width, height), "white")
   draw = ImageDraw.Draw(img)
 
   draw.text((max(pad, (width - title_w) // 2), pad), title, fill="black", font=title_font)
-  pred_w = _text_size(label_font, "predicted")[0]
+  pred_w = text_size(label_font, "predicted")[0]
   draw.text((grid_x0 + (c * cell - pred_w) // 2, 2 * pad + title_h + pad // 2), "predicted",
             fill="black", font=label_font)
-  true_w = _text_size(label_font, "true")[0]
+  true_w = text_size(label_font, "true")[0]
   _paste_rotated(img, "true", label_font, (pad, grid_y0 + (c * cell - true_w) // 2))
 
   for i, name in enumerate(class_names):
-    w, _ = _text_size(label_font, name)
+    w, _ = text_size(label_font, name)
     # Row names right-aligned against the grid; column names rotated, bottom-aligned.
     draw.text((grid_x0 - pad - w, grid_y0 + i * cell + (cell - name_h) // 2), name,
               fill="black", font=label_font)
@@ -236,7 +238,7 @@ def render_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], *
         fill, text = _colour(frac), f"{pct_CxC[i, j]:.1f}"
         ink = "white" if frac > 0.5 else "black"
       draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=fill, outline=(160, 160, 160))
-      tw, th = _text_size(cell_font, text)
+      tw, th = text_size(cell_font, text)
       draw.text((x0 + (cell - tw) // 2, y0 + (cell - th) // 2), text, fill=ink, font=cell_font)
   return img
 

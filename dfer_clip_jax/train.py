@@ -33,6 +33,7 @@ from flax import nnx
 from dfer_clip_jax import checkpointing
 from dfer_clip_jax import distributed
 from dfer_clip_jax import evaluate as evaluate_lib
+from dfer_clip_jax import inference as inference_lib
 from dfer_clip_jax import metric_writer
 from dfer_clip_jax import metrics as metrics_lib
 from dfer_clip_jax import optim
@@ -254,9 +255,10 @@ class Trainer:
       it.set_state(data_state["iterator"])
     if it.step != start_step:
       raise RuntimeError(f"data iterator at step {it.step} but the train state at {start_step}")
+    dropout = config.model.temporal_dropout > 0
     step_fn = jax.jit(
         make_train_step(self.graphdef, self.opt_graphdef, normalize=d.normalize,
-                        dropout=config.model.temporal_dropout > 0),
+                        dropout=dropout),
         donate_argnums=(0, 1),
         out_shardings=(self.model_shardings, self.opt_shardings, None))
     schedule = state_lib.make_schedule(config, self.steps_per_epoch)
@@ -281,7 +283,8 @@ class Trainer:
 
     for step in range(start_step, self.total_steps):
       batch = pipeline.to_global_batch(next(it), self.mesh)
-      rng = jax.random.fold_in(base_key, step)
+      # Only dropout consumes randomness; without it skip the per-step host-side fold_in.
+      rng = jax.random.fold_in(base_key, step) if dropout else base_key
       self.model_state, self.opt_state, m = step_fn(self.model_state, self.opt_state, batch, rng)
       # Metrics of the previous step are fetched after this one is dispatched: no stall.
       if pending is not None:
@@ -400,16 +403,45 @@ def evaluate_checkpoint(config, workdir: str | pathlib.Path, which: str = "lates
   """Restores a checkpoint (`latest`, `best`, a step, or a folder path) and evaluates the test
   split; writes `<workdir>/eval/<name>/`."""
   workdir = local_workdir(workdir)
-  ckpt_dir = workdir / "checkpoints"
   path = pathlib.Path(which)
-  source_dir = path if path.is_dir() else ckpt_dir
-  saved = checkpointing.read_config(source_dir if path.is_dir() else workdir)
-  spec = state_lib.ModelSpec.from_dict(saved["model"])
   mesh = _mesh(config)
+  if path.is_dir() and inference_lib.is_export(path):
+    # A reference checkpoint converted by `python -m dfer_clip_jax.convert`.
+    model, spec = inference_lib.load_model_for_inference(path)
+    graphdef, model_state = nnx.split(model)
+    model_state, _ = state_lib.shard_state(model_state, mesh, config.mesh.fsdp_min_size)
+    step = None
+  else:
+    graphdef, model_state, spec, step = _restore_for_eval(config, workdir, which, mesh)
   sources = sources_lib.build_sources(config, workdir)
   if tuple(sources.class_names) != spec.class_names:
     raise ValueError(f"the checkpoint's classes {spec.class_names} differ from the dataset's "
                      f"{sources.class_names}")
+  eval_batch = _check_batch(config.train.eval_batch_size, mesh, "train.eval_batch_size")
+  dataset = pipeline.make_eval_dataset(
+      sources.test, batch_size=eval_batch, num_frames=spec.num_frames,
+      image_size=spec.image_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), worker_count=config.data.worker_count,
+      bad_clip_policy=config.data.bad_clip_policy, fast_decode=config.data.fast_decode)
+  evaluator = evaluate_lib.Evaluator(graphdef, mesh, normalize=spec.normalize)
+  result = evaluator.run(model_state, dataset, sources.test, spec.class_names)
+  name = path.name if path.is_dir() else (f"step_{step}" if which not in ("latest", "best")
+                                          else which)
+  out = workdir / "eval" / name
+  evaluate_lib.write(result, out, spec.class_names)
+  if distributed.is_primary():
+    s = result.summary
+    print(f"Checkpoint {path if step is None else f'step {step}'}: test UAR {s['uar']:.2f} "
+          f"WAR {s['war']:.2f} ({s['counts']['total']} clips) -> {out}", flush=True)
+  return {"step": step, **result.summary}
+
+
+def _restore_for_eval(config, workdir: pathlib.Path, which, mesh):
+  """(graphdef, model state, spec, step) of a trainer checkpoint, sharded onto `mesh`."""
+  ckpt_dir = workdir / "checkpoints"
+  path = pathlib.Path(which)
+  saved = checkpointing.read_config(path if path.is_dir() else workdir)
+  spec = state_lib.ModelSpec.from_dict(saved["model"])
   abstract_model = nnx.eval_shape(lambda: state_lib.model_from_spec(spec, rngs=nnx.Rngs(0)))
   graphdef, model_shapes = nnx.split(abstract_model)
   model_sh = sharding_lib.state_shardings(model_shapes, mesh, min_size=config.mesh.fsdp_min_size)
@@ -430,23 +462,7 @@ def evaluate_checkpoint(config, workdir: str | pathlib.Path, which: str = "lates
     step, state, _, _, _ = ckptr.restore(restore_which, abstract_state=abstract)
   finally:
     ckptr.close()
-  eval_batch = _check_batch(config.train.eval_batch_size, mesh, "train.eval_batch_size")
-  dataset = pipeline.make_eval_dataset(
-      sources.test, batch_size=eval_batch, num_frames=spec.num_frames,
-      image_size=spec.image_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=config.data.worker_count,
-      bad_clip_policy=config.data.bad_clip_policy, fast_decode=config.data.fast_decode)
-  evaluator = evaluate_lib.Evaluator(graphdef, mesh, normalize=spec.normalize)
-  result = evaluator.run(state["model"], dataset, sources.test, spec.class_names)
-  name = path.name if path.is_dir() else (f"step_{step}" if which not in ("latest", "best")
-                                          else which)
-  out = workdir / "eval" / name
-  evaluate_lib.write(result, out, spec.class_names)
-  if distributed.is_primary():
-    s = result.summary
-    print(f"Checkpoint step {step}: test UAR {s['uar']:.2f} WAR {s['war']:.2f} "
-          f"({s['counts']['total']} clips) -> {out}", flush=True)
-  return {"step": step, **result.summary}
+  return graphdef, state["model"], spec, step
 
 
 def _abstract_optimizer(config, abstract_model, spec, mesh):

@@ -217,6 +217,15 @@ def test_benchmark_tiny_run_writes_the_json_schema(tmp_path):
               'train_packed_1thread_clips_per_s', 'train_packed_fast_decode_clips_per_s'):
     assert result[key] > 0, key
   assert result['workers'] == [0] and result['cores'] >= 1
+  # The headline names its configuration; the default path's figures stay alongside.
+  config = result['train_packed_config']
+  assert result['train_packed_clips_per_s'] == config['clips_per_s'] > 0
+  assert config['name'] == 'default' or config['name'].removeprefix('train_packed_') in (
+      result['extras'])
+  assert result['train_packed_default_clips_per_s'] > 0
+  assert result['train_packed_vs_baseline_per_cpu_s'] >= (
+      result['train_packed_default_vs_baseline_per_cpu_s'])
+  assert 'short16_workers0_threads2_fast_decode' in result['extras']
   assert set(result['per_workers']['0']) == {'train_packed', 'train_folders', 'eval_packed',
                                              'eval_folders'}
   assert (result['image_size'], result['render_size'], result['num_frames']) == (16, 24, 16)

@@ -215,3 +215,14 @@ def test_folds_summary_reuses_finished_folds(finished_run, synth, tmp_path, caps
   assert last["uar"]["mean"] == pytest.approx(report["rows"]["last epoch"]["uar"])
   assert "mean" in (tmp_path / "folds.md").read_text()
   assert json.loads((tmp_path / "folds.json").read_text())["last epoch"]["num_folds"] == 1
+
+
+def test_eval_mode_on_converted_reference_checkpoint(synth, tmp_path, reference_dir):
+  """`--mode=eval --checkpoint=DIR` accepts a reference checkpoint converted by the CLI."""
+  from dfer_clip_jax.conversion import reference
+  imported = reference.load_reference_checkpoint(reference_dir / "tiny_forward.npz")
+  export = reference.export_model(imported.model, imported.clip_config, tmp_path / "export")
+  result = train.evaluate_checkpoint(tiny_config(synth), tmp_path / "wd", str(export))
+  n_test = len((synth / "test.txt").read_text().splitlines())
+  assert result["step"] is None and result["counts"]["total"] == n_test
+  assert (tmp_path / "wd" / "eval" / "export" / "predictions.csv").is_file()

@@ -13,14 +13,19 @@ them with the `synthetic` tfds builder, and measures clips per second (after a w
     frame, a random-sized crop + resize and a flip via PIL per frame, and a per-frame
     float32 conversion `np.asarray(img, np.float32) / 255` (CHW), batches stacked as a
     default collate does.
-Also: the packed train pipeline on one thread of one process (a per-core figure) and with
+Also (workers=0, so the process's CPU time is a clip's whole cost): the packed train
+pipeline on one read thread, with `fast_decode=True`, and on a second packing with frames
+re-encoded at short side `--image_size` (as users are told to pack), exact and with
 `fast_decode=True`. Output size is `--image_size` (224, the paper's). The JSON has the keys
-`train_packed_clips_per_s`, `train_folders_clips_per_s`, `eval_packed_clips_per_s`,
-`eval_folders_clips_per_s` (best over worker counts), `baseline_clips_per_s`, `cores`,
-`workers`, `per_workers` (every measurement, with the main process's CPU seconds per
-clip), `train_packed_vs_baseline` (wall-clock ratio) and
-`train_packed_vs_baseline_per_cpu_s` (ratio of CPU seconds per clip, workers=0: the
-per-core figure, robust to other load), the sizes, `machine` and the load average.
+`train_packed_clips_per_s` (the headline: the configuration with the lowest CPU seconds per
+clip, named with its figures in `train_packed_config`), `train_packed_default_clips_per_s`
+(the exact path, best over worker counts), `train_folders_clips_per_s`,
+`eval_packed_clips_per_s`, `eval_folders_clips_per_s` (best over worker counts),
+`baseline_clips_per_s`, `cores`, `workers`, `per_workers` and `extras` (every measurement,
+with the main process's CPU seconds per clip), `train_packed_vs_baseline` (wall-clock
+ratio), `train_packed_vs_baseline_per_cpu_s` (ratio of CPU seconds per clip of the headline
+configuration: the per-core figure, robust to other load) and
+`train_packed_default_vs_baseline_per_cpu_s`, the sizes, `machine` and the load average.
 """
 
 from __future__ import annotations

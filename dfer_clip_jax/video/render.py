@@ -9,7 +9,10 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+# One PIL text helper for all our plots (confusion matrix, timelines).
+from dfer_clip_jax.metrics import load_font, text_size
 
 # Distinct colours for up to 11 classes (the MAFW label set), then repeated.
 PALETTE = ((31, 119, 180), (214, 39, 40), (127, 127, 127), (255, 127, 14), (44, 160, 44),
@@ -19,19 +22,6 @@ PALETTE = ((31, 119, 180), (214, 39, 40), (127, 127, 127), (255, 127, 14), (44, 
 
 def class_colour(k: int) -> tuple[int, int, int]:
   return PALETTE[k % len(PALETTE)]
-
-
-def _font(size: int):
-  # Pillow's bundled scalable font needs FreeType; the bitmap fallback is small but legible.
-  try:
-    return ImageFont.load_default(size=size)
-  except (ImportError, OSError, TypeError):
-    return ImageFont.load_default()
-
-
-def _text_size(font, text: str) -> tuple[int, int]:
-  left, top, right, bottom = font.getbbox(text)
-  return right - left, bottom - top
 
 
 @dataclasses.dataclass
@@ -60,9 +50,9 @@ def render_timeline(series: Sequence[Series], class_names: Sequence[str], durati
   where a window has no face); a one-window input shows flat lines over its interval. The strip
   above each panel is coloured by the top class of the window nearest in time.
   """
-  font, small, big = _font(14), _font(12), _font(16)
+  font, small, big = load_font(14), load_font(12), load_font(16)
   pad, left, legend_w = 10, 48, 170
-  title_h = _text_size(big, title or "Ag")[1] + 2 * pad
+  title_h = text_size(big, title or "Ag")[1] + 2 * pad
   strip_h, axis_h = 10, 40
   right = width - legend_w
   height = title_h + len(series) * (panel_height + pad)
@@ -79,7 +69,7 @@ def render_timeline(series: Sequence[Series], class_names: Sequence[str], durati
 
   for p, s in enumerate(series):
     y0 = title_h + p * (panel_height + pad)
-    ptop = y0 + _text_size(font, "Ag")[1] + pad + strip_h + 4
+    ptop = y0 + text_size(font, "Ag")[1] + pad + strip_h + 4
     pbottom = y0 + panel_height - axis_h
     draw.text((left, y0), s.title, fill="black", font=font)
 
@@ -93,17 +83,17 @@ def render_timeline(series: Sequence[Series], class_names: Sequence[str], durati
       y = y_of(v)
       draw.line([left, y, right - 10, y], fill=(225, 225, 225))
       label = f"{v:.2f}"
-      draw.text((left - 6 - _text_size(small, label)[0], y - 7), label, fill="black", font=small)
+      draw.text((left - 6 - text_size(small, label)[0], y - 7), label, fill="black", font=small)
     step = _tick_step(duration_s)
     t = 0.0
     while t <= duration_s + 1e-9:
       x = x_of(t)
       draw.line([x, pbottom, x, pbottom + 4], fill="black")
       label = f"{t:g}"
-      draw.text((x - _text_size(small, label)[0] / 2, pbottom + 6), label, fill="black",
+      draw.text((x - text_size(small, label)[0] / 2, pbottom + 6), label, fill="black",
                 font=small)
       t += step
-    draw.text(((left + right - 10 - _text_size(small, "time (s)")[0]) / 2, pbottom + 22),
+    draw.text(((left + right - 10 - text_size(small, "time (s)")[0]) / 2, pbottom + 22),
               "time (s)", fill="black", font=small)
     draw.rectangle([left, ptop, right - 10, pbottom], outline="black")
 
@@ -154,11 +144,11 @@ def draw_overlays(rgb: np.ndarray, overlays: Iterable[Overlay]) -> np.ndarray:
   im = Image.fromarray(rgb, "RGB")
   draw = ImageDraw.Draw(im)
   h, w = rgb.shape[:2]
-  font = _font(max(12, min(h, w) // 24))
+  font = load_font(max(12, min(h, w) // 24))
   line = max(2, min(h, w) // 200)
   corner_y = 4
   for ov in overlays:
-    tw, th = _text_size(font, ov.label)
+    tw, th = text_size(font, ov.label)
     if ov.box is not None:
       x0, y0, x1, y1 = (float(v) for v in ov.box)
       draw.rectangle([x0, y0, x1, y1], outline=ov.colour, width=line)
