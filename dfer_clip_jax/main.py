@@ -12,6 +12,8 @@ cluster), or DFER_COORDINATOR_ADDRESS / DFER_NUM_PROCESSES / DFER_PROCESS_ID any
 launch/tpu_pod.sh, launch/slurm_gpu.sbatch and launch/local.sh do it for you.
 """
 
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -39,6 +41,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax and grain log every operation at INFO; the console keeps our progress lines.
     logging.set_verbosity(logging.WARNING)
+    # We use transformers for tokenizers and configs only: its "PyTorch was not found" notice
+    # (printed when it is first imported) is expected, not a problem.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   config = _CONFIG.value
   distributed.initialize(config.distributed)
   logging.info("config:\n%s", config)

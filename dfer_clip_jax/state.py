@@ -114,10 +114,32 @@ def _tokenizer(config, workdir: pathlib.Path, texts: list[str], vocab_size: int)
 DEMO_VOCAB = 1000  # vocabulary of the offline demo tokenizer (and of random-init CLIPs)
 
 
-def build_model(config, workdir: str | pathlib.Path, class_names, *, rngs: nnx.Rngs
-                ) -> tuple[dfer_lib.DFERCLIP, ModelSpec, list[dict], bool]:
+def _random_clip(clip_cfg: clip_lib.CLIPConfig, key: jax.Array, *, dtype, attention_impl: str,
+                 remat: bool, mesh, min_size: int) -> clip_lib.CLIP:
+  """A randomly initialised CLIP created directly in its shardings (one jitted init: no
+  host-side copy, no per-parameter eager dispatch)."""
+  def make():
+    return clip_lib.CLIP(clip_cfg, dtype=dtype, attention_impl=attention_impl, remat=remat,
+                         rngs=nnx.Rngs(params=key))
+
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  shardings = None
+  if mesh is not None:
+    shardings = sharding_lib.state_shardings(abstract, mesh, min_size=min_size)
+    # The prompt learner reads the (frozen) token-embedding table on the host once, which
+    # needs it whole on every process: keep it replicated.
+    shardings["text"]["token_embedding"]["embedding"] = jax.tree.map(
+        lambda _: sharding_lib.replicated(mesh),
+        shardings["text"]["token_embedding"]["embedding"])
+  state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def build_model(config, workdir: str | pathlib.Path, class_names, *, rngs: nnx.Rngs,
+                mesh=None) -> tuple[dfer_lib.DFERCLIP, ModelSpec, list[dict], bool]:
   """Builds the model from the config: pretrained CLIP (or random init), prompts, heads.
 
+  With a `mesh`, a random-init CLIP is created already sharded by the FSDP rule.
   Returns (model, spec, optimizer groups, trained).
   """
   workdir = pathlib.Path(workdir)
@@ -132,8 +154,9 @@ def build_model(config, workdir: str | pathlib.Path, class_names, *, rngs: nnx.R
     clip_cfg = clip_cfg.replace(
         vision=dataclasses.replace(clip_cfg.vision, image_size=config.clip.image_size),
         text=dataclasses.replace(clip_cfg.text, vocab_size=DEMO_VOCAB))
-    clip = clip_lib.CLIP(clip_cfg, dtype=dtype, attention_impl=config.clip.attention_impl,
-                         remat=config.clip.remat, rngs=rngs)
+    clip = _random_clip(clip_cfg, rngs.params(), dtype=dtype,
+                        attention_impl=config.clip.attention_impl, remat=config.clip.remat,
+                        mesh=mesh, min_size=config.mesh.fsdp_min_size)
   tok = None
   if dcfg.head == "prompt":
     texts = dcfg.texts()

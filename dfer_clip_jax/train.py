@@ -132,7 +132,7 @@ class Trainer:
     # Building the model may write into the workdir (the demo tokenizer): process 0 goes first.
     with distributed.primary_first("building the model"):
       model, self.spec, self.groups, self.trained = state_lib.build_model(
-          config, self.workdir, self.class_names, rngs=rngs)
+          config, self.workdir, self.class_names, rngs=rngs, mesh=self.mesh)
     self.epochs = t.epochs if self.trained else 0
     self.total_steps = self.epochs * self.steps_per_epoch
     optimizer = (state_lib.build_optimizer(config, model, self.groups, self.steps_per_epoch)
