@@ -16,6 +16,8 @@ from dfer_clip_jax.conversion import reference
 from dfer_clip_jax.conversion.clip_weights import CheckpointMismatchError
 from dfer_clip_jax.models.dfer_clip import param_groups
 from dfer_clip_jax.optim import make_optimizer, momentum_buffers, path_name
+# The reference's prompt assembly loop, written once for both test files.
+from test_dfer_clip import np_prompts  # pylint: disable=g-bad-import-order
 
 LAYERS = "temporal_net.temporal_transformer.layers."
 
@@ -131,23 +133,6 @@ def _np_temporal(state, frames_BxTxD, depth, heads, dim_head):
   return x[:, 0]
 
 
-def _np_prompts(prefix, suffix, ctx, name_lens, position):
-  """The reference's (CoOp's) per-class prompt assembly loop."""
-  if ctx.ndim == 2:
-    ctx = np.broadcast_to(ctx[None], (prefix.shape[0],) + ctx.shape)
-  m, out = ctx.shape[1], []
-  for i, nl in enumerate(name_lens):
-    if position == "end":
-      parts = [prefix[i], ctx[i], suffix[i]]
-    elif position == "middle":
-      h = m // 2
-      parts = [prefix[i], ctx[i, :h], suffix[i, :nl], ctx[i, h:], suffix[i, nl:]]
-    else:
-      parts = [prefix[i], suffix[i, :nl], ctx[i], suffix[i, nl:]]
-    out.append(np.concatenate(parts, axis=0))
-  return np.stack(out)
-
-
 def _variant(weights, *, shared: bool, classes: list[int], depth: int):
   """A reference state dict with other prompt / temporal shapes built from the fixture's."""
   rng = np.random.default_rng(depth)
@@ -180,7 +165,7 @@ def test_other_configurations(weights, fwd, forward_fn, shared, position, classe
 
   logits, aux = forward_fn(model, to_bthwc(fwd["_video"]))
   assert logits.shape == (2, len(classes))
-  prompts = _np_prompts(state["prompt_learner.token_prefix"], state["prompt_learner.token_suffix"],
+  prompts = np_prompts(state["prompt_learner.token_prefix"], state["prompt_learner.token_suffix"],
                         state["prompt_learner.ctx"], name_lens, position)
   np.testing.assert_array_equal(aux["prompts"], prompts)
   eot = 1 + cfg.n_ctx + name_lens

@@ -11,8 +11,9 @@ Flow (training)::
        p = process_index), so each process reads only its own clips
     -> per clip: read the record, sample 16 frame indices (`sampling`), decode + augment
        (`augment`) with a generator seeded by (seed, epoch, clip index) only
-    -> `grain.MapDataset.batch` -> thread prefetch (`to_iter_dataset`) -> process prefetch
-       (`mp_prefetch`, when worker_count > 0)
+    -> one map call per batch writing the clips into a preallocated batch array (no
+       per-clip grain elements, no np.stack copy) -> thread prefetch (`to_iter_dataset`)
+       -> process prefetch (`mp_prefetch`, when worker_count > 0)
     -> `{'video': uint8 (B, T, H, W, 3), 'label': int32 (B,), 'index': int32 (B,),
          'mask': bool (B,)}` numpy batches
     -> `to_global_batch`: global `jax.Array`s sharded on the batch axis over the mesh.
@@ -168,6 +169,34 @@ def _element(video: np.ndarray, label: int, index: int, mask: bool) -> dict[str,
           'mask': np.bool_(mask)}
 
 
+class _BatchLoader:
+  """Global step -> this process's batch, loaded row by row into one preallocated array.
+
+  One map call per batch (not per clip + `MapDataset.batch`): grain's per-element work and
+  the np.stack copy of every (T, H, W, 3) video into the batch are gone; each video is
+  written once into its row. Rows are pure functions of (step, row), as before.
+  """
+
+  def __init__(self, elements: _TrainElements | _EvalElements):
+    self.elements = elements
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    el = self.elements
+    size, frames, rows = el.loader.image_size, el.loader.num_frames, el.batch_size
+    video = np.empty((rows, frames, size, size, 3), np.uint8)  # (B, T, H, W, 3)
+    label = np.empty((rows,), np.int32)
+    index = np.empty((rows,), np.int32)
+    mask = np.empty((rows,), np.bool_)
+    for row in range(rows):
+      item = el(step * rows + row)
+      if item['video'].shape != video.shape[1:]:
+        raise ValueError(f'clip {int(item["index"])} loaded as {item["video"].shape}, '
+                         f'expected {video.shape[1:]}')
+      video[row] = item['video']
+      label[row], index[row], mask[row] = item['label'], item['index'], item['mask']
+    return {'video': video, 'label': label, 'index': index, 'mask': mask}
+
+
 class _TrainElements:
   """Element e of this process -> the element of the global training plan."""
 
@@ -284,10 +313,7 @@ class ClipDataset:
     self.steps_per_epoch = (elements.steps_per_epoch if kind == 'train' else num_steps)
     self.skipped: list[SkippedClip] = []
     total = num_steps if num_steps is not None else _UNBOUNDED_ELEMENTS // self.batch_size
-    self.batches: grain.MapDataset = (
-        grain.MapDataset.range(total * self.batch_size)
-        .map(elements)
-        .batch(self.batch_size, drop_remainder=True))
+    self.batches: grain.MapDataset = grain.MapDataset.range(total).map(_BatchLoader(elements))
 
   def __len__(self) -> int:
     if self.num_steps is None:
