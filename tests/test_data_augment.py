@@ -259,6 +259,19 @@ def test_fast_decode_same_draws_close_pixels():
   fast = augment.load_test_clip(frames, indices, size=_SIZE, fast_decode=True)
   diff = np.abs(fast.astype(int) - exact.astype(int))
   assert diff.max() <= _FAST_MAX_DIFF and diff.mean() < _FAST_MEAN_DIFF
+  # `out=` (a batch row): the fast paths write into it and return it, with the same pixels.
+  for load, kw in ((augment.load_test_clip, {}),
+                   (augment.load_train_clip, dict(rng=np.random.default_rng(3),
+                                                  dataset='dfew'))):
+    ref = load(frames, indices, size=_SIZE, fast_decode=True,
+               **{k: (np.random.default_rng(3) if k == 'rng' else v) for k, v in kw.items()})
+    row = np.zeros((4, _SIZE, _SIZE, 3), np.uint8)
+    got = load(frames, indices, size=_SIZE, fast_decode=True, out=row, **kw)
+    assert got is row
+    np.testing.assert_array_equal(row, ref)
+  with pytest.raises(ValueError, match='out must be'):
+    augment.load_test_clip(frames, indices, size=_SIZE, fast_decode=True,
+                           out=np.zeros((3, _SIZE, _SIZE, 3), np.uint8))
 
 
 def test_fast_decode_exact_parts():

@@ -386,8 +386,8 @@ def brightness_lut(factor: float) -> np.ndarray:
       np.uint8)
 
 
-def _load_train_clip_fast(frames, indices, rng, *, dataset, size, crop_min_area
-                          ) -> np.ndarray:
+def _load_train_clip_fast(frames, indices, rng, *, dataset, size, crop_min_area,
+                          out: np.ndarray | None = None) -> np.ndarray:
   """`load_train_clip(..., fast_decode=True)`: OpenCV decode + crop/resize, same draws."""
   _check_indices(len(frames), indices)
   first = int(indices[0])
@@ -407,7 +407,7 @@ def _load_train_clip_fast(frames, indices, rng, *, dataset, size, crop_min_area
                      f'but its header says {width}x{height}')
   cv2 = _cv2()
   lut = None if p.brightness is None else brightness_lut(p.brightness)
-  out = np.empty((len(order), size, size, 3), np.uint8)  # (T, size, size, 3)
+  out = _output(out, len(order), size)  # (T, size, size, 3)
   done: dict[int, int] = {}
   for t, k in enumerate(order):
     if k in done:
@@ -441,6 +441,16 @@ def _load_train_clip_fast(frames, indices, rng, *, dataset, size, crop_min_area
   return out
 
 
+def _output(out: np.ndarray | None, frames: int, size: int) -> np.ndarray:
+  """The (T, size, size, 3) uint8 array the fast paths write into."""
+  shape = (frames, size, size, 3)
+  if out is None:
+    return np.empty(shape, np.uint8)
+  if out.shape != shape or out.dtype != np.uint8:
+    raise ValueError(f'out must be a {shape} uint8 array, got {out.shape} {out.dtype}')
+  return out
+
+
 def load_train_clip(
     frames: Sequence[Frame],
     indices: Sequence[int],
@@ -450,8 +460,12 @@ def load_train_clip(
     size: int,
     fast_decode: bool = False,
     crop_min_area: float = _CROP_AREA_RANGE[0],
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
   """Decodes `frames[indices]` and applies the train augmentation -> (T, size, size, 3) uint8.
+
+  `out`, a (T, size, size, 3) uint8 array (e.g. a row of a batch), receives the fast path's
+  frames directly (one copy less per clip); the exact path ignores it. Use the return value.
 
   With `fast_decode=False` this equals `train_transform(decode_frames(frames, indices), rng,
   ...)`, pixel for pixel. With `fast_decode=True` the random parameters are the same (drawn
@@ -464,16 +478,17 @@ def load_train_clip(
     return train_transform(decode_frames(frames, indices), rng, dataset=dataset, size=size,
                            crop_min_area=crop_min_area)
   return _load_train_clip_fast(frames, indices, rng, dataset=dataset, size=size,
-                               crop_min_area=crop_min_area)
+                               crop_min_area=crop_min_area, out=out)
 
 
 def load_test_clip(
-    frames: Sequence[Frame], indices: Sequence[int], *, size: int, fast_decode: bool = False
+    frames: Sequence[Frame], indices: Sequence[int], *, size: int, fast_decode: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
   """Decodes `frames[indices]` and resizes each to size x size -> (T, size, size, 3) uint8.
 
   `fast_decode=True` decodes with OpenCV (reduced scale while both sides stay >= size) and
-  resizes with `cv2.resize`.
+  resizes with `cv2.resize`, into `out` when given (see `load_train_clip`).
   """
   if not fast_decode:
     return test_transform(decode_frames(frames, indices), size=size)
@@ -481,7 +496,7 @@ def load_test_clip(
   first = int(indices[0])
   reduce = _reduction(*_full_size(frames[first], first), size)
   arrays, order = _decode_unique_arrays(frames, indices, reduce)
-  out = np.empty((len(order), size, size, 3), np.uint8)  # (T, size, size, 3)
+  out = _output(out, len(order), size)  # (T, size, size, 3)
   done: dict[int, int] = {}
   for t, k in enumerate(order):
     if k in done:

@@ -131,8 +131,10 @@ class _ClipLoader:
       return f'#{index}', None
     return str(record.get('clip_id', f'#{index}')), record.get('origin')
 
-  def video(self, index: int, seed: int, epoch: int) -> tuple[np.ndarray, int]:
-    """Loads clip `index`: (video uint8 (T, H, W, 3), label). Raises BadClipError."""
+  def video(self, index: int, seed: int, epoch: int, out: np.ndarray | None = None
+            ) -> tuple[np.ndarray, int]:
+    """Loads clip `index`: (video uint8 (T, H, W, 3), label), written into `out` where the
+    decode path allows. Raises BadClipError."""
     try:
       record = self.source[index]
       frames, count = record['frames'], int(record['num_frames'])
@@ -144,11 +146,11 @@ class _ClipLoader:
                                          fix_short=self.fix_short_sampling)
         video = augment_lib.load_train_clip(frames, indices, rng, dataset=self.augment,
                                             size=self.image_size, fast_decode=self.fast_decode,
-                                            crop_min_area=self.crop_min_area)
+                                            crop_min_area=self.crop_min_area, out=out)
       else:
         indices = sampling.test_indices(count, self.num_frames)
         video = augment_lib.load_test_clip(frames, indices, size=self.image_size,
-                                           fast_decode=self.fast_decode)
+                                           fast_decode=self.fast_decode, out=out)
       return video, int(record['label'])
     except Exception as e:
       clip_id, origin = self.describe(index)
@@ -188,11 +190,12 @@ class _BatchLoader:
     index = np.empty((rows,), np.int32)
     mask = np.empty((rows,), np.bool_)
     for row in range(rows):
-      item = el(step * rows + row)
+      item = el(step * rows + row, out=video[row])
       if item['video'].shape != video.shape[1:]:
         raise ValueError(f'clip {int(item["index"])} loaded as {item["video"].shape}, '
                          f'expected {video.shape[1:]}')
-      video[row] = item['video']
+      if not np.may_share_memory(item['video'], video):  # the fast paths wrote in place
+        video[row] = item['video']
       label[row], index[row], mask[row] = item['label'], item['index'], item['mask']
     return {'video': video, 'label': label, 'index': index, 'mask': mask}
 
@@ -222,14 +225,14 @@ class _TrainElements:
     epoch, pos = self.positions(step)
     return epoch, _permutation(self.num_clips, self.seed, epoch)[pos]
 
-  def __call__(self, element: int) -> dict[str, np.ndarray]:
+  def __call__(self, element: int, out: np.ndarray | None = None) -> dict[str, np.ndarray]:
     step, row = divmod(element, self.batch_size)
     epoch, pos = self.positions(step)
     pos = int(pos[row])
     order = _permutation(self.num_clips, self.seed, epoch)
     index = int(order[pos])
     try:
-      video, label = self.loader.video(index, self.seed, epoch)
+      video, label = self.loader.video(index, self.seed, epoch, out)
       return _element(video, label, index, True)
     except BadClipError as e:
       if self.bad_clip_policy == 'error':
@@ -239,7 +242,7 @@ class _TrainElements:
     for k in range(1, self.num_clips):
       alt = int(order[(pos + k) % self.num_clips])
       try:
-        video, label = self.loader.video(alt, self.seed, epoch)
+        video, label = self.loader.video(alt, self.seed, epoch, out)
       except BadClipError as e:
         logging.warning('skipping bad clip at step %d: %s', step, e)
         continue
@@ -270,13 +273,13 @@ class _EvalElements:
     size = self.loader.image_size
     return np.zeros((self.loader.num_frames, size, size, 3), np.uint8)
 
-  def __call__(self, element: int) -> dict[str, np.ndarray]:
+  def __call__(self, element: int, out: np.ndarray | None = None) -> dict[str, np.ndarray]:
     step, row = divmod(element, self.batch_size)
     index = int(self.planned(step)[1][row])
     if index < 0:
       return _element(self._blank(), 0, -1, False)
     try:
-      video, label = self.loader.video(index, 0, 0)
+      video, label = self.loader.video(index, 0, 0, out)
       return _element(video, label, index, True)
     except BadClipError as e:
       if self.bad_clip_policy == 'error':
