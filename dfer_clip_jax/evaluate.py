@@ -85,12 +85,10 @@ class Evaluator:
     preds = probs.argmax(-1)
     conf = metrics_lib.confusion_matrix(labels, preds, len(class_names))
     summary = metrics_lib.summarize(conf, class_names)
-    clip_ids = [str(source[int(i)]["clip_id"]) for i in index] if _wants_ids() else []
+    # Only process 0 writes the predictions, so only it needs the ids.
+    clip_ids = ([pipeline.clip_id(source, int(i)) for i in index]
+                if jax.process_index() == 0 else [])
     return EvalResult(summary=summary, clip_ids=clip_ids, labels=labels, preds=preds, probs=probs)
-
-
-def _wants_ids() -> bool:
-  return jax.process_index() == 0
 
 
 def write(result: EvalResult, out_dir: str | pathlib.Path, class_names) -> dict[str, pathlib.Path]:

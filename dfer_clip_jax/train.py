@@ -447,9 +447,8 @@ def _restore_for_eval(config, workdir: pathlib.Path, which, mesh):
   model_sh = sharding_lib.state_shardings(model_shapes, mesh, min_size=config.mesh.fsdp_min_size)
   abstract = {"model": state_lib.abstract_with_shardings(model_shapes, model_sh)}
   if saved.get("has_optimizer"):
-    trained_cfg = saved["config"]
-    del trained_cfg  # the optimizer's structure follows the model's groups: rebuild abstractly
-    abstract["optimizer"] = _abstract_optimizer(config, abstract_model, spec, mesh)
+    # Orbax restores whole trees: rebuild the optimizer state's structure abstractly.
+    abstract["optimizer"] = _abstract_optimizer(config, spec, mesh)
   ckptr = checkpointing.Checkpointer(ckpt_dir, keep_last=10**6, keep_best=True,
                                      best_metric="select")
   try:
@@ -465,7 +464,7 @@ def _restore_for_eval(config, workdir: pathlib.Path, which, mesh):
   return graphdef, state["model"], spec, step
 
 
-def _abstract_optimizer(config, abstract_model, spec, mesh):
+def _abstract_optimizer(config, spec, mesh):
   """The optimizer state's structure for a model of `spec`, without materialising anything."""
   _, groups, _ = state_lib.dfer_config(config, spec.class_names)
 
@@ -475,5 +474,4 @@ def _abstract_optimizer(config, abstract_model, spec, mesh):
 
   shapes = nnx.eval_shape(make)
   shardings = sharding_lib.state_shardings(shapes, mesh, min_size=config.mesh.fsdp_min_size)
-  del abstract_model
   return state_lib.abstract_with_shardings(shapes, shardings)

@@ -632,6 +632,14 @@ def split_train_val(annotations_or_num_clips, val_fraction: float, seed: int
   return train_idx.astype(np.int64), val_idx.astype(np.int64)
 
 
+def clip_id(source, index: int) -> str:
+  """Clip `index`'s id, from the annotations when the source has them (no folder listing)."""
+  annotations = getattr(source, 'annotations', None)
+  if annotations is not None:
+    return annotations[index].clip_id
+  return str(source[index]['clip_id'])
+
+
 class SubsetSource:
   """The clips `indices` of a source, as a source (e.g. the train / val parts of a split).
 
