@@ -21,7 +21,7 @@ from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-p
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, classes=7, clips=2100, epochs=15, frames=8)
+  a = common.parse_arg(arg, classes=7, clips=2100, epochs=25, frames=8)
   c = common.base_config()
   c.seed = 0
   c.dataset = "synthetic"

@@ -146,7 +146,8 @@ def test_kill_and_resume_is_bit_identical(finished_run, synth, tmp_path):
   try:
     # Kill once a mid-run checkpoint (step 2 or 4 of 6) is complete.
     while time.time() < deadline and proc.poll() is None:
-      steps = [p for p in ckpt.glob("[0-9]*") if (p / "commit_success.txt").exists()]
+      steps = [p for p in ckpt.glob("[0-9]*")
+               if p.name.isdigit() and (p / "commit_success.txt").exists()]
       if any(int(p.name) in (2, 4) for p in steps):
         break
       time.sleep(0.2)
