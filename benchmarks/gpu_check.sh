@@ -5,7 +5,8 @@
 #
 # Runs `python -m dfer_clip_jax.benchmarks.train_step` for B/32 and B/16 at 16 frames, batch 48,
 # bfloat16 and float32 (true fp32: matmul precision "highest"), without and with remat of the
-# image-tower blocks (8 runs, bfloat16 first), then, while time is left, the largest
+# image-tower blocks (8 runs, bfloat16 first; the bfloat16 runs without remat also with XLA's
+# attention in place of cuDNN's, for comparison), then, while time is left, the largest
 # per-device batch of B/16 bfloat16 without and with remat and the B/16 bfloat16 evaluation
 # step. A tiny smoke run checks the environment first. Every run has its own time limit and
 # the whole script a budget (BUDGET_S seconds, default 450); a run that fails, runs out of
@@ -112,6 +113,8 @@ for key, fmt in (("clips_per_s", "{:.1f} clips/s"), ("step_ms_pipelined", "{:.1f
   if r.get(key) is not None:
     line += ", " + fmt.format(r[key])
 print(line)
+if r.get("attention_sites"):
+  print("== attention: " + ", ".join(f"{k}: {v}" for k, v in r["attention_sites"].items()))
 for key in ("error", "attention_fallback_error"):
   if r.get(key):
     print(f"== {key}: {str(r[key])[:600]}")
@@ -147,6 +150,12 @@ fi
 # The limits are generous (a cold compile can be slow); the budget bounds the whole.
 bench b32_bf16_none 150 --variant=B/32 --dtype=bfloat16 --remat=none "${COMMON[@]}"
 bench b16_bf16_none 150 --variant=B/16 --dtype=bfloat16 --remat=none "${COMMON[@]}"
+# The same two with XLA's attention everywhere: what cuDNN's fused attention (on sequences padded
+# to an even length) is worth.
+bench b32_bf16_none_xla 150 --variant=B/32 --dtype=bfloat16 --remat=none --attention=xla \
+  "${COMMON[@]}"
+bench b16_bf16_none_xla 150 --variant=B/16 --dtype=bfloat16 --remat=none --attention=xla \
+  "${COMMON[@]}"
 bench b32_bf16_block 150 --variant=B/32 --dtype=bfloat16 --remat=block "${COMMON[@]}"
 bench b16_bf16_block 150 --variant=B/16 --dtype=bfloat16 --remat=block "${COMMON[@]}"
 bench b32_fp32_none 150 --variant=B/32 --dtype=float32 --remat=none "${COMMON[@]}"

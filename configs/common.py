@@ -66,8 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.act = ""  # activation of OpenAI-format weights ("" = quick_gelu; LAION: gelu)
   c.clip.image_size = 224  # input resolution (position embedding resampled if it differs)
   c.clip.dtype = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
-  # auto: cuDNN flash attention on GPUs in bf16 where it accepts the shapes, else XLA's;
-  # xla | cudnn | plain (the explicit formula).
+  # auto: cuDNN flash attention on GPUs in bf16 (sequences padded to an even length, the
+  # padding masked) where cuDNN accepts the shapes, else XLA's; xla | cudnn | plain (the formula).
   c.clip.attention_impl = "auto"
   c.clip.remat = False  # recompute image-tower blocks in the backward pass to save memory
 
@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.bad_clip_policy = "error"  # error | skip (skipped clips are counted and reported)
   c.data.validate = True  # check every clip's frames before training
   c.data.worker_count = 4  # grain worker processes (0 = in the main process)
+  c.data.device_prefetch = 2  # batches copied to the devices ahead of the running step
   c.data.val_fraction = 0.1  # stratified validation split carved from train (0 = none)
   c.data.val_seed = 0  # seed of that split
 

@@ -281,8 +281,9 @@ class Trainer:
       m["step"] = step_no
       return m
 
+    batches = pipeline.prefetch_to_device(it, self.mesh, size=d.device_prefetch)
     for step in range(start_step, self.total_steps):
-      batch = pipeline.to_global_batch(next(it), self.mesh)
+      batch = next(batches)
       # Only dropout consumes randomness; without it skip the per-step host-side fold_in.
       rng = jax.random.fold_in(base_key, step) if dropout else base_key
       self.model_state, self.opt_state, m = step_fn(self.model_state, self.opt_state, batch, rng)
@@ -325,7 +326,8 @@ class Trainer:
       metrics = {"select": self._select_value(entry), "epoch": entry["epoch"],
                  "test": entry["test"], "val": entry["val"]}
     self.checkpointer.save(step, state=self._state(),
-                           data_state={"iterator": it.get_state(), "history": self.history},
+                           data_state={"iterator": pipeline.iterator_state_at(it, step),
+                                       "history": self.history},
                            config=self.checkpoint_config(), metrics=metrics, force=True)
 
   def _log(self, step, window, seconds, schedule, writer, progress) -> None:

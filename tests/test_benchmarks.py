@@ -80,6 +80,8 @@ def test_train_step_record(workdir, tmp_path, capsys):
   assert expected <= record["xla_tflops_per_step_unoptimized"] < expected + text_weight_grads / 2
   assert record["matmul_precision"] == "default" and record["arithmetic"] == "bf16"
   assert not record["tf32"] and record["attention_used"] == "xla"  # no cuDNN on a CPU
+  # Image tower (16 patches + class token), temporal transformer (2 frames + class token), text.
+  assert record["attention_sites"] == {"L=17": "xla", "L=3": "xla", "L=77 causal": "xla"}
   metrics = record["last_metrics"]
   assert set(metrics) == {"loss", "accuracy", "grad_norm", "param_norm"}
   assert all(math.isfinite(v) for v in metrics.values())
@@ -244,6 +246,66 @@ def test_auto_attention_choice_and_fallback():
   with pytest.raises(ValueError, match="attention implementation"):
     clip_lib.MultiheadAttention(8, 1, dtype=jnp.float32, attention_impl="flash", in_std=0.1,
                                 out_std=0.1, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("multiple", [2, 8])
+def test_padded_attention_equals_unpadded_values_and_gradients(causal, multiple):
+  """The padding that lets cuDNN take odd lengths changes nothing: values and the gradients of
+  q, k, v equal unpadded attention (13 tokens padded to 14 or 16; XLA's implementation with the
+  same `key_value_seq_lengths` mask cuDNN gets)."""
+  q, k, v = _qkv(jnp.float32)
+  cot = jax.random.normal(jax.random.key(1), q.shape)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v) * cot)
+
+  plain = functools.partial(clip_lib.attention, causal=causal, impl="plain")
+  padded = functools.partial(clip_lib.padded_attention, causal=causal, multiple=multiple,
+                             implementation="xla")
+  out_plain, out_padded = plain(q, k, v), jax.jit(padded)(q, k, v)
+  assert out_padded.shape == q.shape
+  np.testing.assert_allclose(np.asarray(out_padded), np.asarray(out_plain), atol=2e-6)
+  grads_plain = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2))(q, k, v)
+  grads_padded = jax.jit(jax.grad(functools.partial(loss, padded), argnums=(0, 1, 2)))(q, k, v)
+  for gp, gq in zip(grads_padded, grads_plain):
+    np.testing.assert_allclose(np.asarray(gp), np.asarray(gq), atol=1e-5)
+
+
+def test_cudnn_route_pads_odd_lengths_even_under_remat(monkeypatch):
+  """On a GPU, `auto` hands cuDNN even lengths only: a stand-in for jax's cuDNN path that, like
+  jax 0.11 in training, refuses odd lengths, sees 14 for 13 tokens, also when the backward is
+  traced late (remat), and the values and gradients match XLA's."""
+  real = jax.nn.dot_product_attention
+  lengths = []
+
+  def fake(q, k, v, *args, implementation=None, **kw):
+    if implementation == "cudnn":
+      lengths.append(q.shape[1])
+      if q.shape[1] % 2:
+        raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}")
+      implementation = "xla"
+    return real(q, k, v, *args, implementation=implementation, **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(clip_lib, "ATTENTION_SITES", {})
+  q, k, v = _qkv(jnp.bfloat16)
+
+  def loss(impl, q, k, v):
+    attend = jax.checkpoint(functools.partial(clip_lib.attention, causal=False, impl=impl))
+    return jnp.sum(attend(q, k, v).astype(jnp.float32))
+
+  g_auto = jax.jit(jax.grad(functools.partial(loss, "auto"), argnums=(0, 1, 2)))(q, k, v)
+  assert lengths and set(lengths) == {14}
+  assert clip_lib.ATTENTION_SITES["L=13"] == "cudnn (padded to 14)"
+  g_xla = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_auto, g_xla):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=3e-2)
+  out = clip_lib.attention(q, k, v, causal=True, impl="cudnn")
+  assert clip_lib.ATTENTION_SITES["L=13 causal"] == "cudnn (padded to 14)"
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(
+      clip_lib.attention(q, k, v, causal=True, impl="xla"), np.float32), atol=2e-2)
 
 
 # ---------------------------------------------------------------------------------------------

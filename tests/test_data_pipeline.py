@@ -291,3 +291,47 @@ def test_to_global_batch_shards_the_leading_axis():
     pipeline.to_global_batch({'x': np.zeros(6)}, mesh)
   with pytest.raises(ValueError, match='none of the batch axes'):
     pipeline.to_global_batch(batch, Mesh(devices, ('a', 'b')))
+
+
+@pytest.mark.parametrize('size', [0, 1, 3])
+def test_prefetch_to_device_keeps_order_and_runs_ahead(size):
+  import jax
+  from jax.sharding import Mesh
+  mesh = Mesh(np.array(jax.devices()[:8]), ('data',))
+  pulled = []
+
+  def host_batches(n):
+    for i in range(n):
+      pulled.append(i)
+      yield {'x': np.full((8, 2), i, np.int32)}
+
+  out = pipeline.prefetch_to_device(host_batches(5), mesh, size=size)
+  first = next(out)
+  assert isinstance(first['x'], jax.Array) and first['x'].sharding.spec[0] == 'data'
+  assert len(pulled) == 1 + size  # the yielded batch plus `size` already on the devices
+  rest = [int(np.asarray(b['x'])[0, 0]) for b in out]
+  assert [int(np.asarray(first['x'])[0, 0])] + rest == [0, 1, 2, 3, 4]
+  with pytest.raises(ValueError, match='prefetch size'):
+    next(pipeline.prefetch_to_device(host_batches(1), mesh, size=-1))
+
+
+def test_iterator_state_at_rewinds_a_prefetching_iterator(source):
+  """Checkpointing under device prefetch: the state saved for step s, restored, gives exactly
+  the batches from step s on, although the iterator had run ahead."""
+  import jax
+  from jax.sharding import Mesh
+  mesh = Mesh(np.array(jax.devices()[:2]), ('data',))
+  it = iter(_train(source))
+  device_batches = pipeline.prefetch_to_device(it, mesh, size=2)
+  seen = [np.asarray(next(device_batches)['index']) for _ in range(3)]
+  assert it.step == 5  # three yielded, two more on the devices
+  state = json.loads(json.dumps(pipeline.iterator_state_at(it, 3)))
+  resumed = iter(_train(source))
+  resumed.set_state(state)
+  expected = [b['index'] for b in list(_train(source))[3:5]]
+  np.testing.assert_array_equal(next(resumed)['index'], expected[0])
+  np.testing.assert_array_equal(np.asarray(next(device_batches)['index']), expected[0])
+  np.testing.assert_array_equal(next(resumed)['index'], expected[1])
+  assert len(seen) == 3
+  with pytest.raises(ValueError, match='behind the requested'):
+    pipeline.iterator_state_at(it, 99)

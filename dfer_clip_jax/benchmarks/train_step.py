@@ -42,9 +42,11 @@ doubling from `--batch`, then bisection, jumping to the batch that XLA's memory 
 predicts (a linear fit over the compiled sizes) when it can; bounded by `--max_batch_budget_s`.
 
 Attention: `--attention=auto` (the default) runs cuDNN's fused attention on GPUs in bf16/fp16
-and XLA's elsewhere (`models.clip.resolve_attention_impl`); if cuDNN refuses while tracing or
-fails to compile or run, the run falls back to XLA's and says so (`attention_used`,
-`attention_fallback_error`).
+(on sequences padded to an even length, `models.clip.padded_attention`) and XLA's elsewhere
+(`models.clip.resolve_attention_impl`); if cuDNN refuses while tracing or fails to compile or
+run, the call site or the whole run falls back to XLA's and says so: `attention_sites` maps each
+call site (sequence length, causal) to what it ran, `attention_used` summarises it (cudnn, xla or
+mixed), `attention_fallback_error` gives cuDNN's reason.
 
 A batch that does not fit is a result (`status: "oom"`, exit code 0), not a crash; other
 failures give `status: "error"` and exit code 1; the JSON is written in every case.
@@ -618,6 +620,14 @@ def _run(args: argparse.Namespace, precision: str) -> dict[str, Any]:
   return record
 
 
+def _attention_summary(sites: dict[str, str], default: str) -> str:
+  """One word for the record's table: the implementation every call site ran, or `mixed`."""
+  kinds = {v.split(" ")[0] for v in sites.values()}
+  if not kinds:
+    return default
+  return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def _record_error(record: dict[str, Any], err: BaseException) -> None:
   record["status"] = "oom" if is_oom(err) else "error"
   record["error"] = f"{type(err).__name__}: {str(err)[:2000]}"
@@ -634,6 +644,7 @@ def _measure(args: argparse.Namespace, bench: StepBench, workdir: pathlib.Path,
   n_keys = max(args.warmup, 1) + 2 * args.steps
   batches, keys = bench.make_batches(args.batch), bench.keys(n_keys)
   try:
+    clip_lib.ATTENTION_SITES.clear()
     compiled = _compile_and_first_step(bench, batches[0], keys[0], bytes_limit, record)
   except Exception as err:  # pylint: disable=broad-except
     if not (args.attention == "auto" and record["attention_used"] == "cudnn") or is_oom(err):
@@ -642,12 +653,15 @@ def _measure(args: argparse.Namespace, bench: StepBench, workdir: pathlib.Path,
     record["attention_fallback_error"] = f"{type(err).__name__}: {str(err)[:300]}"
     del bench, batches, keys
     gc.collect()
+    clip_lib.ATTENTION_SITES.clear()
     bench = StepBench(args, workdir, "xla")
     record["attention_used"] = "xla"
     batches, keys = bench.make_batches(args.batch), bench.keys(n_keys)
     compiled = _compile_and_first_step(bench, batches[0], keys[0], bytes_limit, record)
-  if clip_lib.CUDNN_FALLBACKS and record["attention_used"] == "cudnn":
-    record["attention_used"] = "xla"
+  record["attention_sites"] = dict(sorted(clip_lib.ATTENTION_SITES.items()))
+  record["attention_used"] = _attention_summary(record["attention_sites"],
+                                                record["attention_used"])
+  if clip_lib.CUDNN_FALLBACKS and "attention_fallback_error" not in record:
     record["attention_fallback_error"] = sorted(clip_lib.CUDNN_FALLBACKS)[0][:300]
   record.update(_time_steps(bench, compiled, batches, keys[1:], max(args.warmup, 1) - 1,
                             args.steps))

@@ -16,7 +16,8 @@ Flow (training)::
        -> process prefetch (`mp_prefetch`, when worker_count > 0)
     -> `{'video': uint8 (B, T, H, W, 3), 'label': int32 (B,), 'index': int32 (B,),
          'mask': bool (B,)}` numpy batches
-    -> `to_global_batch`: global `jax.Array`s sharded on the batch axis over the mesh.
+    -> `to_global_batch`: global `jax.Array`s sharded on the batch axis over the mesh;
+       `prefetch_to_device` keeps the next batches' transfers in flight while a step runs.
   Pixels stay uint8 until the device: `augment.to_model_input` makes them float there.
 
 Every batch is a pure function of (seed, step), so the sequence is reproducible, identical for
@@ -42,10 +43,12 @@ Bad clips (unreadable frames, missing folder, frame count differing from the rec
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 import grain
@@ -591,6 +594,39 @@ def to_global_batch(batch: dict[str, np.ndarray], mesh,
           f'not split over the {shards} shards of mesh axes {axes}')
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
+
+
+def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], mesh, size: int = 2,
+                       batch_axes: Sequence[str] = ('data', 'fsdp')
+                       ) -> Iterator[dict[str, Any]]:
+  """Yields `to_global_batch(b)` for each batch of `batches`, with the `size` batches after the
+  yielded one already handed to the devices: their host-to-device copies (asynchronous) run
+  while earlier steps compute, so a slow batch on the host does not leave the accelerator idle.
+  `size=0` transfers each batch when it is asked for.
+
+  The iterator underneath runs `size` batches ahead of what was yielded: checkpoint its state
+  with `iterator_state_at(it, step)`, not `it.get_state()`.
+  """
+  if size < 0:
+    raise ValueError(f'prefetch size must be >= 0, got {size}')
+  if size == 0:
+    for batch in batches:
+      yield to_global_batch(batch, mesh, batch_axes)
+    return
+  queue: collections.deque = collections.deque(
+      to_global_batch(b, mesh, batch_axes) for b in itertools.islice(batches, size))
+  while queue:
+    current = queue.popleft()
+    queue.extend(to_global_batch(b, mesh, batch_axes) for b in itertools.islice(batches, 1))
+    yield current
+
+
+def iterator_state_at(it: 'ClipBatchIterator', step: int) -> dict[str, Any]:
+  """The state of `it` as if its next batch were global step `step` (every batch is a pure
+  function of (seed, step), so this is exact even when `it` has run ahead for prefetching)."""
+  if step > it.step:
+    raise ValueError(f'the iterator is at step {it.step}, behind the requested {step}')
+  return {**it.get_state(), 'step': int(step)}
 
 
 def split_train_val(annotations_or_num_clips, val_fraction: float, seed: int

@@ -118,34 +118,83 @@ def resolve_attention_impl(impl: AttentionImpl, dtype, head_dim: int) -> str:
 # benchmark reports them).
 CUDNN_FALLBACKS: set[str] = set()
 
+# What each attention call site ran, keyed by its shape, filled while tracing: e.g.
+# {"L=17": "cudnn (padded to 18)", "L=77 causal": "cudnn (padded to 78)", "L=50": "cudnn"}.
+# The benchmark reports it, so a record says which towers really ran fused attention.
+ATTENTION_SITES: dict[str, str] = {}
+
+
+def _site(length: int, causal: bool) -> str:
+  return f"L={length}" + (" causal" if causal else "")
+
+
+def padded_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool, multiple: int,
+                     implementation: str) -> jax.Array:
+  """`jax.nn.dot_product_attention` on sequences zero-padded to a multiple of `multiple`, the
+  padding kept out of every real token's softmax; returns the L real rows.
+
+  Why: in training, jax's cuDNN path refuses odd sequence lengths (its custom VJP always passes a
+  bias operand, so the "patterns with bias need even lengths" check fires; jax 0.11, H200), and
+  every length here but B/32's 50 is odd: 17 (16 frames + class token), 77 (text), 197 (B/16).
+  Under remat that refusal surfaces only when the backward is traced, outside any fallback.
+  Non-causal: the padded keys are masked with `key_value_seq_lengths` (every real query sees
+  exactly the L real keys). Causal: no mask is needed, the padded keys come after every real
+  query. The padded query rows attend normally (finite values) and are sliced away, so their
+  gradient is zero. Values equal unpadded attention up to summation order.
+  """
+  b, length = q_BxLxHxD.shape[:2]
+  padded = -(-length // multiple) * multiple
+  if padded == length:
+    return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=causal,
+                                        implementation=implementation)
+  widths = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+  q, k, v = (jnp.pad(t, widths) for t in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
+  kv_lengths_B = None if causal else jnp.full((b,), length, jnp.int32)
+  out_BxPxHxD = jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                             key_value_seq_lengths=kv_lengths_B,
+                                             implementation=implementation)
+  return out_BxPxHxD[:, :length]
+
+
+# cuDNN gets sequences padded to this multiple (see `padded_attention`).
+CUDNN_LENGTH_MULTIPLE = 2
+
 
 def attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool,
               impl: AttentionImpl = "xla") -> jax.Array:
   """Scaled dot-product attention (scale head_dim ** -0.5), softmax in float32 in every
   implementation; `plain` is the explicit reference formula, `auto` see
-  `resolve_attention_impl`."""
+  `resolve_attention_impl`; cuDNN runs on sequences padded to an even length."""
   chosen = resolve_attention_impl(impl, q_BxLxHxD.dtype, q_BxLxHxD.shape[-1])
+  length = q_BxLxHxD.shape[1]
+  site = _site(length, causal)
   if chosen == "plain":
+    ATTENTION_SITES[site] = "plain"
     scale = q_BxLxHxD.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD,
                         preferred_element_type=jnp.float32) * scale
     if causal:
-      length = q_BxLxHxD.shape[1]
       mask = jnp.tril(jnp.ones((length, length), bool))
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxLxHxD.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v_BxLxHxD)
-  if chosen == "cudnn" and impl == "auto":
-    # cuDNN's own checks (library present, version, shapes) run while tracing: when they refuse,
-    # `auto` falls back to XLA instead of failing the model.
+  if chosen == "cudnn":
+    padded = -(-length // CUDNN_LENGTH_MULTIPLE) * CUDNN_LENGTH_MULTIPLE
     try:
-      return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=causal,
-                                          implementation="cudnn")
+      out = padded_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, causal=causal,
+                             multiple=CUDNN_LENGTH_MULTIPLE, implementation="cudnn")
+      ATTENTION_SITES[site] = "cudnn" + (f" (padded to {padded})" if padded != length else "")
+      return out
     except (NotImplementedError, RuntimeError, ValueError) as err:
+      if impl != "auto":
+        raise
+      # cuDNN's own checks (library present, version, shapes) run while tracing: when they
+      # refuse, `auto` falls back to XLA instead of failing the model.
       if str(err) not in CUDNN_FALLBACKS:
         CUDNN_FALLBACKS.add(str(err))
         logging.warning("attention 'auto': cuDNN refused (%s); using XLA's attention", err)
       chosen = "xla"
+  ATTENTION_SITES[site] = chosen
   return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=causal,
                                       implementation=chosen)
 
