@@ -16,6 +16,7 @@ folder that all processes see (a shared or mounted file system).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
@@ -107,6 +108,22 @@ def make_train_step(graphdef, opt_graphdef, *, normalize: bool, dropout: bool):
     return nnx.state(model), nnx.state(optimizer), metrics
 
   return step
+
+
+@contextlib.contextmanager
+def _explain_attention_failure(attention_impl: str):
+  """cuDNN's fused attention passes its checks while tracing but can still fail when XLA
+  compiles or runs it (library version, GPU generation): say which setting avoids it."""
+  try:
+    yield
+  except Exception as err:  # pylint: disable=broad-except
+    if attention_impl in ("auto", "cudnn") and "cudnn" in str(err).lower():
+      raise RuntimeError(
+          f"the training step failed in cuDNN ({type(err).__name__}: "
+          f"{str(err).splitlines()[0][:300]}); clip.attention_impl={attention_impl!r} runs "
+          "cuDNN's fused attention on this GPU: rerun with "
+          "--config.clip.attention_impl=xla (same values, XLA's attention)") from err
+    raise
 
 
 class Trainer:
@@ -286,7 +303,9 @@ class Trainer:
       batch = next(batches)
       # Only dropout consumes randomness; without it skip the per-step host-side fold_in.
       rng = jax.random.fold_in(base_key, step) if dropout else base_key
-      self.model_state, self.opt_state, m = step_fn(self.model_state, self.opt_state, batch, rng)
+      with _explain_attention_failure(config.clip.attention_impl):
+        self.model_state, self.opt_state, m = step_fn(self.model_state, self.opt_state, batch,
+                                                      rng)
       # Metrics of the previous step are fetched after this one is dispatched: no stall.
       if pending is not None:
         window.append(fetch(pending))

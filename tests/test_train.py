@@ -227,3 +227,15 @@ def test_eval_mode_on_converted_reference_checkpoint(synth, tmp_path, reference_
   n_test = len((synth / "test.txt").read_text().splitlines())
   assert result["step"] is None and result["counts"]["total"] == n_test
   assert (tmp_path / "wd" / "eval" / "export" / "predictions.csv").is_file()
+
+
+def test_cudnn_failures_name_the_setting_that_avoids_them():
+  from dfer_clip_jax import train as train_lib
+  with pytest.raises(RuntimeError, match="attention_impl=xla") as info:
+    with train_lib._explain_attention_failure("auto"):
+      raise ValueError("INTERNAL: cuDNN graph failed to build")
+  assert isinstance(info.value.__cause__, ValueError)
+  for impl, err in (("xla", ValueError("cuDNN says no")), ("auto", KeyError("other"))):
+    with pytest.raises(type(err)):
+      with train_lib._explain_attention_failure(impl):
+        raise err
