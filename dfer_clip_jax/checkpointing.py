@@ -54,6 +54,18 @@ _STEP_NAME = re.compile(r"0|[1-9]\d*")  # Orbax's default step folder names.
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
+class _MidEpochSaveFilter:
+  """Drops Orbax's warning for a save without metrics. Mid-epoch saves carry none by design (no
+  evaluation ran; `BestN(keep_checkpoints_without_metrics=False)` leaves them to `LatestN`), and
+  the warning would otherwise be printed at every one of them."""
+
+  def filter(self, record) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.get_absl_logger().addFilter(_MidEpochSaveFilter())
+
+
 def _is_primary() -> bool:
   return jax.process_index() == 0
 
