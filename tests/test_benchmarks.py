@@ -308,6 +308,33 @@ def test_cudnn_route_pads_odd_lengths_even_under_remat(monkeypatch):
       clip_lib.attention(q, k, v, causal=True, impl="xla"), np.float32), atol=2e-2)
 
 
+def test_whole_train_step_on_the_padded_cudnn_route(workdir, tmp_path, monkeypatch):
+  """The real DFER-CLIP training step with remat, `auto` attention on a (simulated) GPU whose
+  cuDNN refuses odd lengths in training as jax 0.11's does: every call site (image 17 tokens,
+  temporal 3, text 77 causal) runs the padded cuDNN route and the step's metrics equal the
+  XLA-attention step's."""
+  real = jax.nn.dot_product_attention
+
+  def fake(q, k, v, *args, implementation=None, **kw):
+    if implementation == "cudnn":
+      if q.shape[1] % 2:
+        raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}")
+      implementation = "xla"
+    return real(q, k, v, *args, implementation=implementation, **kw)
+
+  common = ["--dtype=bfloat16", "--remat=block"]
+  xla = _run(workdir, tmp_path, "--attention=xla", *common)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  auto = _run(workdir, tmp_path, "--attention=auto", *common)
+  assert auto["attention_used"] == "cudnn" and "attention_fallback_error" not in auto
+  assert auto["attention_sites"] == {"L=17": "cudnn (padded to 18)",
+                                     "L=3": "cudnn (padded to 4)",
+                                     "L=77 causal": "cudnn (padded to 78)"}
+  for key in ("loss", "accuracy", "grad_norm", "param_norm"):
+    assert auto["last_metrics"][key] == pytest.approx(xla["last_metrics"][key], rel=2e-2), key
+
+
 # ---------------------------------------------------------------------------------------------
 # Mixed precision: what runs in bfloat16 and what in float32
 

@@ -644,7 +644,9 @@ def _measure(args: argparse.Namespace, bench: StepBench, workdir: pathlib.Path,
   n_keys = max(args.warmup, 1) + 2 * args.steps
   batches, keys = bench.make_batches(args.batch), bench.keys(n_keys)
   try:
+    # What this run's tracing records (the process may have traced other models before).
     clip_lib.ATTENTION_SITES.clear()
+    clip_lib.CUDNN_FALLBACKS.clear()
     compiled = _compile_and_first_step(bench, batches[0], keys[0], bytes_limit, record)
   except Exception as err:  # pylint: disable=broad-except
     if not (args.attention == "auto" and record["attention_used"] == "cudnn") or is_oom(err):
