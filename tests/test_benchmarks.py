@@ -248,6 +248,23 @@ def test_auto_attention_choice_and_fallback():
                                 out_std=0.1, rngs=nnx.Rngs(0))
 
 
+def _cudnn_refusing_odd_lengths(lengths: list[int]):
+  """A stand-in for `jax.nn.dot_product_attention` on a GPU whose cuDNN path, like jax 0.11's in
+  training, refuses odd sequence lengths; it runs XLA's attention for what it accepts and
+  appends every length handed to cuDNN to `lengths`."""
+  real = jax.nn.dot_product_attention
+
+  def fake(q, k, v, *args, implementation=None, **kw):
+    if implementation == "cudnn":
+      lengths.append(q.shape[1])
+      if q.shape[1] % 2:
+        raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}")
+      implementation = "xla"
+    return real(q, k, v, *args, implementation=implementation, **kw)
+
+  return fake
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("multiple", [2, 8])
 def test_padded_attention_equals_unpadded_values_and_gradients(causal, multiple):
@@ -276,18 +293,8 @@ def test_cudnn_route_pads_odd_lengths_even_under_remat(monkeypatch):
   """On a GPU, `auto` hands cuDNN even lengths only: a stand-in for jax's cuDNN path that, like
   jax 0.11 in training, refuses odd lengths, sees 14 for 13 tokens, also when the backward is
   traced late (remat), and the values and gradients match XLA's."""
-  real = jax.nn.dot_product_attention
   lengths = []
-
-  def fake(q, k, v, *args, implementation=None, **kw):
-    if implementation == "cudnn":
-      lengths.append(q.shape[1])
-      if q.shape[1] % 2:
-        raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}")
-      implementation = "xla"
-    return real(q, k, v, *args, implementation=implementation, **kw)
-
-  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_refusing_odd_lengths(lengths))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(clip_lib, "ATTENTION_SITES", {})
   q, k, v = _qkv(jnp.bfloat16)
@@ -313,18 +320,9 @@ def test_whole_train_step_on_the_padded_cudnn_route(workdir, tmp_path, monkeypat
   cuDNN refuses odd lengths in training as jax 0.11's does: every call site (image 17 tokens,
   temporal 3, text 77 causal) runs the padded cuDNN route and the step's metrics equal the
   XLA-attention step's."""
-  real = jax.nn.dot_product_attention
-
-  def fake(q, k, v, *args, implementation=None, **kw):
-    if implementation == "cudnn":
-      if q.shape[1] % 2:
-        raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}")
-      implementation = "xla"
-    return real(q, k, v, *args, implementation=implementation, **kw)
-
   common = ["--dtype=bfloat16", "--remat=block"]
   xla = _run(workdir, tmp_path, "--attention=xla", *common)
-  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_refusing_odd_lengths([]))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   auto = _run(workdir, tmp_path, "--attention=auto", *common)
   assert auto["attention_used"] == "cudnn" and "attention_fallback_error" not in auto

@@ -128,6 +128,10 @@ def _site(length: int, causal: bool) -> str:
   return f"L={length}" + (" causal" if causal else "")
 
 
+def _round_up(length: int, multiple: int) -> int:
+  return -(-length // multiple) * multiple
+
+
 def padded_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool, multiple: int,
                      implementation: str) -> jax.Array:
   """`jax.nn.dot_product_attention` on sequences zero-padded to a multiple of `multiple`, the
@@ -143,7 +147,7 @@ def padded_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool, multiple:
   gradient is zero. Values equal unpadded attention up to summation order.
   """
   b, length = q_BxLxHxD.shape[:2]
-  padded = -(-length // multiple) * multiple
+  padded = _round_up(length, multiple)
   if padded == length:
     return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=causal,
                                         implementation=implementation)
@@ -179,7 +183,7 @@ def attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool,
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxLxHxD.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v_BxLxHxD)
   if chosen == "cudnn":
-    padded = -(-length // CUDNN_LENGTH_MULTIPLE) * CUDNN_LENGTH_MULTIPLE
+    padded = _round_up(length, CUDNN_LENGTH_MULTIPLE)
     try:
       out = padded_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, causal=causal,
                              multiple=CUDNN_LENGTH_MULTIPLE, implementation="cudnn")
