@@ -69,7 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   # auto: cuDNN flash attention on GPUs in bf16 (sequences padded to an even length, the
   # padding masked) where cuDNN accepts the shapes, else XLA's; xla | cudnn | plain (the formula).
   c.clip.attention_impl = "auto"
-  c.clip.remat = False  # recompute image-tower blocks in the backward pass to save memory
+  # Image-tower activations kept for the backward pass: none (all: fastest, most memory) |
+  # block (recompute each block from its input: least memory) | dots (keep the matrix products'
+  # outputs, recompute the elementwise work between them).
+  c.clip.remat = "none"
 
   c.model = ml_collections.ConfigDict()
   c.model.baseline = ""  # "" = DFER-CLIP; zeroshot | linear_probe | finetune | finetune_tm | coop
@@ -128,6 +131,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.epochs = 50
   c.train.batch_size = 48  # global batch (clips); the last partial batch is dropped
   c.train.eval_batch_size = 48  # global batch for evaluation (padded, masked)
+  # Gradient accumulation: each step runs its batch as this many sequential slices (the same
+  # update as one pass, less activation memory; each device's share must divide evenly).
+  c.train.microbatches = 1
+  # XLA's GPU compiler options, a preset of dfer_clip_jax/xla_flags.py: none | lhs | cublas |
+  # nographs (applied where a CUDA backend can start; flags already in XLA_FLAGS win).
+  c.train.xla_gpu_flags = "none"
   c.train.log_every_steps = 20
   c.train.checkpoint_every_steps = 500  # plus one at every epoch end
   c.train.keep_checkpoints = 2  # last K kept, plus the best by validation UAR

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from dfer_clip_jax import distributed
 from dfer_clip_jax import train
+from dfer_clip_jax import xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)
@@ -45,6 +46,8 @@ def main(argv):
     # (printed when it is first imported) is expected, not a problem.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   config = _CONFIG.value
+  # Before anything starts a backend: XLA reads its flags once.
+  xla_flags.apply(config.train.xla_gpu_flags)
   distributed.initialize(config.distributed)
   logging.info("config:\n%s", config)
   if _MODE.value == "eval":

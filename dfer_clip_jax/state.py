@@ -75,7 +75,7 @@ class ModelSpec:
   normalize: bool
   dtype: str = "float32"
   attention_impl: str = "xla"
-  remat: bool = False
+  remat: str = "none"  # a speed/memory setting (`clip.remat_mode`); it does not change values
 
   def to_dict(self) -> dict[str, Any]:
     return {"format": SPEC_FORMAT, "clip": self.clip.to_dict(), "dfer": self.dfer.to_dict(),
@@ -91,7 +91,7 @@ class ModelSpec:
                dfer=dfer_lib.DFERCLIPConfig.from_dict(d["dfer"]),
                class_names=tuple(d["class_names"]), image_size=d["image_size"],
                num_frames=d["num_frames"], normalize=d["normalize"], dtype=d["dtype"],
-               attention_impl=d.get("attention_impl", "xla"), remat=d.get("remat", False))
+               attention_impl=d.get("attention_impl", "xla"), remat=clip_lib.remat_mode(d.get("remat", "none")))
 
 
 def _tokenizer(config, workdir: pathlib.Path, texts: list[str], vocab_size: int):
@@ -115,7 +115,7 @@ DEMO_VOCAB = 1000  # vocabulary of the offline demo tokenizer (and of random-ini
 
 
 def _random_clip(clip_cfg: clip_lib.CLIPConfig, key: jax.Array, *, dtype, attention_impl: str,
-                 remat: bool, mesh, min_size: int) -> clip_lib.CLIP:
+                 remat: str, mesh, min_size: int) -> clip_lib.CLIP:
   """A randomly initialised CLIP created directly in its shardings (one jitted init: no
   host-side copy, no per-parameter eager dispatch)."""
   def make():
@@ -166,7 +166,8 @@ def build_model(config, workdir: str | pathlib.Path, class_names, *, rngs: nnx.R
   spec = ModelSpec(clip=clip_cfg, dfer=dcfg, class_names=tuple(class_names),
                    image_size=config.clip.image_size, num_frames=config.data.num_frames,
                    normalize=config.data.normalize, dtype=config.clip.dtype,
-                   attention_impl=config.clip.attention_impl, remat=config.clip.remat)
+                   attention_impl=config.clip.attention_impl,
+                   remat=clip_lib.remat_mode(config.clip.remat))
   return model, spec, groups, trained
 
 

@@ -79,8 +79,16 @@ def _check_batch(global_batch: int, mesh, what: str) -> int:
   return global_batch // n_proc
 
 
-def make_train_step(graphdef, opt_graphdef, *, normalize: bool, dropout: bool):
-  """The jitted-to-be step: (model state, optimizer state, batch, rng) -> new states, metrics."""
+def make_train_step(graphdef, opt_graphdef, *, normalize: bool, dropout: bool,
+                    microbatches: int = 1):
+  """The jitted-to-be step: (model state, optimizer state, batch, rng) -> new states, metrics.
+
+  `microbatches` > 1 accumulates the gradient over that many sequential slices of the batch
+  (`_microbatched_grads`): the same update as one pass over the whole batch, with the image
+  tower's activations of one slice in memory at a time.
+  """
+  if microbatches < 1:
+    raise ValueError(f"microbatches must be >= 1, got {microbatches}")
 
   def step(model_state, opt_state, batch, rng):
     model = nnx.merge(graphdef, model_state)
@@ -88,15 +96,18 @@ def make_train_step(graphdef, opt_graphdef, *, normalize: bool, dropout: bool):
     video = augment.to_model_input(batch["video"], normalize=normalize)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
 
-    def loss_fn(m):
-      logits, _ = m(video, train=True, rngs=nnx.Rngs(dropout=rng) if dropout else None)
-      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # loss in float32
-      nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-      loss = (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-      return loss, logits
+    if microbatches == 1:
+      def loss_fn(m):
+        logits, _ = m(video, train=True, rngs=nnx.Rngs(dropout=rng) if dropout else None)
+        loss = _masked_nll(logits, labels, mask).sum() / jnp.maximum(mask.sum(), 1.0)
+        return loss, logits
 
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
-    (loss, logits), grads = grad_fn(model)
+      grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt),
+                                   has_aux=True)
+      (loss, logits), grads = grad_fn(model)
+    else:
+      loss, logits, grads = _microbatched_grads(model, optimizer.wrt, video, labels, mask, rng,
+                                                microbatches=microbatches, dropout=dropout)
     optimizer.update(model, grads)
     correct = (logits.argmax(-1) == labels).astype(jnp.float32)
     metrics = {
@@ -108,6 +119,65 @@ def make_train_step(graphdef, opt_graphdef, *, normalize: bool, dropout: bool):
     return nnx.state(model), nnx.state(optimizer), metrics
 
   return step
+
+
+def _masked_nll(logits_BxC, labels_B, mask_B):
+  """Per-clip negative log-likelihood (B,), zero where the mask is 0; loss in float32."""
+  logp_BxC = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp_BxC, labels_B[:, None], axis=-1)[:, 0] * mask_B
+
+
+def _microbatched_grads(model, wrt, video, labels, mask, rng, *, microbatches: int,
+                        dropout: bool):
+  """(loss, logits (B, C), gradients) of the masked mean loss, accumulated over slices.
+
+  Slice i holds rows i, i + k, i + 2k, ... (k = microbatches): each device's contiguous block
+  of the batch-sharded arrays splits evenly into the slices, so no row moves between devices.
+  The class prompts' text features do not depend on the video: they are computed once, the
+  slices' gradients with respect to them are summed, and the text tower is differentiated
+  once at the end, as in the one-pass step. Dropout draws per slice (`fold_in(rng, i)`).
+  """
+  b = video.shape[0]
+  if b % microbatches:
+    raise ValueError(f"the batch of {b} clips does not split into {microbatches} microbatches")
+  g, trainable, rest = nnx.split(model, wrt, ...)
+  has_text = getattr(model, "prompt_learner", None) is not None
+
+  def text_of(tr):
+    return nnx.merge(g, tr, rest, copy=True).text_features()[0]
+
+  if has_text:
+    text_CxD, text_vjp = jax.vjp(text_of, trainable)
+  else:
+    text_CxD = jnp.zeros((), jnp.float32)
+
+  def slices(x):  # (B, ...) -> (k, B / k, ...), slice i = rows i, i + k, ...
+    return jnp.swapaxes(x.reshape((b // microbatches, microbatches) + x.shape[1:]), 0, 1)
+
+  def slice_loss(tr, text, video_i, labels_i, mask_i, i):
+    m = nnx.merge(g, tr, rest, copy=True)
+    rngs = nnx.Rngs(dropout=jax.random.fold_in(rng, i)) if dropout else None
+    logits, _ = m(video_i, train=True, rngs=rngs, text_features=text if has_text else None)
+    return _masked_nll(logits, labels_i, mask_i).sum(), logits
+
+  grad_fn = jax.value_and_grad(slice_loss, argnums=(0, 1), has_aux=True)
+
+  def body(carry, xs):
+    g_tr, g_text, total = carry
+    (nll_sum, logits), (d_tr, d_text) = grad_fn(trainable, text_CxD, *xs)
+    carry = (jax.tree.map(jnp.add, g_tr, d_tr), g_text + d_text, total + nll_sum)
+    return carry, logits
+
+  zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros_like(text_CxD),
+           jnp.zeros((), jnp.float32))
+  xs = (slices(video), slices(labels), slices(mask), jnp.arange(microbatches))
+  (g_tr, g_text, total), logits_KxMxC = jax.lax.scan(body, zeros, xs)
+  if has_text:
+    g_tr = jax.tree.map(jnp.add, g_tr, text_vjp(g_text)[0])
+  count = jnp.maximum(mask.sum(), 1.0)
+  grads = jax.tree.map(lambda x: x / count, g_tr)
+  logits_BxC = jnp.swapaxes(logits_KxMxC, 0, 1).reshape(b, -1)
+  return total / count, logits_BxC, grads
 
 
 @contextlib.contextmanager
@@ -141,6 +211,10 @@ class Trainer:
     t = config.train
     self.batch = _check_batch(t.batch_size, self.mesh, "train.batch_size")
     self.eval_batch = _check_batch(t.eval_batch_size, self.mesh, "train.eval_batch_size")
+    per_device = t.batch_size // self.mesh.devices.size
+    if t.microbatches < 1 or per_device % t.microbatches:
+      raise ValueError(f"train.microbatches={t.microbatches} must divide the {per_device} clips "
+                       "each device gets per step (train.batch_size / devices)")
     self.steps_per_epoch = pipeline.steps_per_epoch(len(self.sources.train), t.batch_size)
     if self.steps_per_epoch == 0:
       raise ValueError(f"the train split has {len(self.sources.train)} clips, fewer than one "
@@ -275,7 +349,7 @@ class Trainer:
     dropout = config.model.temporal_dropout > 0
     step_fn = jax.jit(
         make_train_step(self.graphdef, self.opt_graphdef, normalize=d.normalize,
-                        dropout=dropout),
+                        dropout=dropout, microbatches=t.microbatches),
         donate_argnums=(0, 1),
         out_shardings=(self.model_shardings, self.opt_shardings, None))
     schedule = state_lib.make_schedule(config, self.steps_per_epoch)

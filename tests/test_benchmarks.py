@@ -68,6 +68,10 @@ def test_train_step_record(workdir, tmp_path, capsys):
   _check_common(record, "train")
   search = record["max_batch_search"]
   assert record["max_batch_per_device"] == 1 and search["exact"] and len(search["trials"]) == 1
+  # Each fitting trial is timed: the fastest batch is reported beside the largest.
+  assert search["trials"][0]["clips_per_s"] > 0 and record["fastest_batch_per_device"] == 1
+  # The text tower's share of the step (the prompts forward, the backward to the context).
+  assert 0 < record["text_ms"] and 0 < record["text_share"] < 1
   # The frozen text tower only propagates activation gradients to the context: XLA's count of
   # the step is the analytic one plus remat's recomputed image blocks (plus elementwise work),
   # far below what the text tower's weight gradients would add.
@@ -88,10 +92,10 @@ def test_train_step_record(workdir, tmp_path, capsys):
   parts = record["analytic_tflops_breakdown"]
   assert sum(parts.values()) == pytest.approx(record["analytic_tflops_per_step"])
   assert parts["text"] > 0 and parts["temporal"] > 0
-  assert "| tiny | train | bfloat16 |" in capsys.readouterr().out
+  assert "| jax | tiny | train | bfloat16 |" in capsys.readouterr().out
   # The summary CLI reads records back.
   assert ts.main(["--summarize", str(tmp_path / "record.json")]) == 0
-  assert "| tiny | train | bfloat16 | block | xla | 8 |" in capsys.readouterr().out
+  assert "| jax | tiny | train | bfloat16 | block | xla | none | 8 | 1 |" in capsys.readouterr().out
 
 
 def test_eval_step_record(workdir, tmp_path):

@@ -2,9 +2,10 @@
 
     python -m dfer_clip_jax.benchmarks.report RECORDS... [--json=all.json] [--md=summary.md]
 
-RECORDS are JSON files written by `dfer_clip_jax.benchmarks.train_step --json` (a record or a
-list of records) or folders of such files. Prints a markdown table, one row per record, with
-the device named above it.
+RECORDS are JSON files written by `dfer_clip_jax.benchmarks.train_step --json` or by
+`benchmarks/torch_step.py --json` (a record or a list of records) or folders of such files.
+Prints a markdown table, one row per record, with the device named above it, then, when both
+frameworks are present, the side-by-side table (`compare`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ from typing import Any
 
 # (record key, column title, format)
 COLUMNS = (
-    ("variant", "variant", "{}"), ("mode", "mode", "{}"), ("dtype", "dtype", "{}"),
-    ("remat", "remat", "{}"), ("attention_used", "attention", "{}"), ("batch", "batch", "{}"),
+    ("framework", "framework", "{}"), ("variant", "variant", "{}"), ("mode", "mode", "{}"),
+    ("precision", "precision", "{}"), ("remat", "remat", "{}"),
+    ("attention_used", "attention", "{}"), ("xla_gpu_flags", "XLA flags", "{}"),
+    ("batch", "batch", "{}"), ("microbatches", "micro", "{}"),
     ("step_ms_p50", "step ms p50", "{:.1f}"), ("step_ms_pipelined", "step ms", "{:.1f}"),
     ("clips_per_s", "clips/s", "{:.1f}"), ("frames_per_s", "frames/s", "{:.0f}"),
     ("model_tflops_per_step", "model TFLOP/step", "{:.2f}"),
     ("xla_over_analytic", "XLA/analytic", "{:.2f}"),
     ("achieved_tflops", "TFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
+    ("text_share", "text share", "{:.0%}"),
     ("peak_memory_gb", "peak GB", "{:.1f}"), ("max_batch_per_device", "max batch/dev", "{}"),
+    ("fastest_batch_per_device", "fastest batch/dev", "{}"),
     ("compile_s", "compile s", "{:.1f}"), ("status", "status", "{}"),
 )
 
@@ -40,13 +45,85 @@ def summarize(records: Sequence[dict[str, Any]]) -> str:
   for r in records:
     cells = []
     for key, _, fmt in COLUMNS:
-      value = r.get(key)
+      value = _value(r, key)
       if key == "max_batch_per_device" and value is not None and r.get("max_batch_search"):
         search = r["max_batch_search"]
         if not search.get("exact"):
           value = f">={value} (<{search.get('upper_bound') or '?'})"
       cells.append("-" if value is None else fmt.format(value))
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def framework(record: dict[str, Any]) -> str:
+  """`jax` (ours) or `torch` (benchmarks/torch_step.py)."""
+  return record.get("framework") or "jax"
+
+
+def precision(record: dict[str, Any]) -> str | None:
+  """What the row computes in: ours bfloat16 | float32; torch fp32 | bf16 | bf16-compile."""
+  if framework(record) == "torch":
+    return record.get("impl")
+  return record.get("dtype")
+
+
+def _value(record: dict[str, Any], key: str) -> Any:
+  if key == "framework":
+    return framework(record)
+  if key == "precision":
+    return precision(record)
+  return record.get(key)
+
+
+def _ok(record: dict[str, Any]) -> bool:
+  return record.get("status") == "ok" and bool(record.get("clips_per_s"))
+
+
+def compare(records: Sequence[dict[str, Any]], batch: int = 48) -> str:
+  """Ours against PyTorch's step, per model size and precision, at `batch` clips (training).
+
+  Ours: the fastest of our runs at that batch and precision (its switches named); torch: fp32
+  (the authors' set-up), bf16 (autocast + SDPA) and bf16-compile (the same under torch.compile).
+  The ratios divide our clips/s by torch fp32's and by torch bf16-compile's.
+  """
+  train = [r for r in records if _ok(r) and r.get("mode", "train") == "train"
+           and r.get("batch") == batch]
+  variants = sorted({r.get("variant") for r in train if r.get("variant")})
+  lines = [f"Ours / PyTorch, training step, batch {batch} (clips/s):", "",
+           "| variant | ours precision | ours | ours' switches | torch fp32 | torch bf16 | "
+           "torch bf16-compile | ours / torch fp32 | ours / torch bf16-compile |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+
+  def best(rows):
+    return max(rows, key=lambda r: r["clips_per_s"]) if rows else None
+
+  for v in variants:
+    torch_rows = {impl: best([r for r in train if framework(r) == "torch"
+                              and r.get("variant") == v and r.get("impl") == impl])
+                  for impl in ("fp32", "bf16", "bf16-compile")}
+    for dtype in ("bfloat16", "float32"):
+      ours = best([r for r in train if framework(r) == "jax" and r.get("variant") == v
+                   and r.get("dtype") == dtype and not r.get("max_batch_search")])
+      if ours is None:
+        continue
+      switches = (f"attention {ours.get('attention_used')}, remat {ours.get('remat')}, XLA "
+                  f"flags {ours.get('xla_gpu_flags', 'none')}, micro {ours.get('microbatches', 1)}")
+      cells = [v, dtype, f"{ours['clips_per_s']:.1f}", switches]
+      for impl in ("fp32", "bf16", "bf16-compile"):
+        t = torch_rows[impl]
+        cells.append("-" if t is None else f"{t['clips_per_s']:.1f}")
+      for impl in ("fp32", "bf16-compile"):
+        t = torch_rows[impl]
+        cells.append("-" if t is None else f"{ours['clips_per_s'] / t['clips_per_s']:.2f}x")
+      lines.append("| " + " | ".join(cells) + " |")
+  skipped = [r.get("run", "?") for r in records if str(r.get("status", "")).startswith("skipped")]
+  failed = [f"{r.get('run', '?')} ({r.get('status')})" for r in records
+            if r.get("status") not in ("ok", None) and not str(r.get("status")).startswith(
+                "skipped")]
+  if skipped:
+    lines += ["", "Skipped (budget): " + ", ".join(skipped)]
+  if failed:
+    lines += ["", "Not measured: " + ", ".join(failed)]
   return "\n".join(lines)
 
 
@@ -75,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--md", default="", help="write the table here too")
   args = p.parse_args(argv)
   records = read_records(args.records)
-  table = summarize(records)
+  table = summarize([r for r in records if not str(r.get("status", "")).startswith("skipped")])
+  if {framework(r) for r in records} == {"jax", "torch"}:
+    table += "\n\n" + compare(records)
   print(table)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(records, indent=2))

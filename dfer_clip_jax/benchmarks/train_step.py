@@ -78,6 +78,7 @@ from flax import nnx
 
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
+from dfer_clip_jax import xla_flags
 from dfer_clip_jax.benchmarks import report
 from dfer_clip_jax.data import classes as classes_lib
 from dfer_clip_jax.models import clip as clip_lib
@@ -197,6 +198,16 @@ class Trial:
   predicted_bytes: float | None = None  # XLA's memory estimate of the compiled step
   seconds: float = 0.0
   note: str = ""
+  clips_per_s: float | None = None  # back-to-back steps at this batch (fitting trials)
+
+
+TRIAL_STEPS = 3  # timed steps per fitting trial of the largest-batch search
+
+
+def fastest_trial(trials: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+  """The fitting trial with the highest throughput (None if none was timed)."""
+  timed = [t for t in trials if t.get("fits") and t.get("clips_per_s")]
+  return max(timed, key=lambda t: t["clips_per_s"]) if timed else None
 
 
 def _fit_batch(points: list[tuple[int, float]], target_bytes: float) -> int | None:
@@ -283,8 +294,8 @@ def search_max_batch(trial: Callable[[int], Trial], *, start: int, limit: int, g
 # Building the real step
 
 
-def load_config(variant: str, *, frames: int, batch: int, dtype: str, remat: bool,
-                attention: str):
+def load_config(variant: str, *, frames: int, batch: int, dtype: str, remat: str,
+                attention: str, microbatches: int = 1):
   """`configs/dfew.py` (the paper recipe) with the benchmark's overrides."""
   if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -293,6 +304,7 @@ def load_config(variant: str, *, frames: int, batch: int, dtype: str, remat: boo
   c.clip.dtype = dtype
   c.clip.remat = remat
   c.clip.attention_impl = attention
+  c.train.microbatches = microbatches
   c.data.num_frames = frames
   c.train.batch_size = batch
   c.train.eval_batch_size = batch
@@ -348,7 +360,8 @@ class StepBench:
     self.args = args
     self.mode = args.mode
     self.config = load_config(args.variant, frames=args.frames, batch=args.batch,
-                              dtype=args.dtype, remat=args.remat == "block", attention=attention)
+                              dtype=args.dtype, remat=args.remat, attention=attention,
+                              microbatches=args.microbatches)
     c = self.config
     self.mesh = sharding_lib.make_mesh(c.mesh.data, c.mesh.fsdp)
     self.n_dev = self.mesh.devices.size
@@ -367,7 +380,8 @@ class StepBench:
           opt_state, self.mesh, c.mesh.fsdp_min_size)
       self.fn = jax.jit(
           train_lib.make_train_step(self.graphdef, opt_graphdef, normalize=c.data.normalize,
-                                    dropout=c.model.temporal_dropout > 0),
+                                    dropout=c.model.temporal_dropout > 0,
+                                    microbatches=c.train.microbatches),
           donate_argnums=(0, 1), out_shardings=(self.model_shardings, self.opt_shardings, None))
     else:
       evaluator = evaluate_lib.Evaluator(self.graphdef, self.mesh, normalize=c.data.normalize)
@@ -376,6 +390,9 @@ class StepBench:
       self.text_features = evaluator._text(self.model_state)  # pylint: disable=protected-access
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
     self.replicated = sharding_lib.replicated(self.mesh)
+    self.text_fn = None
+    if optimizer is not None and self.spec.dfer.head == "prompt":
+      self.text_fn = jax.jit(_text_tower_step(self.graphdef, optimizer.wrt))
     del model, optimizer
 
   def make_batch(self, batch: int, seed: int = 0) -> dict[str, jax.Array]:
@@ -422,6 +439,32 @@ class StepBench:
     if self.mode == "train":
       return (self.model_state, self.opt_state, result)
     return result
+
+
+def _text_tower_step(graphdef, wrt):
+  """The text side of a training step alone: the C class prompts through the text tower and
+  the gradient back to what trains (the context), with a fixed cotangent."""
+  def text_step(model_state):
+    model = nnx.merge(graphdef, model_state)
+
+    def features(m):
+      return jnp.sum(m.text_features()[0] * 0.01)
+
+    return nnx.grad(features, argnums=nnx.DiffState(0, wrt))(model)
+  return text_step
+
+
+def _time_text(bench: StepBench, steps: int) -> dict[str, Any]:
+  """Milliseconds of the text tower's share of a step (forward on the prompts and the
+  backward to the context), timed alone after the step's own timing."""
+  if bench.text_fn is None:
+    return {}
+  jax.block_until_ready(bench.text_fn(bench.model_state))  # compile and warm up
+  t = time.perf_counter()
+  for _ in range(steps):
+    out = bench.text_fn(bench.model_state)
+  jax.block_until_ready(out)
+  return {"text_ms": (time.perf_counter() - t) / steps * 1e3}
 
 
 def _time_steps(bench: StepBench, compiled, batches: Sequence[dict[str, jax.Array]],
@@ -534,7 +577,14 @@ def _find_max_batch(args: argparse.Namespace, bench: StepBench, host_state,
       if bytes_limit is not None and need is not None and need > bytes_limit:
         return Trial(b, False, need, time.perf_counter() - t, "XLA's estimate exceeds memory")
       jax.block_until_ready(bench.outputs(bench.call(compiled, batch, key)))
-      return Trial(b, True, need, time.perf_counter() - t)
+      # A few back-to-back steps: the fastest batch is not always the largest.
+      t_steps = time.perf_counter()
+      for _ in range(TRIAL_STEPS):
+        result = bench.call(compiled, batch, key)
+      jax.block_until_ready(bench.outputs(result))
+      step_s = (time.perf_counter() - t_steps) / TRIAL_STEPS
+      return Trial(b, True, need, time.perf_counter() - t,
+                   clips_per_s=b * bench.n_dev / step_s)
     except Exception as err:  # pylint: disable=broad-except
       if not is_oom(err):
         raise
@@ -577,7 +627,8 @@ def _run(args: argparse.Namespace, precision: str) -> dict[str, Any]:
       "peak_chip": chip, "peak_tflops": peak,
   }
   record.update({k: getattr(args, k) for k in ("variant", "mode", "frames", "batch", "dtype",
-                                              "remat", "attention", "matmul_precision")})
+                                              "remat", "attention", "matmul_precision",
+                                              "microbatches", "xla_gpu_flags")})
   workdir = pathlib.Path(args.workdir) if args.workdir else pathlib.Path(
       tempfile.mkdtemp(prefix="dfer_bench_"))
   try:
@@ -612,6 +663,9 @@ def _run(args: argparse.Namespace, precision: str) -> dict[str, Any]:
       gc.collect()
       record["max_batch_search"] = _find_max_batch(args, bench, host_state, bytes_limit)
       record["max_batch_per_device"] = record["max_batch_search"]["max_batch_per_device"]
+      best = fastest_trial(record["max_batch_search"]["trials"])
+      record["fastest_batch_per_device"] = None if best is None else best["batch"]
+      record["fastest_batch_clips_per_s"] = None if best is None else best["clips_per_s"]
   except Exception as err:  # pylint: disable=broad-except
     _record_error(record, err)
   finally:
@@ -668,6 +722,10 @@ def _measure(args: argparse.Namespace, bench: StepBench, workdir: pathlib.Path,
   record.update(_time_steps(bench, compiled, batches, keys[1:], max(args.warmup, 1) - 1,
                             args.steps))
   step_s = record["step_ms_pipelined"] / 1e3
+  if args.mode == "train":
+    record.update(_time_text(bench, args.steps))
+    if "text_ms" in record:
+      record["text_share"] = record["text_ms"] / record["step_ms_pipelined"]
   record["clips_per_s"] = args.batch / step_s
   record["frames_per_s"] = args.batch * args.frames / step_s
   record["achieved_tflops"] = record["model_tflops_per_step"] / step_s
@@ -686,8 +744,14 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=int, default=48, help="global batch of clips")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype (parameters and optimizer state stay float32)")
-  p.add_argument("--remat", default="none", choices=("none", "block"),
-                 help="recompute image-tower blocks in the backward pass")
+  p.add_argument("--remat", default="none", choices=clip_lib.REMAT_MODES,
+                 help="image-tower activations recomputed in the backward pass "
+                      "(models.clip.remat_mode)")
+  p.add_argument("--microbatches", type=int, default=1,
+                 help="gradient accumulation: the batch runs as this many sequential slices")
+  p.add_argument("--xla_gpu_flags", default="none", choices=sorted(xla_flags.PRESETS),
+                 help="XLA GPU option preset (dfer_clip_jax/xla_flags.py), as the trainer's "
+                      "train.xla_gpu_flags")
   p.add_argument("--mode", default="train", choices=("train", "eval"))
   p.add_argument("--attention", default="auto", choices=clip_lib.ATTENTION_IMPLS,
                  help="attention implementation; auto = cuDNN on GPUs in bf16, else XLA")
@@ -724,6 +788,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   if args.steps < 1 or args.warmup < 0:
     raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+  # Before the backend starts (XLA reads its flags once), as the trainer's main does.
+  xla_flags.apply(args.xla_gpu_flags)
   record = run(args)
   text = json.dumps(record, indent=2)
   if args.json:

@@ -308,7 +308,7 @@ def _strip_hf_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def load_clip(source: str | os.PathLike | Mapping[str, Any], *, dtype=jnp.float32,
               act: str | None = None, image_size: int | None = None,
-              attention_impl: str = "xla", remat: bool = False,
+              attention_impl: str = "xla", remat: bool | str = "none",
               config_json: Mapping[str, Any] | None = None) -> tuple[CLIP, CLIPConfig]:
   """Loads a CLIP checkpoint into our NNX model.
 
@@ -323,7 +323,7 @@ def load_clip(source: str | os.PathLike | Mapping[str, Any], *, dtype=jnp.float3
     image_size: input resolution; the position embedding is resampled if it differs.
     attention_impl: `auto` (cuDNN on GPUs in half precision when possible), `xla`, `cudnn`
       or `plain`.
-    remat: rematerialise the image-tower blocks in the backward pass.
+    remat: what the image tower recomputes in the backward pass (`clip.remat_mode`).
     config_json: a HF `config.json` dict for an in-memory mapping in HF naming.
 
   Returns:

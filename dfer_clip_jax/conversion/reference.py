@@ -350,7 +350,7 @@ def load_reference_checkpoint(source: str | os.PathLike | Mapping[str, Any], *,
                               position: str = "end", token_ids: np.ndarray | None = None,
                               temporal_dim_head: int = 64, clip_act: str = "quick_gelu",
                               allow_stale_duplicates: bool = False, dtype=jnp.float32,
-                              attention_impl: str = "xla", remat: bool = False,
+                              attention_impl: str = "xla", remat: bool | str = "none",
                               **config_overrides) -> ImportedReference:
   """Loads a reference DFER-CLIP checkpoint into our model.
 
@@ -398,7 +398,7 @@ def load_reference_checkpoint(source: str | os.PathLike | Mapping[str, Any], *,
 
 
 def abstract_model(config: DFERCLIPConfig, clip_config: CLIPConfig, *, dtype=jnp.float32,
-                   attention_impl: str = "xla", remat: bool = False) -> DFERCLIP:
+                   attention_impl: str = "xla", remat: bool | str = "none") -> DFERCLIP:
   """The model's structure without allocating weights (`nnx.eval_shape`)."""
   buffers = None
   if config.head == "prompt":
@@ -444,7 +444,7 @@ def export_model(model: DFERCLIP, clip_config: CLIPConfig, out_dir: str | os.Pat
 
 
 def load_exported_model(export_dir: str | os.PathLike, *, dtype=jnp.float32,
-                        attention_impl: str = "xla", remat: bool = False
+                        attention_impl: str = "xla", remat: bool | str = "none"
                         ) -> tuple[DFERCLIP, DFERCLIPConfig, CLIPConfig]:
   """Restores a model written by `export_model`."""
   from dfer_clip_jax.conversion import torch_io  # pylint: disable=g-import-not-at-top

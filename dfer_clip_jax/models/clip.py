@@ -24,6 +24,28 @@ from flax import nnx
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "plain"]
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
+Remat = Literal["none", "block", "dots"]
+REMAT_MODES = ("none", "block", "dots")
+
+
+def remat_mode(remat: bool | str) -> str:
+  """The image tower's rematerialisation mode: `none` stores every block's activations for the
+  backward pass; `block` stores only each block's input and recomputes the rest (least memory);
+  `dots` stores the outputs of the matrix products and recomputes only the cheap elementwise
+  work between them (LayerNorms, activations, softmax), trading some of `block`'s saving for
+  less recompute. Booleans are accepted as in earlier configs (True = block)."""
+  if isinstance(remat, bool):
+    return "block" if remat else "none"
+  text = str(remat).lower()
+  if text in ("true", "false"):
+    return "block" if text == "true" else "none"
+  if text not in REMAT_MODES:
+    raise ValueError(f"unknown remat mode {remat!r}: expected one of {REMAT_MODES}")
+  return text
+
+
+# What each remat mode lets the backward pass keep (None: only the block's input).
+_REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,9 +316,9 @@ class Transformer(nnx.Module):
   """A stack of residual attention blocks (`transformer.resblocks.{i}`)."""
 
   def __init__(self, width: int, layers: int, heads: int, mlp_dim: int, act: Activation,
-               eps: float, *, dtype, attention_impl: AttentionImpl, remat: bool,
+               eps: float, *, dtype, attention_impl: AttentionImpl, remat: bool | str,
                rngs: nnx.Rngs):
-    self.remat = remat
+    self.remat = remat_mode(remat)
     self.resblocks = nnx.List([
         ResidualAttentionBlock(width, heads, mlp_dim, act, eps, layers=layers, dtype=dtype,
                                attention_impl=attention_impl, rngs=rngs)
@@ -305,9 +327,11 @@ class Transformer(nnx.Module):
   def __call__(self, x_BxLxW: jax.Array, *, causal: bool,
                intermediates: dict[str, jax.Array] | None = None, prefix: str = "") -> jax.Array:
     for i, block in enumerate(self.resblocks):
-      if self.remat:
-        # Recompute the block's activations in the backward pass instead of storing them.
-        x_BxLxW = nnx.remat(lambda blk, y: blk(y, causal=causal))(block, x_BxLxW)
+      if self.remat != "none":
+        # Recompute (some of) the block's activations in the backward pass instead of storing
+        # them; see `remat_mode`.
+        x_BxLxW = nnx.remat(lambda blk, y: blk(y, causal=causal),
+                            policy=_REMAT_POLICIES[self.remat])(block, x_BxLxW)
       else:
         x_BxLxW = block(x_BxLxW, causal=causal)
       if intermediates is not None:
@@ -319,7 +343,8 @@ class VisionTransformer(nnx.Module):
   """CLIP's ViT image tower (`visual.*`)."""
 
   def __init__(self, cfg: CLIPVisionConfig, embed_dim: int, *, dtype=jnp.float32,
-               attention_impl: AttentionImpl = "xla", remat: bool = False, rngs: nnx.Rngs):
+               attention_impl: AttentionImpl = "xla", remat: bool | str = "none",
+               rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
     scale = cfg.width ** -0.5
@@ -423,7 +448,7 @@ class CLIP(nnx.Module):
   """Both towers plus CLIP's learned `logit_scale` (kept for zero-shot use, unused by DFER-CLIP)."""
 
   def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, attention_impl: AttentionImpl =
-               "xla", remat: bool = False, rngs: nnx.Rngs):
+               "xla", remat: bool | str = "none", rngs: nnx.Rngs):
     self.config = config
     self.visual = VisionTransformer(config.vision, config.embed_dim, dtype=dtype,
                                     attention_impl=attention_impl, remat=remat, rngs=rngs)
