@@ -79,13 +79,17 @@ def _ok(record: dict[str, Any]) -> bool:
   return record.get("status") == "ok" and bool(record.get("clips_per_s"))
 
 
-def compare(records: Sequence[dict[str, Any]], batch: int = 48) -> str:
-  """Ours against PyTorch's step, per model size and precision, at `batch` clips (training).
+def compare(records: Sequence[dict[str, Any]], batch: int | None = None) -> str:
+  """Ours against PyTorch's step, per model size and precision, at `batch` clips (training;
+  default: the batch most of the torch runs used).
 
   Ours: the fastest of our runs at that batch and precision (its switches named); torch: fp32
   (the authors' set-up), bf16 (autocast + SDPA) and bf16-compile (the same under torch.compile).
   The ratios divide our clips/s by torch fp32's and by torch bf16-compile's.
   """
+  if batch is None:
+    batches = [r.get("batch") for r in records if framework(r) == "torch" and _ok(r)]
+    batch = max(set(batches), key=batches.count) if batches else 48
   train = [r for r in records if _ok(r) and r.get("mode", "train") == "train"
            and r.get("batch") == batch]
   variants = sorted({r.get("variant") for r in train if r.get("variant")})

@@ -617,7 +617,7 @@ def _run(args: argparse.Namespace, precision: str) -> dict[str, Any]:
   arithmetic = arithmetic_of(args.dtype, precision, platform)
   chip, peak = peak_tflops(kind, arithmetic)
   record: dict[str, Any] = {
-      "benchmark": "dfer_clip_jax.benchmarks.train_step", "status": "ok",
+      "benchmark": "dfer_clip_jax.benchmarks.train_step", "framework": "jax", "status": "ok",
       "device_kind": kind, "device_count": len(jax.devices()), "platform": platform,
       "process_count": jax.process_count(), **_versions(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
