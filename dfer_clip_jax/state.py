@@ -186,14 +186,20 @@ def model_from_spec(spec: ModelSpec, *, rngs: nnx.Rngs) -> dfer_lib.DFERCLIP:
 
 
 def make_schedule(config, steps_per_epoch: int):
-  """Multiplier of the base learning rates: epoch-wise multistep decay (+ optional warm-up)."""
+  """Multiplier of the base learning rates at each step: epoch-wise multistep decay, times an
+  optional linear warm-up from 1/warmup to 1 over the first `optim.warmup_epochs`.
+
+  Both factors read the absolute step, so the milestones stay at their epochs whatever the
+  warm-up (joining the two with `optax.join_schedules` would hand the decay `step - warmup`
+  and move every milestone one warm-up later).
+  """
   boundaries = {int(m) * steps_per_epoch: config.optim.gamma for m in config.optim.milestones}
   decay = optax.piecewise_constant_schedule(1.0, boundaries)
   warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
   if warmup <= 0:
     return decay
   ramp = optax.linear_schedule(1.0 / warmup, 1.0, warmup)
-  return optax.join_schedules([ramp, decay], [warmup])
+  return lambda step: ramp(step) * decay(step)
 
 
 def build_optimizer(config, model, groups, steps_per_epoch: int) -> nnx.Optimizer:

@@ -186,3 +186,19 @@ def test_dfer_clip_default_groups_follow_the_reference():
                  "clip.text.transformer.resblocks.1.attn.in_proj.kernel"):
     assert part[frozen][0] == "frozen", frozen
   assert not any(k.startswith("prompt_learner.token") for k in part)  # buffers are no Params
+
+
+@pytest.mark.parametrize("warmup_epochs", [0.0, 1.0, 0.5])
+def test_schedule_milestones_stay_at_their_epochs_whatever_the_warmup(warmup_epochs):
+  """Milestones (3, 4) epochs of 10 steps, gamma 0.1: the multiplier drops at steps 30 and 40
+  exactly, with or without a warm-up, and the warm-up ramps linearly to 1 over its steps."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dfer_clip_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"optim": {"milestones": (3, 4), "gamma": 0.1,
+                                                "warmup_epochs": warmup_epochs}})
+  schedule = state_lib.make_schedule(config, steps_per_epoch=10)
+  warmup = int(round(warmup_epochs * 10))
+  for step in range(60):
+    decay = 1.0 if step < 30 else 0.1 if step < 40 else 0.01
+    ramp = 1.0 if step >= warmup else 1.0 / warmup + (1 - 1.0 / warmup) * step / warmup
+    np.testing.assert_allclose(float(schedule(step)), ramp * decay, rtol=1e-6, err_msg=step)
