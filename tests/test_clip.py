@@ -298,6 +298,25 @@ def test_position_embedding_resampling(hf_case):
   np.testing.assert_allclose(clip_weights.resample_posemb(orig, grid), orig, atol=1e-6)
 
 
+@pytest.mark.parametrize("target", [(9, 11), (5, 4), 13])
+def test_position_embedding_resampling_matches_torch_bicubic(target):
+  """Against PyTorch's own bicubic (align_corners=False), up and down, to non-square grids: a
+  transposed grid or another cubic kernel fails."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  grid, width = 7, 6
+  posemb = rng.normal(size=(grid * grid + 1, width)).astype(np.float32)
+  rows, cols = (target, target) if isinstance(target, int) else target
+  got = clip_weights.resample_posemb(posemb, target)
+  assert got.shape == (rows * cols + 1, width) and got.dtype == np.float32
+  np.testing.assert_array_equal(got[0], posemb[0])
+  grid_1xWxGxG = torch.from_numpy(posemb[1:].reshape(grid, grid, width)).permute(2, 0, 1)[None]
+  want = torch.nn.functional.interpolate(grid_1xWxGxG.double(), size=(rows, cols),
+                                         mode="bicubic", align_corners=False)
+  want = want[0].permute(1, 2, 0).reshape(-1, width).numpy()
+  np.testing.assert_allclose(got[1:], want, atol=1e-5)
+
+
 def test_random_init_shapes():
   cfg = clip_lib.tiny_config()
   from flax import nnx

@@ -131,18 +131,41 @@ def openai_key_map(config: CLIPConfig) -> dict[str, tuple[str, str]]:
   return m
 
 
-def resample_posemb(posemb_PxW: np.ndarray, new_grid: int) -> np.ndarray:
-  """Bicubic resampling of a ViT position embedding to a new patch grid; class token kept
-  (as big_vision does when fine-tuning at another resolution)."""
-  cls_1xW, grid_PxW = posemb_PxW[:1], posemb_PxW[1:]
+def _cubic_weights_OxI(n_out: int, n_in: int) -> np.ndarray:
+  """(n_out, n_in) interpolation matrix of PyTorch's bicubic resize along one axis: Keys'
+  cubic with a = -0.75, half-pixel centres (align_corners=False), edge samples repeated, no
+  antialiasing."""
+  a = -0.75
+
+  def kernel(t):
+    t = np.abs(t)
+    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+
+  src_O = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+  base_O = np.floor(src_O).astype(int)
+  w_OxI = np.zeros((n_out, n_in))
+  for k in range(-1, 3):
+    idx_O = np.clip(base_O + k, 0, n_in - 1)
+    np.add.at(w_OxI, (np.arange(n_out), idx_O), kernel(src_O - (base_O + k)))
+  return w_OxI
+
+
+def resample_posemb(posemb_PxW: np.ndarray, new_grid: int | tuple[int, int]) -> np.ndarray:
+  """Bicubic resampling of a ViT position embedding to a new patch grid (rows, columns; an int
+  for a square grid), class token kept. The interpolation is PyTorch's bicubic
+  (align_corners=False), the one OpenCLIP and timm use when they change a CLIP's resolution."""
+  cls_1xW, grid_PxW = posemb_PxW[:1], np.asarray(posemb_PxW[1:], np.float64)
   old_grid = round(grid_PxW.shape[0] ** 0.5)
   if old_grid * old_grid != grid_PxW.shape[0]:
     raise CheckpointMismatchError(f"position embedding with {grid_PxW.shape[0]} patch rows is not "
                                   "a square grid")
+  rows, cols = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
   width = grid_PxW.shape[1]
-  grid_GxGxW = jnp.asarray(grid_PxW.reshape(old_grid, old_grid, width))
-  new_GxGxW = jax.image.resize(grid_GxGxW, (new_grid, new_grid, width), method="bicubic")
-  return np.concatenate([cls_1xW, np.asarray(new_GxGxW).reshape(-1, width)], axis=0)
+  grid_GxGxW = grid_PxW.reshape(old_grid, old_grid, width)  # row-major patches: (row, col)
+  new_RxCxW = np.einsum("rg,gkw,ck->rcw", _cubic_weights_OxI(rows, old_grid), grid_GxGxW,
+                        _cubic_weights_OxI(cols, old_grid))
+  return np.concatenate([cls_1xW, new_RxCxW.reshape(-1, width).astype(posemb_PxW.dtype)], axis=0)
 
 
 def openai_to_params(state: Mapping[str, Any], config: CLIPConfig, *,
