@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
-import json
 import math
 import os
 import pathlib
@@ -668,14 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   if args.steps < 1 or args.warmup < 0:
     raise SystemExit("--steps must be >= 1 and --warmup >= 0")
-  record = run(args)
-  text = json.dumps(record, indent=2)
-  if args.json:
-    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.json).write_text(text)
-  print(text)
-  print(report.summarize([record]))  # one row, in train_step's table
-  return 1 if record["status"] == "error" else 0
+  return report.emit(run(args), args.json)
 
 
 if __name__ == "__main__":

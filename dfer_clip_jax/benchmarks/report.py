@@ -131,6 +131,18 @@ def compare(records: Sequence[dict[str, Any]], batch: int | None = None) -> str:
   return "\n".join(lines)
 
 
+def emit(record: dict[str, Any], json_path: str = "") -> int:
+  """A benchmark's end: the record written to `json_path` (if given) and printed, with its
+  one-row table; the exit status (1 for an error, 0 otherwise: an OOM is a result)."""
+  text = json.dumps(record, indent=2)
+  if json_path:
+    pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(json_path).write_text(text)
+  print(text)
+  print(summarize([record]))
+  return 1 if record["status"] == "error" else 0
+
+
 def read_records(paths: Sequence[str | pathlib.Path]) -> list[dict[str, Any]]:
   """Records from JSON files (a record or a list of them) and folders of `*.json`, in order."""
   records = []

@@ -790,14 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit("--steps must be >= 1 and --warmup >= 0")
   # Before the backend starts (XLA reads its flags once), as the trainer's main does.
   xla_flags.apply(args.xla_gpu_flags)
-  record = run(args)
-  text = json.dumps(record, indent=2)
-  if args.json:
-    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.json).write_text(text)
-  print(text)
-  print(report.summarize([record]))
-  return 1 if record["status"] == "error" else 0
+  return report.emit(run(args), args.json)
 
 
 if __name__ == "__main__":
