@@ -153,6 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""  # host:port for manual clusters
   c.distributed.num_processes = 0  # 0 = auto
   c.distributed.process_id = -1  # -1 = auto
+  # How long processes wait for each other's host-side work (process 0 generating or a process
+  # validating its part of the data, writing the tokenizer) before giving up, in seconds.
+  c.distributed.wait_timeout_s = 3600
   return c
 
 

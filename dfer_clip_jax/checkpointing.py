@@ -42,6 +42,8 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from dfer_clip_jax import distributed
+
 STATE = "state"
 DATA_STATE = "data_state"
 CONFIG = "config"
@@ -450,7 +452,8 @@ class Checkpointer:
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames broken steps newer than the restored one, so they can be saved again."""
-    if _is_primary():
+
+    def rename() -> None:
       for step in steps:
         src = self.directory / str(step)
         dst = self.directory / f"{step}{CORRUPT_SUFFIX}"
@@ -461,7 +464,8 @@ class Checkpointer:
         if src.exists():
           src.rename(dst)
           logging.warning("renamed the broken checkpoint %s to %s", src, dst)
+
     # Every process calls this (even with nothing to rename): others must not list the steps
     # before the primary has moved them.
-    ocp.multihost.sync_global_processes("dfer_clip_jax_checkpoint_set_aside")
+    distributed.run_on_primary("setting broken checkpoints aside", rename)
     self._manager.reload()

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from dfer_clip_jax import distributed
 from dfer_clip_jax import metrics as metrics_lib
 from dfer_clip_jax.data import augment
 from dfer_clip_jax.data import pipeline
@@ -66,6 +67,10 @@ class Evaluator:
       g = pipeline.to_global_batch(batch, self.mesh)
       p = self._probs(model_state, g["video"], text_feats)
       chunks.append((p, g["label"], g["index"], g["mask"]))
+    # Each process loaded its own clips (nothing synchronises that loop): they meet on the
+    # coordination service, which waits as long as a slow file system needs, before the
+    # collective that gathers the results.
+    distributed.barrier("evaluating")
     probs, labels, index, mask = (
         np.concatenate([np.asarray(multihost_utils.process_allgather(c[i], tiled=True))
                         for c in chunks]) for i in range(4))

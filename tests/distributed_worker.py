@@ -6,6 +6,8 @@
       collective helpers and the resume-step agreement on a copy of a checkpoints folder, where
       process 1 alone is made to see the newest step as broken. Each process writes what it got
       to OUT/process_<i>.json.
+  --mode=primary_fails: joins jax.distributed; process 0 fails inside `run_on_primary` after
+      --delay seconds (it prints the time first); nothing catches the error.
 """
 
 import argparse
@@ -22,16 +24,33 @@ def _fail() -> None:
   time.sleep(120)
 
 
+def _initialize(wait_timeout_s: float) -> None:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from dfer_clip_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(ml_collections.ConfigDict(
+      {"initialize": False, "coordinator_address": "", "num_processes": 0, "process_id": -1,
+       "wait_timeout_s": wait_timeout_s}))
+
+
+def _primary_fails(delay: float) -> None:
+  from dfer_clip_jax import distributed  # pylint: disable=g-import-not-at-top
+
+  def slow_failure():
+    time.sleep(delay)
+    print(f"failing at {time.time()}", flush=True)
+    raise RuntimeError("process 0 gave up on purpose")
+
+  distributed.run_on_primary("testing a slow failure", slow_failure)
+
+
 def _agree(ckpt_dir: pathlib.Path, out: pathlib.Path) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
 
   from dfer_clip_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from dfer_clip_jax import distributed  # pylint: disable=g-import-not-at-top
   from dfer_clip_jax import train  # pylint: disable=g-import-not-at-top
 
-  distributed.initialize(ml_collections.ConfigDict(
-      {"initialize": False, "coordinator_address": "", "num_processes": 0, "process_id": -1}))
   me = jax.process_index()
   result = {"process": me, "count": jax.process_count()}
   result["broadcast"] = distributed.broadcast_json({"from": me, "text": "x" * (100 * (me + 1))})
@@ -44,6 +63,16 @@ def _agree(ckpt_dir: pathlib.Path, out: pathlib.Path) -> None:
     distributed.run_on_primary("testing", boom)
   except Exception as e:  # pylint: disable=broad-exception-caught
     result["run_on_primary_error"] = f"{type(e).__name__}: {e}"
+  result["every"] = distributed.run_on_every_process("testing", lambda: me * 10)
+  with distributed.primary_first("testing"):
+    first = out / "first.txt"
+    if not first.exists():  # process 0 writes it; the others only read it
+      first.write_text(str(me))
+    result["first_writer"] = first.read_text()
+  try:
+    distributed.gather_json(me, what=f"on step {me}")  # out of step: each names its own step
+  except RuntimeError as e:
+    result["out_of_step"] = str(e)
 
   newest = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
   if me == 1:
@@ -69,12 +98,18 @@ def _agree(ckpt_dir: pathlib.Path, out: pathlib.Path) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("--mode", choices=("fail", "agree"), required=True)
+  parser.add_argument("--mode", choices=("fail", "agree", "primary_fails"), required=True)
   parser.add_argument("--ckpt", type=pathlib.Path)
   parser.add_argument("--out", type=pathlib.Path)
+  parser.add_argument("--delay", type=float, default=0.0)
+  parser.add_argument("--wait_timeout_s", type=float, default=60.0)
   args = parser.parse_args()
   if args.mode == "fail":
     _fail()
+    return
+  _initialize(args.wait_timeout_s)
+  if args.mode == "primary_fails":
+    _primary_fails(args.delay)
   else:
     _agree(args.ckpt, args.out)
 

@@ -1,6 +1,7 @@
 """Every kind of bad input is reported with its file, line and a specific message."""
 
 import io
+import json
 import pathlib
 import subprocess
 import sys
@@ -123,6 +124,18 @@ def test_report_summary(report):
                        f"(rgb_policy='convert')")
   with pytest.raises(validate.ValidationError, match='too_few_frames'):
     report.raise_for_errors()
+
+
+def test_shards_merge_into_the_whole_report(dataset, report):
+  """Processes that each validate a share of the clips get, merged, the one-process report."""
+  root, lst = dataset
+  shards = [validate.validate_clips(lst, data_root=root, num_classes=7, num_threads=2,
+                                    shard=(i, 3)).to_json() for i in range(3)]
+  assert all(s['problems'] for s in shards)  # every shard found some of the problems
+  assert sum(len(s['problems']) for s in shards) == len(report.problems)
+  assert validate.ValidationReport.merge(json.loads(json.dumps(shards))) == report
+  with pytest.raises(ValueError, match='shard'):
+    validate.validate_clips(lst, data_root=root, shard=(3, 3))
 
 
 def test_truncated_jpeg_message_comes_from_pil(report):

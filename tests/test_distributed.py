@@ -1,10 +1,13 @@
 """Multi-process training on the CPU through launch/local.sh (jax.distributed over 127.0.0.1).
 
 One tiny demo run in 2 processes x 4 fake devices and the same run in 1 process x 8 devices:
-equal losses and parameters, identical evaluation; the 2-process checkpoint restores and
-evaluates in 1 process; the processes agree on the resume step when only one of them sees a
-broken checkpoint; the launcher stops every process when one fails. Every subprocess runs under
-a timeout and is killed (its whole process group) on the way out, pass or fail.
+equal losses and parameters, identical evaluation, although process 0's guarded work (the
+dataset step) is made to last longer than the 30 s after which a device collective's set-up gives
+up; the 2-process checkpoint restores and evaluates in 1 process; the processes agree on the
+resume step when only one of them sees a broken checkpoint; a failure of process 0 in guarded
+work stops every process at once with its message; the launcher stops every process when one
+fails. Every subprocess runs under a timeout and is killed (its whole process group) on the way
+out, pass or fail.
 """
 
 import json
@@ -13,6 +16,7 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +33,11 @@ LAUNCH = REPO / "launch"
 sys.path.insert(0, str(REPO / "tests"))
 from test_train import TINY_ARGS, TINY_OVERRIDES  # noqa: E402  pylint: disable=g-import-not-at-top
 
-RUN_TIMEOUT_S = 240  # one launcher call; a 2-process run takes ~70 s on 2 cores
+RUN_TIMEOUT_S = 240  # one launcher call; a 2-process run takes ~70 s on 2 cores (+ PRIMARY_DELAY_S)
+# Process 0 sleeps this long inside the guarded dataset step of the 2-process run: longer than the
+# 30 s a gloo collective's set-up waits, which is what the helpers of `distributed` once used.
+PRIMARY_DELAY_S = 35
+WAIT_LOG_EVERY_S = 10
 # One epoch of 3 steps, a checkpoint after step 2 and at the end (step 3). SGD (the paper's
 # optimizer) rather than the demo's AdamW: parameters whose exact gradient is zero (attention key
 # biases: softmax ignores a shift shared by all keys) get float-noise gradients that differ with
@@ -41,7 +49,9 @@ OVERRIDES = {**TINY_OVERRIDES, "train.epochs": 1, "train.checkpoint_every_steps"
 def _cli(synth: pathlib.Path) -> list[str]:
   out = [f"--config={REPO / 'configs' / 'demo.py'}:{TINY_ARGS}",
          f"--config.data.synthetic_dir={synth}"]
-  return out + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  # A hang fails within 2 minutes rather than the default hour.
+  return out + [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + [
+      "--config.distributed.wait_timeout_s=120"]
 
 
 def _kill_groups(logdir: pathlib.Path) -> None:
@@ -118,11 +128,13 @@ def runs(tmp_path_factory):
   env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  slow_primary = {distributed.ENV_TEST_PRIMARY_DELAY: f"{PRIMARY_DELAY_S}:generating",
+                  distributed.ENV_WAIT_LOG_EVERY: str(WAIT_LOG_EVERY_S)}
   out = {}
   for name, n, devices in (("one", 1, 8), ("two", 2, 4)):
     workdir, logdir = root / name, root / f"{name}_logs"
     _check(launch(logdir, "--", f"--workdir={workdir}", *_cli(synth), n=n, devices=devices,
-                  env=env), logdir)
+                  env={**env, **slow_primary} if n > 1 else env), logdir)
     out[name], out[f"{name}_logs"] = workdir, logdir
   logdir = root / "eval_logs"
   _check(launch(logdir, "--", f"--workdir={out['two']}", *_cli(synth), "--mode=eval",
@@ -175,6 +187,18 @@ def test_only_process_zero_writes(runs):
       "ocdbt.process_0", "ocdbt.process_1"]
 
 
+def test_processes_wait_for_long_work_on_process_zero(runs):
+  """The 2-process run above trained like one process although process 1 waited longer for
+  process 0's dataset step than a device collective would have; it said what it waited for."""
+  log0 = (runs["two_logs"] / "process_0.log").read_text()
+  log1 = (runs["two_logs"] / "process_1.log").read_text()
+  assert f"process 0 sleeps {PRIMARY_DELAY_S} s before generating the synthetic dataset" in log0
+  waits = re.findall(r"process 1: waiting for process 0 \(generating the synthetic dataset\) "
+                     r"for (\d+) s so far; giving up after 120 s", log1)
+  # 10, 20, 30 s (and more if process 1 reached the step before process 0 did).
+  assert [int(w) for w in waits][:3] == [10, 20, 30], log1[-3000:]
+
+
 def test_two_process_checkpoint_evaluates_in_one_process(runs):
   two = runs["two"]
   report = json.loads((two / "report.json").read_text())
@@ -207,6 +231,55 @@ def test_processes_agree_on_the_resume_step(runs, tmp_path):
     assert g["dirs_after"] == ["2", "3.corrupt"]
   assert got[0]["run_on_primary_error"] == "KeyError: 'only process 0 runs this'"
   assert got[1]["run_on_primary_error"].startswith("PrimaryFailedError: process 0 failed")
+  assert [g["every"] for g in got] == [[0, 10]] * 2
+  assert [g["first_writer"] for g in got] == ["0", "0"]
+  assert got[0]["out_of_step"].startswith("process 1 was on step 1 while process 0 was on step 0")
+  assert got[1]["out_of_step"].startswith("process 0 was on step 0 while process 1 was on step 1")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_a_failure_on_process_zero_stops_every_process_with_its_message(tmp_path):
+  """Process 0 fails inside `run_on_primary` after a delay; process 1, waiting for it (and
+  saying so), exits at once with process 0's message. The two processes are started directly,
+  not through local.sh, which would stop process 1 itself."""
+  delay, port = 8, _free_port()
+  procs, logs = [], [tmp_path / f"process_{i}.log" for i in range(2)]
+  try:
+    for i, log in enumerate(logs):
+      env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+             "DFER_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "DFER_NUM_PROCESSES": "2",
+             "DFER_PROCESS_ID": str(i), distributed.ENV_WAIT_LOG_EVERY: "2"}
+      with open(log, "w") as f:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "distributed_worker", "--mode=primary_fails",
+             f"--delay={delay}", "--wait_timeout_s=60"], env=env, stdout=f,
+            stderr=subprocess.STDOUT, start_new_session=True))
+    ended = [None, None]
+    deadline = time.time() + 90
+    while None in ended and time.time() < deadline:
+      for i, p in enumerate(procs):
+        if ended[i] is None and p.poll() is not None:
+          ended[i] = time.time()
+      time.sleep(0.1)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  out = [log.read_text() for log in logs]
+  assert None not in ended, out
+  assert [p.returncode for p in procs] == [1, 1], out
+  failed_at = float(re.search(r"failing at ([\d.]+)", out[0]).group(1))
+  assert "RuntimeError: process 0 gave up on purpose" in out[0]
+  assert ("PrimaryFailedError: process 0 failed while testing a slow failure: RuntimeError: "
+          "process 0 gave up on purpose") in out[1]
+  assert "process 1: waiting for process 0 (testing a slow failure)" in out[1]
+  assert max(ended) - failed_at < 10, (ended, failed_at)  # promptly, not at a time-out
 
 
 def test_launcher_stops_everyone_when_one_process_fails(tmp_path):

@@ -6,9 +6,10 @@ validated before training (`config.data.validate`): with `bad_clip_policy='error
 stops the run with the full report; with `'skip'` the bad clips are left out and every one is
 listed in the log and in `<workdir>/skipped_clips.txt`.
 
-Multi-process runs: process 0 alone generates the synthetic dataset and validates the frame
-folders, the others wait for its verdict; then every process checks that all of them built the
-same clip lists (`check_same_on_all_processes`).
+Multi-process runs: process 0 alone generates the synthetic dataset, the others wait for it;
+each process validates its own share of the frame folders and all of them get the whole report;
+then every process checks that all of them built the same clip lists
+(`check_same_on_all_processes`).
 """
 
 from __future__ import annotations
@@ -76,25 +77,27 @@ def _folder_source(path: pathlib.Path, root: pathlib.Path | None, class_names, d
   anns = annotations_lib.read_annotations(path, data_root=root, num_classes=len(class_names))
   if data.validate:
 
-    def validate() -> dict[str, Any]:
-      report = validate_lib.validate_clips(anns, class_names=class_names, progress=True)
-      if report.warnings:
-        logging.warning("%s: %d warnings\n%s", path, len(report.warnings), report.format())
-      if not report.ok and data.bad_clip_policy == "error":
-        raise validate_lib.ValidationError(
-            f"{path}: {len(report.errors)} problems (set data.bad_clip_policy=skip to leave the "
-            f"bad clips out)\n{report.format()}")
-      return {"bad_lines": sorted(report.bad_lines), "report": report.format()}
+    def validate_part() -> dict[str, Any]:
+      return validate_lib.validate_clips(
+          anns, class_names=class_names, progress=distributed.is_primary(),
+          shard=(jax.process_index(), jax.process_count())).to_json()
 
-    # Process 0 reads every clip's frames once and tells the others which lines to leave out,
-    # so all processes train on the same clips (and a shared file system is read once).
-    verdict = distributed.run_on_primary(f"validating {path}", validate)
-    bad = set(verdict["bad_lines"])
+    # Each process reads the frames of its own share of the clips; all get the whole report,
+    # so they leave out the same clips (or stop with the same error).
+    report = validate_lib.ValidationReport.merge(
+        distributed.run_on_every_process(f"validating {path}", validate_part))
+    if report.warnings and distributed.is_primary():
+      logging.warning("%s: %d warnings\n%s", path, len(report.warnings), report.format())
+    if not report.ok and data.bad_clip_policy == "error":
+      raise validate_lib.ValidationError(
+          f"{path}: {len(report.errors)} problems (set data.bad_clip_policy=skip to leave the "
+          f"bad clips out)\n{report.format()}")
+    bad = report.bad_lines
     if bad:
       for a in anns:
         if a.line_no in bad:
           skipped.append(f"{a.origin} {a.frame_dir}")
-      logging.warning("%s: leaving out %d bad clips:\n%s", path, len(bad), verdict["report"])
+      logging.warning("%s: leaving out %d bad clips:\n%s", path, len(bad), report.format())
       anns = [a for a in anns if a.line_no not in bad]
   return annotations_lib.FrameFolderSource(anns)
 

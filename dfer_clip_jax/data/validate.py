@@ -115,10 +115,25 @@ class ValidationReport:
         f'{len(self.warnings)} warnings (rgb_policy={self.rgb_policy!r})')
     return '\n'.join(lines)
 
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def merge(cls, shards: Sequence[dict]) -> 'ValidationReport':
+    """One report from the `to_json()`s of the shards of one list (see `validate_clips`)."""
+    problems = [Problem(**p) for shard in shards for p in shard['problems']]
+    problems.sort(key=_problem_order)
+    return cls(problems=problems, num_clips=shards[0]['num_clips'],
+               rgb_policy=shards[0]['rgb_policy'])
+
   def raise_for_errors(self) -> None:
     """Raises `ValidationError` listing every error, if there is any."""
     if not self.ok:
       raise ValidationError('\n'.join(p.format() for p in self.errors))
+
+
+def _problem_order(p: Problem) -> tuple[str, int]:
+  return (p.file, p.line if p.line is not None else -1)
 
 
 def _names(paths: Sequence[str]) -> str:
@@ -238,6 +253,7 @@ def validate_clips(
     rgb_policy: str = 'convert',
     num_threads: int = 16,
     progress: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> ValidationReport:
   """Checks an annotation list and its frame folders; returns every problem found.
 
@@ -254,6 +270,9 @@ def validate_clips(
       'reject' (they are an error).
     num_threads: threads for the folder and image checks.
     progress: show a tqdm progress bar over clips.
+    shard: (i, n): check the folders of clips i, i + n, i + 2n, ... only, and report the
+      list's own problems (lines, labels, duplicates) only when i is 0; `ValidationReport.merge`
+      joins the n shards' reports into the whole list's. For n processes sharing the work.
 
   Returns:
     A `ValidationReport`; `.ok` is False when any error was found.
@@ -278,6 +297,12 @@ def validate_clips(
   else:
     clips, problems = _check_list(list(annotations_or_path), num_classes)
     num_lines = len(clips) + len(problems)
+  index, count = shard
+  if not 0 <= index < count:
+    raise ValueError(f'shard {shard}: expected (i, n) with 0 <= i < n')
+  clips = clips[index::count]
+  if index:
+    problems = []
 
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
     results = pool.map(lambda c: _check_clip(c, check_images, rgb_policy), clips)
@@ -286,7 +311,7 @@ def validate_clips(
       results = tqdm.tqdm(results, total=len(clips), unit='clip', desc='validating')
     for clip_problems in results:
       problems.extend(clip_problems)
-  problems.sort(key=lambda p: (p.file, p.line if p.line is not None else -1))
+  problems.sort(key=_problem_order)
   return ValidationReport(problems=problems, num_clips=num_lines, rgb_policy=rgb_policy)
 
 
