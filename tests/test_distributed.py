@@ -149,12 +149,19 @@ def test_two_processes_train_like_one(runs):
   assert len(_losses(two)) == 3  # written once (process 0), not once per process
   a, b = _restore_numpy(one / "checkpoints" / "3"), _restore_numpy(two / "checkpoints" / "3")
   import jax  # pylint: disable=g-import-not-at-top
+  # The same trees (names and shapes) before any leaf is compared.
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  assert [x.shape for x in jax.tree.leaves(a)] == [y.shape for y in jax.tree.leaves(b)]
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a["model"])[0],
                           jax.tree.leaves(b["model"])):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-  # Momentum traces grow to ~1e2: compared relative to their size.
-  for x, y in zip(jax.tree.leaves(a["optimizer"]), jax.tree.leaves(b["optimizer"])):
-    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4)
+  # Momentum traces accumulate gradients summed in another order (the cross-process
+  # all-reduce): compared relative to each tensor's largest entry.
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a["optimizer"])[0],
+                          jax.tree.leaves(b["optimizer"])):
+    scale = float(np.abs(x).max()) if np.size(x) else 0.0
+    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4 * max(scale, 1.0),
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def test_two_processes_evaluate_like_one(runs):
