@@ -13,16 +13,12 @@ pretrained tower), CLIP mean/std input normalisation, and milder crops (area >= 
 On a 2-core CPU it generates 2,100 clips (about a minute) and trains for a few minutes.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dfer_clip_jax import config_lib
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, classes=7, clips=2100, epochs=25, frames=8)
-  c = common.base_config()
+  a = config_lib.parse_arg(arg, classes=7, clips=2100, epochs=25, frames=8)
+  c = config_lib.base_config()
   c.seed = 0
   c.dataset = "synthetic"
   c.num_classes = a.classes

@@ -8,20 +8,8 @@ r"""DFER-CLIP on MAFW (11 classes, 5 folds): the paper's recipe (SPEC section 2)
 Arguments after the colon: as for configs/dfew.py.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dfer_clip_jax import config_lib
 
 
 def get_config(arg=None):
-  a = common.common_args(arg)
-  c = common.base_config()
-  c.dataset = "mafw"
-  c.data.augment = "mafw"  # random-sized crop and flip only
-  common.apply_args(c, a)
-  if not 1 <= c.fold <= 5:
-    raise ValueError(f"MAFW has folds 1..5, got fold={c.fold}")
-  c.lock()
-  return c
+  return config_lib.paper_config("mafw", arg)

@@ -18,7 +18,8 @@ from dfer_clip_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from configs import common, demo, dfew, ferv39k, mafw  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import demo, dfew, ferv39k, mafw  # noqa: E402  pylint: disable=g-import-not-at-top
+from dfer_clip_jax import config_lib  # noqa: E402
 
 # Tiny run: 42 synthetic clips of 24 px, 4 frames at 16 px, batch 8, 2 epochs.
 TINY_ARGS = "clips=42,epochs=2,frames=4"
@@ -84,7 +85,7 @@ def test_all_configs_parse_and_typos_fail():
   with pytest.raises(ValueError, match="baseline"):
     dfew.get_config("baseline=nope")
   demo.get_config()
-  assert common.parse_arg("a=3,b", a=1, b=False).to_dict() == {"a": 3, "b": True}
+  assert config_lib.parse_arg("a=3,b", a=1, b=False).to_dict() == {"a": 3, "b": True}
 
 
 def test_main_rejects_unknown_override(tmp_path):

@@ -76,13 +76,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfer_clip_jax import config_lib
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
 from dfer_clip_jax.benchmarks import report
 from dfer_clip_jax.data import classes as classes_lib
 from dfer_clip_jax.models import clip as clip_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = ("B/32", "B/16", "L/14", "tiny")
 NUM_BATCHES = 4  # distinct random batches the timed steps cycle through
 
@@ -286,10 +286,7 @@ def search_max_batch(trial: Callable[[int], Trial], *, start: int, limit: int, g
 def load_config(variant: str, *, frames: int, batch: int, dtype: str, remat: bool,
                 attention: str):
   """`configs/dfew.py` (the paper recipe) with the benchmark's overrides."""
-  if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-  from configs import dfew  # pylint: disable=g-import-not-at-top
-  c = dfew.get_config(f"variant={variant}")
+  c = config_lib.paper_config("dfew", f"variant={variant}")
   c.clip.dtype = dtype
   c.clip.remat = remat
   c.clip.attention_impl = attention

@@ -1,7 +1,10 @@
-"""Shared config pieces: the full key set with defaults, and `parse_arg` for `file.py:k=v,...`.
+"""The config every config file builds on: the full key set with defaults, `parse_arg` for
+`file.py:k=v,...`, and the paper recipe of a dataset (`paper_config`).
 
 Every key the code reads is defined here with its default and a comment; configs are returned
 locked, so a misspelled key (in a config file or a `--config.x=...` override) fails at start-up.
+The config files (`configs/*.py`, outside the package) import this module; nothing in the package
+imports them.
 """
 
 from __future__ import annotations
@@ -175,3 +178,23 @@ def apply_args(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> No
 def common_args(arg: str | None, **extra):
   return parse_arg(arg, fold=1, variant="B/32", ctx=-1, depth=-1, text="", baseline="",
                    protocol="val", **extra)
+
+
+# The paper datasets: number of folds and the dataset-specific train augmentation.
+_PAPER_DATASETS = {"dfew": (5, "dfew"), "mafw": (5, "mafw"), "ferv39k": (1, "ferv39k")}
+
+
+def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The paper's recipe on `dataset`, with the common variant arguments; locked."""
+  if dataset not in _PAPER_DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}: expected one of {sorted(_PAPER_DATASETS)}")
+  folds, augment = _PAPER_DATASETS[dataset]
+  a = common_args(arg)
+  c = base_config()
+  c.dataset = dataset
+  c.data.augment = augment
+  apply_args(c, a)
+  if not 1 <= c.fold <= folds:
+    raise ValueError(f"{dataset} has folds 1..{folds}, got fold={c.fold}")
+  c.lock()
+  return c
