@@ -1,4 +1,4 @@
-r"""DFER-CLIP on DFEW (7 classes, 5 folds): the paper's recipe (SPEC section 2).
+r"""DFER-CLIP on DFEW (7 classes, 5 folds): the paper's recipe (docs/method.md).
 
   python -m dfer_clip_jax.main --config=configs/dfew.py:fold=1 --workdir=runs/dfew_fold1 \
     --config.clip.checkpoint=clip-vit-base-patch32 --config.data.root=/data/DFEW \

@@ -1,4 +1,5 @@
-r"""DFER-CLIP on FERV39k (7 classes, one train/test split): the paper's recipe (SPEC section 2).
+r"""DFER-CLIP on FERV39k (7 classes, one train/test split): the paper's recipe
+(docs/method.md).
 
   python -m dfer_clip_jax.main --config=configs/ferv39k.py --workdir=runs/ferv39k \
     --config.clip.checkpoint=clip-vit-base-patch32 --config.data.root=/data/FERV39k \

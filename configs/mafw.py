@@ -1,4 +1,4 @@
-r"""DFER-CLIP on MAFW (11 classes, 5 folds): the paper's recipe (SPEC section 2).
+r"""DFER-CLIP on MAFW (11 classes, 5 folds): the paper's recipe (docs/method.md).
 
   python -m dfer_clip_jax.main --config=configs/mafw.py:fold=1 --workdir=runs/mafw_fold1 \
     --config.clip.checkpoint=clip-vit-base-patch32 --config.data.root=/data/MAFW \

@@ -2,7 +2,7 @@
 
 WAR (weighted average recall) is plain accuracy over the counted clips; UAR (unweighted average
 recall) is the mean of the per-class recalls, i.e. the mean of the diagonal of the row-normalised
-confusion matrix (SPEC section 5). Both are reported in percent.
+confusion matrix (docs/method.md, Evaluation). Both are reported in percent.
 
 Also here: the files an evaluation writes (`metrics.json`, `predictions.csv`,
 `confusion_matrix.png`, the image drawn with PIL only), the final report's rows (last epoch, best
@@ -268,7 +268,7 @@ def report_rows(history: Sequence[Mapping[str, Any]], *, val_metric: str = "uar"
   Returns:
     {ROW_LAST: row, ROW_BEST_VAL: row or None (no validation results), ROW_PAPER: row}, each row
     {"epoch", "uar", "war"} of the *test* split at the selected epoch. The paper protocol selects
-    the epoch with the best test WAR and reports that epoch's UAR too (SPEC section 5); ties go to
+    the epoch with the best test WAR and reports that epoch's UAR too (docs/method.md, Evaluation); ties go to
     the earliest epoch.
   """
   if not history:

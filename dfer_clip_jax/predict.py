@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from dfer_clip_jax import inference
+from dfer_clip_jax import restore
 from dfer_clip_jax.data import augment
 from dfer_clip_jax.video import faces as faces_lib
 from dfer_clip_jax.video import render
@@ -440,8 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("error: no input to predict on", file=sys.stderr)
     return 2
   try:
-    ref = inference.resolve_checkpoint(args.checkpoint, args.which)
-    model, spec = inference.load_model_for_inference(ref)
+    model, spec, ref = restore.load_model(args.checkpoint, args.which)
     predictor = inference.Predictor(model, spec, batch_size=args.batch_size)
     detector = (faces_lib.HaarFaceDetector(min_face=options.min_face)
                 if options.face == "auto" else None)

@@ -28,7 +28,6 @@ def _agree(ckpt_dir: pathlib.Path, out: pathlib.Path) -> None:
 
   from dfer_clip_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from dfer_clip_jax import distributed  # pylint: disable=g-import-not-at-top
-  from dfer_clip_jax import train  # pylint: disable=g-import-not-at-top
 
   distributed.initialize(ml_collections.ConfigDict(
       {"initialize": False, "coordinator_address": "", "num_processes": 0, "process_id": -1}))
@@ -60,7 +59,7 @@ def _agree(ckpt_dir: pathlib.Path, out: pathlib.Path) -> None:
   ckptr = checkpointing.Checkpointer(ckpt_dir, keep_last=10)
   try:
     result["newest"] = newest
-    result["agreed"] = train.agreed_latest_step(ckptr)
+    result["agreed"] = checkpointing.agreed_latest_step(ckptr)
   finally:
     ckptr.close()
   result["dirs_after"] = sorted(p.name for p in ckpt_dir.iterdir())

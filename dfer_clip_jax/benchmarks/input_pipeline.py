@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 
 from dfer_clip_jax.data import annotations as annotations_lib
+from dfer_clip_jax.data import augment
 from dfer_clip_jax.data import packed
 from dfer_clip_jax.data import pipeline
 from dfer_clip_jax.data import synthetic
@@ -209,7 +210,8 @@ def run(*, clips: int, workers: Sequence[int], image_size: int, render_size: int
                     worker_count=num_workers, read_threads=read_threads,
                     fast_decode=fast_decode)
       if kind == 'train':
-        ds = pipeline.make_train_dataset(source, seed=0, augment='synthetic', **common)
+        ds = pipeline.make_train_dataset(source, seed=0, augmentation=augment.Augmentation(),
+                                        **common)
       else:
         ds = pipeline.make_eval_dataset(source, **common)
       result = _throughput(lambda: iter(ds), batch_size, warmup=1 + num_workers,
