@@ -9,15 +9,18 @@ imports them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from dfer_clip_jax.data import datasets
 from dfer_clip_jax.models import class_texts
+from dfer_clip_jax.models import dfer_clip
 
 # Arguments accepted after the colon in `--config=configs/dfew.py:fold=2,variant=B/16`.
 VARIANTS = ("B/32", "B/16", "L/14", "tiny")
 
-# The paper's baselines (its Tables 2 and 3) as presets: config key -> value, applied by
+# The paper's baselines and manual prompts as presets: config key -> value, applied by
 # `baseline=NAME` after the colon. The default (no baseline) is DFER-CLIP itself.
 _NO_TRAINING = {f"optim.lr.{g}": 0.0 for g in ("temporal", "image", "prompt", "head")}
 BASELINES: dict[str, dict[str, object]] = {
@@ -112,27 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.attention_impl = "auto"
   c.clip.remat = False  # recompute image-tower blocks in the backward pass to save memory
 
-  # The model's config: these keys are the fields of `DFERCLIPConfig` (the class names come from
-  # the data), passed in unchanged and stored with every checkpoint.
-  c.model = ml_collections.ConfigDict()
-  c.model.num_frames = 16  # frames sampled per clip (T)
-  c.model.normalize = False  # CLIP mean/std pixel normalisation (paper: off)
-  c.model.temporal = "transformer"  # transformer | mean (of the frame features; paper "w/o TM")
-  c.model.temporal_depth = 1  # temporal transformer blocks; 0 = the mean
-  c.model.temporal_heads = 8
-  c.model.temporal_dim_head = 64
-  c.model.temporal_mlp_dim = 1024
-  c.model.temporal_dropout = 0.0
-  c.model.head = "prompt"  # prompt (cosine to the class prompts) | linear (a Linear layer)
-  c.model.text_type = "descriptor"  # class_name | name_with_context | descriptor | template
-  c.model.template = ""  # for text_type=template, e.g. "a photo of {}."
-  c.model.class_texts_file = ""  # user class texts (JSON or one per line) instead of ours
-  c.model.n_ctx = 8  # learnable context tokens M
-  c.model.class_specific = True  # context per class (C, M, W), else shared (M, W)
-  c.model.position = "end"  # class text position relative to the context: end | middle | front
-  c.model.ctx_init_std = 0.02  # init of the learnable context
-  c.model.logit_scale = "fixed"  # fixed (x100, paper) | clip (CLIP's learned logit_scale)
-  c.model.fixed_logit_scale = 100.0
+  # The model's config: the fields of `DFERCLIPConfig` with its defaults (the paper's model;
+  # each field is documented there), passed in unchanged and stored with every checkpoint. The
+  # class names are not a key: they come from the data.
+  c.model = ml_collections.ConfigDict({
+      f.name: f.default for f in dataclasses.fields(dfer_clip.DFERCLIPConfig)
+      if f.name != "class_names"})
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "folders"  # folders (annotation lists) | packed (TFDS array_record) | synthetic

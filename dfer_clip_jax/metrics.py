@@ -20,7 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from dfer_clip_jax.plotting import load_font, text_size
 
 ROW_LAST = "last epoch"
 ROW_BEST_VAL = "best by validation"
@@ -160,21 +162,6 @@ def write_eval_outputs(out_dir: str | os.PathLike, *, metrics: Mapping[str, Any]
                                   title=title)
   image.save(paths["confusion_matrix"], format="PNG")
   return paths
-
-
-def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-  """Pillow's default font at `size` pixels (shared by every plot the project draws)."""
-  # Pillow's bundled scalable font needs FreeType; the bitmap fallback is small but legible.
-  try:
-    return ImageFont.load_default(size=size)
-  except (ImportError, OSError, TypeError):
-    return ImageFont.load_default()
-
-
-def text_size(font, text: str) -> tuple[int, int]:
-  """(width, height) of `text` drawn in `font`."""
-  left, top, right, bottom = font.getbbox(text)
-  return right - left, bottom - top
 
 
 def _colour(fraction: float) -> tuple[int, int, int]:

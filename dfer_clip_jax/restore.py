@@ -25,7 +25,6 @@ import pathlib
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 
 from dfer_clip_jax import checkpointing

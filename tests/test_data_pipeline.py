@@ -167,6 +167,10 @@ def test_iterator_state_resumes_the_same_sequence(source, tmp_path):
   assert resumed.get_state()['step'] == restored.step == 7
   with pytest.raises(ValueError, match='seed: saved 3, now 9'):
     iter(_train(source, seed=9, num_epochs=None)).set_state(state)
+  # Every augmentation setting is in the fingerprint (derived from the `Augmentation` value).
+  milder = augment.Augmentation(op='brightness', crop_min_area=0.5)
+  with pytest.raises(ValueError, match='crop_min_area: saved 0.08, now 0.5'):
+    iter(_train(source, augmentation=milder, num_epochs=None)).set_state(state)
   with pytest.raises(TypeError, match='repeats forever'):
     len(dataset)
   for iterator in (it, resumed, restored):

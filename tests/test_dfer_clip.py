@@ -369,3 +369,15 @@ def test_pixels_become_float_in_the_model():
       rtol=1e-5, atol=1e-5)
   with pytest.raises(TypeError, match="uint8"):
     dc.to_model_input(video.astype(np.float32), normalize=False)
+
+
+def test_evaluation_forward_with_and_without_constants(model, video):
+  """`probabilities` takes uint8 clips; the once-per-evaluation constants (text features) are an
+  optimisation only: without them (a model whose text features depend on the video returns
+  None from `eval_constants`) the text features are computed in the forward pass."""
+  clips_uint8 = (np.asarray(video) * 255).astype(np.uint8)
+  both = nnx.jit(lambda m, v: (m.probabilities(v), m.probabilities(v, m.eval_constants())))
+  without, with_constants = both(model, clips_uint8)
+  assert without.shape == (B, CFG.num_classes)
+  np.testing.assert_allclose(without, with_constants, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(without).sum(-1), 1.0, atol=1e-5)

@@ -372,3 +372,12 @@ def test_cli_on_a_converted_reference_checkpoint(reference_dir, media, tmp_path)
   assert len(w["frame_indices"]) == pred["model"]["num_frames"] == 16
   assert w["frame_indices"] == sampling.test_indices(30, 16).tolist()
   assert sum(w["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_model_spec_round_trip_and_old_format_refused(saved):
+  spec = saved["spec"]
+  again = state_lib.ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+  assert again == spec and again.model.class_names == spec.class_names
+  old = {**spec.to_dict(), "format": "dfer_clip_jax.model/1"}
+  with pytest.raises(ValueError, match="older version of dfer_clip_jax"):
+    state_lib.ModelSpec.from_dict(old)

@@ -69,10 +69,10 @@ class DFERCLIPConfig:
   # Temporal model: transformer | mean (the frame mean, the paper's "w/o TM"; temporal_depth=0
   # is another name for it).
   temporal: Temporal = "transformer"
-  temporal_depth: int = 1
-  temporal_heads: int = 8
-  temporal_dim_head: int = 64
-  temporal_mlp_dim: int = 1024
+  temporal_depth: int = 1  # transformer blocks
+  temporal_heads: int = 8  # attention heads of the temporal transformer
+  temporal_dim_head: int = 64  # width of each head
+  temporal_mlp_dim: int = 1024  # hidden width of its feed-forward layers
   temporal_dropout: float = 0.0  # the reference trains with 0
   # Classifier: "prompt" = cosine similarity to the class prompts' text features (DFER-CLIP,
   # CoOp, zero-shot, manual prompts); "linear" = a Linear layer on the raw video features.
@@ -85,11 +85,11 @@ class DFERCLIPConfig:
   n_ctx: int = 8
   class_specific: bool = True  # context (C, M, W) per class, else (M, W) shared by all classes
   position: Position = "end"  # where the class text sits relative to the context
-  ctx_init_std: float = 0.02
+  ctx_init_std: float = 0.02  # the context starts from N(0, ctx_init_std)
   # Logits: "fixed" multiplies by fixed_logit_scale (reference: 100); "clip" by exp(CLIP's
   # learned logit_scale).
   logit_scale: LogitScale = "fixed"
-  fixed_logit_scale: float = 100.0
+  fixed_logit_scale: float = 100.0  # the scale of logit_scale "fixed"
 
   def __post_init__(self):
     def fail(msg):
