@@ -19,7 +19,7 @@ The model (the same work as `dfer_clip_jax/models/dfer_clip.py::DFERCLIP`, prove
     text vocabulary `dfer_clip_jax.state.DEMO_VOCAB`, as our random-init CLIPs), or loaded from
     a local Hugging Face CLIP folder (`--clip_dir`).
   * video (B, T, H, W, 3) uint8 on the device -> float32 / 255 inside the step (as our trainer's
-    `data.augment.to_model_input` with the paper's normalize=False) -> B*T frames, b-major
+    `DFERCLIP.preprocess` with the paper's normalize=False) -> B*T frames, b-major
     (row b*T + t) -> image tower (`vision_model` + `visual_projection`) -> (B, T, D).
   * temporal transformer with a class token: [cls, frames] + pos, pre-norm blocks (LayerNorm ->
     bias-free Linear D -> 3*H*Dh -> softmax attention, scale Dh^-0.5 -> Linear H*Dh -> D;
@@ -100,15 +100,15 @@ from dfer_clip_jax import state as state_lib  # pylint: disable=g-import-not-at-
 from dfer_clip_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dfer_clip_jax.benchmarks import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dfer_clip_jax.benchmarks.train_step import analytic_flops, arithmetic_of, is_oom, peak_tflops  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dfer_clip_jax.data import augment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dfer_clip_jax.data import classes as classes_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dfer_clip_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dfer_clip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dfer_clip_jax.models import dfer_clip as dfer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dfer_clip_jax.models import prompts as prompts_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VARIANTS = ("B/32", "B/16", "L/14", "tiny")
 IMPLS = ("fp32", "bf16", "bf16-compile")
 NUM_BATCHES = 4  # distinct random batches the timed steps cycle through (as train_step)
-# The paper's optimizer (configs/common.py: optim.*), the same numbers as our trainer's defaults.
+# The paper's optimizer (dfer_clip_jax/config_lib.py: optim.*), the same numbers as our trainer's defaults.
 LR_TEMPORAL, LR_IMAGE, LR_PROMPT = 1e-2, 1e-5, 1e-3
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4
 # HF `hidden_act` -> our activation names (only the FLOP count's config needs them).
@@ -278,7 +278,7 @@ class DFERCLIP(nn.Module):
     temporal depth >= 1, class-specific context at the end of the prompt, fixed scale, no
     dropout."""
     super().__init__()
-    if (config.temporal_depth < 1 or config.head != "prompt" or config.n_ctx < 1
+    if (config.temporal != "transformer" or config.head != "prompt" or config.n_ctx < 1
         or not config.class_specific or config.position != "end"
         or config.logit_scale != "fixed" or config.temporal_dropout):
       raise ValueError(f"the torch step builds only the paper's DFER-CLIP, got {config}")
@@ -299,8 +299,8 @@ class DFERCLIP(nn.Module):
     self.register_buffer("prompt_ids", ids)  # for `check_text_path`
     self.logit_scale = config.fixed_logit_scale
     self.normalize = normalize
-    self.register_buffer("mean", torch.tensor(augment.CLIP_MEAN, device=device))
-    self.register_buffer("std", torch.tensor(augment.CLIP_STD, device=device))
+    self.register_buffer("mean", torch.tensor(dfer_lib.CLIP_MEAN, device=device))
+    self.register_buffer("std", torch.tensor(dfer_lib.CLIP_STD, device=device))
 
   def encode_frames(self, video_BxTxHxWx3: torch.Tensor) -> torch.Tensor:
     """uint8 video -> raw CLIP image features of its frames (B, T, D), float32."""
@@ -387,7 +387,7 @@ def prompt_tokens(clip_dir: str | None, workdir: pathlib.Path, texts: Sequence[s
     if not (folder / "vocab.json").is_file():
       demo_tokenizer.build_demo_tokenizer(folder, list(texts), vocab_size=state_lib.DEMO_VOCAB)
     tok = tokenizer_lib.load_tokenizer(folder)
-  ids, _, name_lens = dfer_lib.prompt_token_ids(tok, texts, n_ctx, context_length)
+  ids, _, name_lens = prompts_lib.prompt_token_ids(tok, texts, n_ctx, context_length)
   return ids, name_lens
 
 
@@ -395,8 +395,7 @@ def paper_config(frames: int = 16) -> dfer_lib.DFERCLIPConfig:
   """The paper's DFER-CLIP on DFEW (our config's defaults, as configs/dfew.py): 7 classes with
   their descriptors, 8 class-specific context tokens, temporal depth 1 (8 heads of 64, MLP 1024),
   logit scale 100."""
-  return dfer_lib.DFERCLIPConfig(num_classes=len(classes_lib.DFEW_CLASSES),
-                                 class_names=classes_lib.DFEW_CLASSES, num_frames=frames)
+  return dfer_lib.DFERCLIPConfig(class_names=datasets.DFEW_CLASSES, num_frames=frames)
 
 
 def build(*, variant: str = "B/32", clip_dir: str | None = None, frames: int = 16,

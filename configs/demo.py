@@ -13,19 +13,14 @@ pretrained tower), CLIP mean/std input normalisation, and milder crops (area >= 
 On a 2-core CPU it generates 2,100 clips (about a minute) and trains for a few minutes.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dfer_clip_jax import config_lib
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, classes=7, clips=2100, epochs=25, frames=8)
-  c = common.base_config()
+  a = config_lib.parse_arg(arg, classes=7, clips=2100, epochs=25, frames=8)
+  c = config_lib.base_config()
   c.seed = 0
-  c.dataset = "synthetic"
-  c.num_classes = a.classes
+  c.dataset = {7: "synthetic", 11: "synthetic11"}[a.classes]
   c.clip.variant = "tiny"
   c.clip.image_size = 32
   c.model.temporal_heads = 4
@@ -35,18 +30,15 @@ def get_config(arg=None):
   c.data.synthetic_clips = a.clips
   c.data.synthetic_size = 48
   c.data.synthetic_max_frames = 48  # short clips keep generation fast; 8 frames are sampled
-  c.data.num_frames = a.frames
-  c.data.augment = "dfew"
+  c.model.num_frames = a.frames
+  c.data.augment = "brightness"
   c.data.crop_min_area = 0.5
-  c.data.normalize = True
+  c.model.normalize = True
   c.data.worker_count = 0
   c.data.val_fraction = 0.1
   c.optim.name = "adamw"
   c.optim.weight_decay = 0.05
-  c.optim.lr_image = 1e-3
-  c.optim.lr_temporal = 1e-3
-  c.optim.lr_prompt = 1e-3
-  c.optim.lr_head = 1e-3
+  c.optim.lr = dict(temporal=1e-3, image=1e-3, prompt=1e-3, head=1e-3)
   c.optim.milestones = (int(a.epochs * 0.7), int(a.epochs * 0.9))
   c.optim.warmup_epochs = 1.0
   c.train.epochs = a.epochs

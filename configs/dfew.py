@@ -1,4 +1,4 @@
-r"""DFER-CLIP on DFEW (7 classes, 5 folds): the paper's recipe (SPEC section 2).
+r"""DFER-CLIP on DFEW (7 classes, 5 folds): the paper's recipe (docs/method.md).
 
   python -m dfer_clip_jax.main --config=configs/dfew.py:fold=1 --workdir=runs/dfew_fold1 \
     --config.clip.checkpoint=clip-vit-base-patch32 --config.data.root=/data/DFEW \
@@ -11,21 +11,8 @@ baseline=zeroshot|linear_probe|finetune|finetune_tm|coop, protocol=val|paper.
 All folds: `python -m dfer_clip_jax.folds --config=configs/dfew.py --workdir=runs/dfew`.
 """
 
-import os
-import sys
-
-# Config files are executed by path; make `configs.common` importable from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dfer_clip_jax import config_lib
 
 
 def get_config(arg=None):
-  a = common.common_args(arg)
-  c = common.base_config()
-  c.dataset = "dfew"
-  c.data.augment = "dfew"  # brightness jitter, random-sized crop, flip
-  common.apply_args(c, a)
-  if not 1 <= c.fold <= 5:
-    raise ValueError(f"DFEW has folds 1..5, got fold={c.fold}")
-  c.lock()
-  return c
+  return config_lib.paper_config("dfew", arg)

@@ -1,4 +1,5 @@
-r"""DFER-CLIP on FERV39k (7 classes, one train/test split): the paper's recipe (SPEC section 2).
+r"""DFER-CLIP on FERV39k (7 classes, one train/test split): the paper's recipe
+(docs/method.md).
 
   python -m dfer_clip_jax.main --config=configs/ferv39k.py --workdir=runs/ferv39k \
     --config.clip.checkpoint=clip-vit-base-patch32 --config.data.root=/data/FERV39k \
@@ -10,20 +11,8 @@ Arguments after the colon: as for configs/dfew.py (fold must stay 1). 53% of FER
 `--config.data.fix_short_sampling=true` spreads them over the clip (not the paper's recipe).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dfer_clip_jax import config_lib
 
 
 def get_config(arg=None):
-  a = common.common_args(arg)
-  c = common.base_config()
-  c.dataset = "ferv39k"
-  c.data.augment = "ferv39k"  # rotation, random-sized crop, flip
-  common.apply_args(c, a)
-  if c.fold != 1:
-    raise ValueError(f"FERV39k has a single split (fold=1), got fold={c.fold}")
-  c.lock()
-  return c
+  return config_lib.paper_config("ferv39k", arg)

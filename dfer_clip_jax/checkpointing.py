@@ -150,6 +150,67 @@ def latest_valid_step(directory: str | os.PathLike) -> int | None:
   return None
 
 
+def best_step(directory: str | os.PathLike, metric: str, mode: str = "max") -> int | None:
+  """The usable step with the best `metric` in its saved metrics (`mode` "max" or "min"; the
+  latest among ties), or None when no step has it.
+
+  Reads the folders only: opening an Orbax `CheckpointManager` here could remove the temporary
+  folder of a save that a running trainer is writing.
+  """
+  directory = pathlib.Path(directory)
+  sign = 1.0 if mode == "max" else -1.0
+  best: tuple[float, int] | None = None
+  for step in _step_dirs(directory):
+    step_dir = directory / str(step)
+    if not (step_dir / METRICS).is_dir() or verify_checkpoint(step_dir) is not None:
+      continue
+    try:
+      metrics = ocp.JsonCheckpointHandler(filename=METRICS).restore(epath.Path(step_dir / METRICS))
+    except Exception:  # pylint: disable=broad-exception-caught
+      continue  # an unreadable metrics item only takes the step out of the ranking
+    value = metrics.get(metric) if isinstance(metrics, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+      key = (sign * float(value), step)
+      best = key if best is None or key > best else best
+  return None if best is None else best[1]
+
+
+def step_dir(directory: str | os.PathLike, which: str | int | os.PathLike, *, metric: str,
+             mode: str = "max") -> pathlib.Path:
+  """The usable checkpoint folder that `which` names in `directory`: "latest", "best" (by
+  `metric`, see `best_step`), a step (int or digit string), or the path of a checkpoint folder.
+
+  Raises:
+    FileNotFoundError: no such step or folder (or no step at all, or none with the metric).
+    ValueError: the folder is unusable (`verify_checkpoint` says why).
+  """
+  directory = pathlib.Path(directory)
+  if isinstance(which, str) and which == "latest":
+    step = latest_valid_step(directory)
+    if step is None:
+      raise FileNotFoundError(f"no usable checkpoint in {directory}")
+    path = directory / str(step)
+  elif isinstance(which, str) and which == "best":
+    step = best_step(directory, metric, mode)
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory} was saved with evaluation metrics "
+                              f"({metric!r}): there is no best step")
+    path = directory / str(step)
+  elif isinstance(which, int) or (isinstance(which, str) and _STEP_NAME.fullmatch(which)):
+    path = directory / str(int(which))
+    if not path.is_dir():
+      raise FileNotFoundError(f"no checkpoint step {int(which)} in {directory}; steps "
+                              f"there: {_step_dirs(directory)}")
+  else:
+    path = pathlib.Path(which)
+    if not path.is_dir():
+      raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+  reason = verify_checkpoint(path)
+  if reason is not None:
+    raise ValueError(f"checkpoint {path} is unusable because {reason}")
+  return path
+
+
 def write_integrity_record(step_dir: str | os.PathLike) -> None:
   """Records the size of every file of a finished checkpoint (primary process only)."""
   if not _is_primary():
@@ -378,7 +439,8 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     """The kept step with the best `best_metric`; None when no step was saved with metrics."""
-    return self._manager.best_step()
+    self.wait()
+    return best_step(self.directory, self.best_metric, self.best_mode)
 
   def latest_valid_step(self) -> int | None:
     """Newest usable step (see `verify_checkpoint`) after waiting for pending saves; each newer,
@@ -404,24 +466,7 @@ class Checkpointer:
     self.wait()
     if isinstance(which, str) and which == "latest":
       return self._restore_latest(abstract_state)
-    if isinstance(which, str) and which == "best":
-      step = self.best_step()
-      if step is None:
-        raise FileNotFoundError(f"no checkpoint in {self.directory} was saved with metrics: "
-                                "there is no best step")
-      path = self.directory / str(step)
-    elif isinstance(which, int) or (isinstance(which, str) and _STEP_NAME.fullmatch(which)):
-      path = self.directory / str(int(which))
-      if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint step {int(which)} in {self.directory}; steps "
-                                f"there: {_step_dirs(self.directory)}")
-    else:
-      path = pathlib.Path(which)
-      if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    reason = verify_checkpoint(path)
-    if reason is not None:
-      raise ValueError(f"checkpoint {path} is unusable because {reason}")
+    path = step_dir(self.directory, which, metric=self.best_metric, mode=self.best_mode)
     return _restore_dir(path.absolute(), abstract_state)
 
   def _restore_latest(self, abstract_state: Any):
@@ -469,3 +514,34 @@ class Checkpointer:
     # before the primary has moved them.
     distributed.run_on_primary("setting broken checkpoints aside", rename)
     self._manager.reload()
+
+
+def agreed_latest_step(ckptr: Checkpointer) -> int | None:
+  """The newest step that *every* process finds usable; newer broken steps are set aside.
+
+  Collective (multi-process runs). Each process checks the steps process 0 lists
+  (`verify_checkpoint`: commit marker, metadata, file sizes against the integrity
+  record) and the newest step accepted by all is taken. A choice made per process could differ
+  (a file system that shows one host a truncated file) and the processes would then restore
+  different steps, or block in Orbax's restore barrier; so does a step that passes the checks
+  but fails to read on one process, which is why the checks run first, on every process.
+  """
+  ckptr.wait()
+  steps = distributed.broadcast_json(ckptr.all_steps() if distributed.is_primary() else None)
+  reasons = [verify_checkpoint(ckptr.directory / str(s)) for s in steps]
+  verdicts = distributed.gather_json(reasons)  # [process][step] -> None or why unusable
+  chosen, broken = None, []
+  for i in reversed(range(len(steps))):
+    why = [(p, v[i]) for p, v in enumerate(verdicts) if v[i] is not None]
+    if not why:
+      chosen = steps[i]
+      break
+    if distributed.is_primary():
+      logging.warning("checkpoint %s is unusable (%s); trying the previous one",
+                      ckptr.directory / str(steps[i]),
+                      "; ".join(f"process {p}: {r}" for p, r in why))
+    broken.append(steps[i])
+  if broken and chosen is not None:
+    # So that the resumed run can save those steps again (every process must call it).
+    ckptr._set_aside(broken)  # pylint: disable=protected-access
+  return chosen

@@ -9,39 +9,38 @@ The pickle is read without executing code from it (see `conversion/torch_io.py`)
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 
+from dfer_clip_jax import cli
 from dfer_clip_jax.conversion import reference
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m dfer_clip_jax.convert", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--reference", required=True,
-                 help="reference checkpoint: .pth/.pt as the reference saves it, a plain state "
-                      "dict (.pth, .safetensors, .npz)")
-  p.add_argument("--out", required=True, help="output folder for the export")
-  p.add_argument("--position", default="end", choices=("end", "middle", "front"),
-                 help="class-text position the reference was trained with (not in the tensors)")
-  p.add_argument("--token_ids", default=None,
-                 help="optional .npy of the reference's (C, 77) prompt token ids; by default "
-                      "end-of-text positions are found in the stored suffix embeddings")
-  p.add_argument("--text_type", default="descriptor",
-                 choices=("class_name", "name_with_context", "descriptor"),
-                 help="recorded in the config only: the prompts come from the checkpoint")
-  p.add_argument("--temporal_dim_head", type=int, default=64,
-                 help="head width of the temporal attention (the reference: 64)")
-  p.add_argument("--clip_act", default="quick_gelu", choices=("quick_gelu", "gelu"),
-                 help="activation of the CLIP towers (OpenAI CLIP: quick_gelu)")
-  return p.parse_args(argv)
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("reference", None, "reference checkpoint: .pth/.pt as the reference saves "
+                      "it, a plain state dict (.pth, .safetensors, .npz)", required=True,
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "output folder for the export", required=True,
+                      flag_values=fv)
+  flags.DEFINE_enum("position", "end", ["end", "middle", "front"], "class-text position the "
+                    "reference was trained with (not in the tensors)", flag_values=fv)
+  flags.DEFINE_string("token_ids", None, "optional .npy of the reference's (C, 77) prompt token "
+                      "ids; by default end-of-text positions are found in the stored suffix "
+                      "embeddings", flag_values=fv)
+  flags.DEFINE_enum("text_type", "descriptor", ["class_name", "name_with_context", "descriptor"],
+                    "recorded in the config only: the prompts come from the checkpoint",
+                    flag_values=fv)
+  flags.DEFINE_integer("temporal_dim_head", 64, "head width of the temporal attention (the "
+                       "reference: 64)", flag_values=fv)
+  flags.DEFINE_enum("clip_act", "quick_gelu", ["quick_gelu", "gelu"], "activation of the CLIP "
+                    "towers (OpenAI CLIP: quick_gelu)", flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
+  args, _ = cli.parse("python -m dfer_clip_jax.convert", __doc__, _define, argv)
   token_ids = np.load(args.token_ids, allow_pickle=False) if args.token_ids else None
   imported = reference.load_reference_checkpoint(
       args.reference, position=args.position, token_ids=token_ids,

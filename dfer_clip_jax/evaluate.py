@@ -1,7 +1,7 @@
 """The evaluator: one pass over a split -> UAR / WAR / confusion matrix / per-clip predictions.
 
-Used by the trainer each epoch and by `--mode=eval`, which restores a checkpoint (`latest`,
-`best`, a step, or a folder written by the conversion CLI) and writes
+Used by the trainer each epoch and by `--mode=eval` (`evaluate_checkpoint`), which restores a
+model (`latest`, `best`, a step, or a folder, e.g. one written by the conversion CLI) and writes
 `<workdir>/eval/<name>/{metrics.json, predictions.csv, confusion_matrix.png}`.
 """
 
@@ -13,15 +13,17 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from dfer_clip_jax import distributed
 from dfer_clip_jax import metrics as metrics_lib
-from dfer_clip_jax.data import augment
+from dfer_clip_jax import restore
+from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax.data import pipeline
+from dfer_clip_jax.data import sources as sources_lib
+from dfer_clip_jax.models import dfer_clip as dfer_lib
 
 
 @dataclasses.dataclass
@@ -36,24 +38,10 @@ class EvalResult:
 class Evaluator:
   """Jitted evaluation of a model state on batches from `pipeline.make_eval_dataset`."""
 
-  def __init__(self, graphdef, mesh, *, normalize: bool):
+  def __init__(self, graphdef, mesh):
     self.graphdef = graphdef
     self.mesh = mesh
-
-    def text_features(model_state):
-      model = nnx.merge(graphdef, model_state)
-      if model.prompt_learner is None:
-        return None
-      return model.text_features()[0]
-
-    def probs(model_state, video_uint8, text_feats):
-      model = nnx.merge(graphdef, model_state)
-      video = augment.to_model_input(video_uint8, normalize=normalize)
-      logits, _ = model(video, train=False, text_features=text_feats)
-      return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-    self._text = jax.jit(text_features)
-    self._probs = jax.jit(probs)
+    self._constants, self._probs = dfer_lib.eval_functions(graphdef)
 
   def run(self, model_state, dataset, source, class_names) -> EvalResult:
     """Evaluates every clip of `source` exactly once (padded rows are masked out).
@@ -61,11 +49,11 @@ class Evaluator:
     Collective in multi-process runs: every process iterates its own rows of the same global
     batches and gets the full result (all processes' rows, gathered).
     """
-    text_feats = self._text(model_state)  # once per evaluation: it doesn't depend on the video
+    constants = self._constants(model_state)  # once per evaluation (e.g. text features)
     chunks = []
     for batch in dataset:
       g = pipeline.to_global_batch(batch, self.mesh)
-      p = self._probs(model_state, g["video"], text_feats)
+      p = self._probs(model_state, g["video"], constants)
       chunks.append((p, g["label"], g["index"], g["mask"]))
     # Each process loaded its own clips (nothing synchronises that loop): they meet on the
     # coordination service, which waits as long as a slow file system needs, before the
@@ -105,3 +93,46 @@ def write(result: EvalResult, out_dir: str | pathlib.Path, class_names) -> dict[
       preds=result.preds, probs=result.probs, class_names=list(class_names))
   logging.info("evaluation outputs in %s", out_dir)
   return paths
+
+
+def check_batch(global_batch: int, mesh, what: str) -> int:
+  """The per-process batch of a global batch, which must split evenly over devices and
+  processes."""
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if global_batch % n_dev or global_batch % n_proc:
+    raise ValueError(f"{what}={global_batch} must be a multiple of the {n_dev} devices and "
+                     f"{n_proc} processes")
+  return global_batch // n_proc
+
+
+def evaluate_checkpoint(config, workdir: str | pathlib.Path, which: str = "latest"
+                        ) -> dict[str, Any]:
+  """Restores a model (`latest`, `best`, a step of `<workdir>/checkpoints`, or a checkpoint or
+  export folder) and evaluates the config's test split; writes `<workdir>/eval/<name>/`."""
+  workdir = pathlib.Path(workdir)
+  path = pathlib.Path(which)
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+  model, spec, ref = restore.load_model(path if path.is_dir() else workdir, which, mesh=mesh,
+                                        min_size=config.mesh.fsdp_min_size)
+  sources = sources_lib.build_sources(config, workdir)
+  if tuple(sources.class_names) != spec.class_names:
+    raise ValueError(f"the checkpoint's classes {spec.class_names} differ from the dataset's "
+                     f"{sources.class_names}")
+  eval_batch = check_batch(config.train.eval_batch_size, mesh, "train.eval_batch_size")
+  dataset = pipeline.make_eval_dataset(
+      sources.test, batch_size=eval_batch, num_frames=spec.num_frames,
+      image_size=spec.image_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), worker_count=config.data.worker_count,
+      bad_clip_policy=config.data.bad_clip_policy, fast_decode=config.data.fast_decode)
+  graphdef, model_state = nnx.split(model)
+  result = Evaluator(graphdef, mesh).run(model_state, dataset, sources.test, spec.class_names)
+  step = ref.step if ref.kind == restore.WORKDIR else None
+  name = path.name if path.is_dir() else (f"step_{step}" if which not in ("latest", "best")
+                                          else which)
+  out = workdir / "eval" / name
+  write(result, out, spec.class_names)
+  if distributed.is_primary():
+    s = result.summary
+    print(f"Checkpoint {path if step is None else f'step {step}'}: test UAR {s['uar']:.2f} "
+          f"WAR {s['war']:.2f} ({s['counts']['total']} clips) -> {out}", flush=True)
+  return {"step": step, **result.summary}

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from dfer_clip_jax import distributed
 from dfer_clip_jax import metrics as metrics_lib
 from dfer_clip_jax import train
+from dfer_clip_jax.data import datasets
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)
@@ -29,13 +30,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder holding one run folder p
 _FOLDS = flags.DEFINE_list("folds", None, "Folds to run (default: all folds of the dataset).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-NUM_FOLDS = {"dfew": 5, "mafw": 5, "ferv39k": 1, "synthetic": 1}
-
-
 def run_folds(config, workdir, folds=None) -> dict:
   """Trains/resumes each fold, then summarises; returns {row name: fold_summary}."""
   workdir = pathlib.Path(workdir)
-  folds = [int(f) for f in (folds or range(1, NUM_FOLDS.get(config.dataset, 1) + 1))]
+  folds = [int(f) for f in (folds or range(1, datasets.get(config.dataset).folds + 1))]
   per_fold = {}
   for fold in folds:
     c = config.copy_and_resolve_references()

@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from dfer_clip_jax import distributed
+from dfer_clip_jax import evaluate
 from dfer_clip_jax import train
 from dfer_clip_jax import xla_flags
 
@@ -51,7 +52,7 @@ def main(argv):
   distributed.initialize(config.distributed)
   logging.info("config:\n%s", config)
   if _MODE.value == "eval":
-    train.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
+    evaluate.evaluate_checkpoint(config, train.local_workdir(_WORKDIR.value), _CHECKPOINT.value)
   else:
     train.train_and_evaluate(config, _WORKDIR.value)
 

@@ -2,7 +2,7 @@
 
 WAR (weighted average recall) is plain accuracy over the counted clips; UAR (unweighted average
 recall) is the mean of the per-class recalls, i.e. the mean of the diagonal of the row-normalised
-confusion matrix (SPEC section 5). Both are reported in percent.
+confusion matrix (docs/method.md, Evaluation). Both are reported in percent.
 
 Also here: the files an evaluation writes (`metrics.json`, `predictions.csv`,
 `confusion_matrix.png`, the image drawn with PIL only), the final report's rows (last epoch, best
@@ -20,7 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from dfer_clip_jax.plotting import load_font, text_size
 
 ROW_LAST = "last epoch"
 ROW_BEST_VAL = "best by validation"
@@ -162,21 +164,6 @@ def write_eval_outputs(out_dir: str | os.PathLike, *, metrics: Mapping[str, Any]
   return paths
 
 
-def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-  """Pillow's default font at `size` pixels (shared by every plot the project draws)."""
-  # Pillow's bundled scalable font needs FreeType; the bitmap fallback is small but legible.
-  try:
-    return ImageFont.load_default(size=size)
-  except (ImportError, OSError, TypeError):
-    return ImageFont.load_default()
-
-
-def text_size(font, text: str) -> tuple[int, int]:
-  """(width, height) of `text` drawn in `font`."""
-  left, top, right, bottom = font.getbbox(text)
-  return right - left, bottom - top
-
-
 def _colour(fraction: float) -> tuple[int, int, int]:
   """White (0) to dark blue (1)."""
   lo, hi = np.array([247, 251, 255]), np.array([8, 48, 107])
@@ -268,7 +255,7 @@ def report_rows(history: Sequence[Mapping[str, Any]], *, val_metric: str = "uar"
   Returns:
     {ROW_LAST: row, ROW_BEST_VAL: row or None (no validation results), ROW_PAPER: row}, each row
     {"epoch", "uar", "war"} of the *test* split at the selected epoch. The paper protocol selects
-    the epoch with the best test WAR and reports that epoch's UAR too (SPEC section 5); ties go to
+    the epoch with the best test WAR and reports that epoch's UAR too (docs/method.md, Evaluation); ties go to
     the earliest epoch.
   """
   if not history:

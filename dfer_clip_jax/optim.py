@@ -5,7 +5,7 @@ first group whose regex matches the whole path; every parameter must match some 
 list with a catch-all frozen group). Frozen parameters get no gradient (the train step
 differentiates with respect to `optimizer.wrt` only), no update and no optimizer state.
 
-SGD follows PyTorch (the reference's recipe, SPEC 2):
+SGD follows PyTorch (the reference's recipe, docs/method.md "Training"):
   g = grad + weight_decay * p          (coupled decay, on every trained parameter)
   buf = momentum * buf + g             (buf starts at 0, so the first buf is g, as in PyTorch)
   p = p - lr_group * schedule(step) * buf
@@ -80,6 +80,35 @@ def param_names(model: nnx.Module) -> list[str]:
   return [path_name(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 
 
+def groups_from_config(optim_config) -> list[ParamGroup]:
+  """The parameter groups of a run config's `optim` section: `optim.groups` (name -> regex over
+  dotted parameter paths) with `optim.lr` (name -> base learning rate, 0 = frozen); every
+  parameter no group matches is frozen. Groups whose model part is absent (the head group of a
+  prompt model) match nothing: `present_groups` leaves them out."""
+  regexes, lrs = dict(optim_config.groups), dict(optim_config.lr)
+  if set(regexes) != set(lrs):
+    raise ValueError(f"optim.groups {sorted(regexes)} and optim.lr {sorted(lrs)} must name the "
+                     "same groups")
+  groups = [ParamGroup(name, regex, float(lrs[name]), trainable=lrs[name] > 0)
+            for name, regex in regexes.items()]
+  return groups + [ParamGroup(FROZEN, r".*", trainable=False)]
+
+
+FROZEN = "frozen"  # the catch-all group of `groups_from_config`
+
+
+def _first_match(groups: Sequence[ParamGroup], name: str) -> ParamGroup | None:
+  return next((g for g in groups if re.fullmatch(g.regex, name)), None)
+
+
+def present_groups(model: nnx.Module, groups: Sequence[Mapping[str, Any] | ParamGroup]
+                   ) -> list[ParamGroup]:
+  """The groups that some parameter of `model` falls in (first match wins), in order."""
+  parsed = [ParamGroup.from_config(g) for g in groups]
+  used = {g.name for n in param_names(model) if (g := _first_match(parsed, n)) is not None}
+  return [g for g in parsed if g.name in used]
+
+
 def partition(model: nnx.Module, groups: Sequence[Mapping[str, Any] | ParamGroup]
               ) -> dict[str, ParamGroup]:
   """Dotted parameter path -> its group (the first whose regex matches the whole path).
@@ -94,7 +123,7 @@ def partition(model: nnx.Module, groups: Sequence[Mapping[str, Any] | ParamGroup
   assignment: dict[str, ParamGroup] = {}
   unmatched = []
   for name in param_names(model):
-    group = next((g for g in parsed if re.fullmatch(g.regex, name)), None)
+    group = _first_match(parsed, name)
     if group is None:
       unmatched.append(name)
     else:
@@ -120,11 +149,6 @@ class TrainableFilter:
 
   def __call__(self, path, value) -> bool:
     return isinstance(value, nnx.Param) and path_name(path) in self.names
-
-
-def trainable_filter(model: nnx.Module, groups: Sequence[Mapping[str, Any] | ParamGroup]
-                     ) -> TrainableFilter:
-  return TrainableFilter(frozenset(n for n, g in partition(model, groups).items() if g.trainable))
 
 
 def _multiplier(schedule: Schedule | Mapping[str, Schedule] | None, group: str) -> Schedule:

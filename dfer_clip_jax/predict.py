@@ -27,7 +27,6 @@ nothing could start (no input found, unreadable checkpoint, bad option).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -39,9 +38,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
+from dfer_clip_jax import cli
 from dfer_clip_jax import inference
+from dfer_clip_jax import restore
 from dfer_clip_jax.data import augment
 from dfer_clip_jax.video import faces as faces_lib
 from dfer_clip_jax.video import render
@@ -387,40 +389,58 @@ def _table(rows: list[list[str]], max_cell: int = 80) -> str:
   return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m dfer_clip_jax.predict", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", required=True,
-                 help="training workdir, checkpoint folder, or converted model export")
-  p.add_argument("--which", default="latest",
-                 help="for a workdir: latest | best | a step number (default latest)")
-  p.add_argument("--input", required=True, action="extend", nargs="+",
-                 help="video files, frame folders, folders of videos / frame folders, or globs "
-                      "(quoted, or expanded by the shell); may be repeated")
-  p.add_argument("--out", required=True, help="output folder (one sub-folder per input)")
-  p.add_argument("--face", default="auto", choices=("auto", "none"),
-                 help="auto: detect and crop faces; none: whole frames (already-cropped inputs)")
-  p.add_argument("--all_faces", action="store_true",
-                 help="one track per face instead of the main (largest, most present) face")
-  p.add_argument("--window_s", type=float, default=3.0,
-                 help="clip window length (s); shorter inputs are one clip")
-  p.add_argument("--stride_s", type=float, default=1.0, help="step between windows (s)")
-  p.add_argument("--fps", type=float, default=25.0,
-                 help="frame rate of frame folders (videos carry their own timestamps)")
-  p.add_argument("--detect_fps", type=float, default=5.0,
-                 help="frames per second examined by the face detector")
-  p.add_argument("--margin", type=float, default=0.25,
-                 help="crop margin on each side, as a fraction of the face box side")
-  p.add_argument("--min_face", type=float, default=0.06,
-                 help="smallest face searched for, as a fraction of the frame's shorter side")
-  p.add_argument("--smooth_s", type=float, default=0.3,
-                 help="time scale (s) of the face box smoothing")
-  p.add_argument("--max_gap_s", type=float, default=1.0,
-                 help="a face missed for longer starts a gap (windows there have no face)")
-  p.add_argument("--batch_size", type=int, default=8, help="clips per model call")
-  p.add_argument("--annotate", action="store_true",
-                 help="also write annotated.mp4 with face boxes and the current top class")
-  return p.parse_args(argv)
+_PROG = "python -m dfer_clip_jax.predict"
+
+
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("checkpoint", None,
+                      "training workdir, checkpoint folder, or converted model export",
+                      required=True, flag_values=fv)
+  flags.DEFINE_string("which", "latest",
+                      "for a workdir: latest | best | a step number (default latest)",
+                      flag_values=fv)
+  flags.DEFINE_multi_string("input", None,
+                            "video files, frame folders, folders of videos / frame folders, or "
+                            "globs (quoted, or expanded by the shell: `--input a.mp4 b.mp4`); "
+                            "may be repeated", required=True, flag_values=fv)
+  flags.DEFINE_string("out", None, "output folder (one sub-folder per input)", required=True,
+                      flag_values=fv)
+  flags.DEFINE_enum("face", "auto", ["auto", "none"],
+                    "auto: detect and crop faces; none: whole frames (already-cropped inputs)",
+                    flag_values=fv)
+  flags.DEFINE_boolean("all_faces", False,
+                       "one track per face instead of the main (largest, most present) face",
+                       flag_values=fv)
+  flags.DEFINE_float("window_s", 3.0, "clip window length (s); shorter inputs are one clip",
+                     flag_values=fv)
+  flags.DEFINE_float("stride_s", 1.0, "step between windows (s)", flag_values=fv)
+  flags.DEFINE_float("fps", 25.0,
+                     "frame rate of frame folders (videos carry their own timestamps)",
+                     flag_values=fv)
+  flags.DEFINE_float("detect_fps", 5.0, "frames per second examined by the face detector",
+                     flag_values=fv)
+  flags.DEFINE_float("margin", 0.25,
+                     "crop margin on each side, as a fraction of the face box side",
+                     flag_values=fv)
+  flags.DEFINE_float("min_face", 0.06,
+                     "smallest face searched for, as a fraction of the frame's shorter side",
+                     flag_values=fv)
+  flags.DEFINE_float("smooth_s", 0.3, "time scale (s) of the face box smoothing",
+                     flag_values=fv)
+  flags.DEFINE_float("max_gap_s", 1.0,
+                     "a face missed for longer starts a gap (windows there have no face)",
+                     flag_values=fv)
+  flags.DEFINE_integer("batch_size", 8, "clips per model call", flag_values=fv)
+  flags.DEFINE_boolean("annotate", False,
+                       "also write annotated.mp4 with face boxes and the current top class",
+                       flag_values=fv)
+
+
+def parse_args(argv: Sequence[str] | None):
+  """The flags; words after `--input` that are no flags (a shell-expanded glob) are inputs."""
+  args, rest = cli.parse(_PROG, __doc__, _define, argv, positional=True)
+  args.input = list(args.input) + rest
+  return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -440,8 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("error: no input to predict on", file=sys.stderr)
     return 2
   try:
-    ref = inference.resolve_checkpoint(args.checkpoint, args.which)
-    model, spec = inference.load_model_for_inference(ref)
+    model, spec, ref = restore.load_model(args.checkpoint, args.which)
     predictor = inference.Predictor(model, spec, batch_size=args.batch_size)
     detector = (faces_lib.HaarFaceDetector(min_face=options.min_face)
                 if options.face == "auto" else None)

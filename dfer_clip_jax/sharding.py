@@ -69,12 +69,3 @@ def state_shardings(abstract_state, mesh: Mesh, *, min_size: int = 2 ** 18):
     return NamedSharding(mesh, param_spec(shape, fsdp_size, min_size))
 
   return jax.tree.map(one, abstract_state)
-
-
-def replicated_bytes(shardings, abstract_state) -> int:
-  """Bytes of state replicated on every device (a check against accidental replication)."""
-  total = 0
-  for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract_state)):
-    if s.spec == P() or all(p is None for p in s.spec):
-      total += math.prod(x.shape) * np.dtype(x.dtype).itemsize
-  return total

@@ -1,8 +1,8 @@
 """From a config to a model, its optimizer and their sharded state.
 
 A run's *model spec* (a JSON dict saved with every checkpoint) says everything needed to rebuild
-the model without the original CLIP checkpoint or tokenizer: the CLIP sizes, the DFER-CLIP
-config, class names, input size and preprocessing. Prompt token embeddings are model state
+the model without the original CLIP checkpoint or tokenizer: the CLIP sizes (and input size), the
+DFER-CLIP config (class names, frames, pixel preprocessing) and the compute settings. Prompt token embeddings are model state
 (`PromptBuffer`s), so a restored model needs no tokenizer either.
 """
 
@@ -25,37 +25,14 @@ from dfer_clip_jax import tokenizer as tokenizer_lib
 from dfer_clip_jax.conversion.clip_weights import load_clip
 from dfer_clip_jax.models import clip as clip_lib
 from dfer_clip_jax.models import dfer_clip as dfer_lib
+from dfer_clip_jax.models import prompts as prompts_lib
 
-SPEC_FORMAT = "dfer_clip_jax.model/1"
-# Config baseline names -> the model library's names.
-BASELINE_NAMES = {"zeroshot": "zero_shot", "linear_probe": "linear_probe",
-                  "finetune": "finetune_linear", "finetune_tm": "finetune_linear_temporal",
-                  "coop": "coop"}
+SPEC_FORMAT = "dfer_clip_jax.model/2"
 
 
-def dfer_config(config: ml_collections.ConfigDict, class_names) -> tuple[dfer_lib.DFERCLIPConfig,
-                                                                        list[dict], bool]:
-  """The DFER-CLIP model config, its optimizer groups and whether it trains at all."""
-  m = config.model
-  common = dict(num_classes=len(class_names), class_names=tuple(class_names),
-                num_frames=config.data.num_frames,
-                class_texts_file=m.class_texts_file or None)
-  lrs = dict(temporal_lr=config.optim.lr_temporal, image_lr=config.optim.lr_image,
-             prompt_lr=config.optim.lr_prompt, head_lr=config.optim.lr_head)
-  if m.baseline:
-    if m.baseline not in BASELINE_NAMES:
-      raise ValueError(f"model.baseline={m.baseline!r}: expected one of {sorted(BASELINE_NAMES)}")
-    b = dfer_lib.baseline(BASELINE_NAMES[m.baseline], **common)
-    train_image = any(g["name"] == "image" for g in b.groups)
-    return b.config, dfer_lib.param_groups(b.config, train_image=train_image, **lrs), b.trained
-  cfg = dfer_lib.DFERCLIPConfig(
-      **common, text_type=m.text_type, template=m.template or None, n_ctx=m.n_ctx,
-      class_specific=m.class_specific, position=m.position,
-      temporal_depth=m.temporal_depth, temporal_heads=m.temporal_heads,
-      temporal_dim_head=m.temporal_dim_head, temporal_mlp_dim=m.temporal_mlp_dim,
-      temporal_dropout=m.temporal_dropout, logit_scale=m.logit_scale,
-      fixed_logit_scale=m.fixed_logit_scale)
-  return cfg, dfer_lib.param_groups(cfg, **lrs), True
+def model_config(config: ml_collections.ConfigDict, class_names) -> dfer_lib.DFERCLIPConfig:
+  """The DFER-CLIP config of a run: the `model` section as is, plus the data's class names."""
+  return dfer_lib.DFERCLIPConfig(class_names=tuple(class_names), **config.model.to_dict())
 
 
 def dtype_of(name: str):
@@ -66,32 +43,41 @@ def dtype_of(name: str):
 
 @dataclasses.dataclass
 class ModelSpec:
-  """What a checkpoint needs to describe its model (saved as JSON)."""
+  """What a checkpoint needs to rebuild its model (saved as JSON): the CLIP towers' config, the
+  DFER-CLIP config (the run's `model` section plus the class names) and how to compute (the
+  run's `clip.dtype`, `clip.attention_impl`, `clip.remat`)."""
   clip: clip_lib.CLIPConfig
-  dfer: dfer_lib.DFERCLIPConfig
-  class_names: tuple[str, ...]
-  image_size: int
-  num_frames: int
-  normalize: bool
+  model: dfer_lib.DFERCLIPConfig
   dtype: str = "float32"
   attention_impl: str = "xla"
   remat: str = "none"  # a speed/memory setting (`clip.remat_mode`); it does not change values
 
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.model.class_names
+
+  @property
+  def image_size(self) -> int:
+    return self.clip.vision.image_size
+
+  @property
+  def num_frames(self) -> int:
+    return self.model.num_frames
+
   def to_dict(self) -> dict[str, Any]:
-    return {"format": SPEC_FORMAT, "clip": self.clip.to_dict(), "dfer": self.dfer.to_dict(),
-            "class_names": list(self.class_names), "image_size": self.image_size,
-            "num_frames": self.num_frames, "normalize": self.normalize, "dtype": self.dtype,
-            "attention_impl": self.attention_impl, "remat": self.remat}
+    return {"format": SPEC_FORMAT, "clip": self.clip.to_dict(), "model": self.model.to_dict(),
+            "dtype": self.dtype, "attention_impl": self.attention_impl, "remat": self.remat}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
     if d.get("format") != SPEC_FORMAT:
-      raise ValueError(f"unknown model spec format {d.get('format')!r}, expected {SPEC_FORMAT}")
+      raise ValueError(f"model spec format {d.get('format')!r} is not {SPEC_FORMAT!r}: the "
+                       "checkpoint was written by an older version of dfer_clip_jax, whose "
+                       "model spec this version does not read (retrain, or evaluate it with "
+                       "that version)")
     return cls(clip=clip_lib.CLIPConfig.from_dict(d["clip"]),
-               dfer=dfer_lib.DFERCLIPConfig.from_dict(d["dfer"]),
-               class_names=tuple(d["class_names"]), image_size=d["image_size"],
-               num_frames=d["num_frames"], normalize=d["normalize"], dtype=d["dtype"],
-               attention_impl=d.get("attention_impl", "xla"), remat=clip_lib.remat_mode(d.get("remat", "none")))
+               model=dfer_lib.DFERCLIPConfig.from_dict(d["model"]), dtype=d["dtype"],
+               attention_impl=d["attention_impl"], remat=clip_lib.remat_mode(d["remat"]))
 
 
 def _tokenizer(config, workdir: pathlib.Path, texts: list[str], vocab_size: int):
@@ -136,15 +122,16 @@ def _random_clip(clip_cfg: clip_lib.CLIPConfig, key: jax.Array, *, dtype, attent
 
 
 def build_model(config, workdir: str | pathlib.Path, class_names, *, rngs: nnx.Rngs,
-                mesh=None) -> tuple[dfer_lib.DFERCLIP, ModelSpec, list[dict], bool]:
+                mesh=None) -> tuple[dfer_lib.DFERCLIP, ModelSpec, list[optim.ParamGroup]]:
   """Builds the model from the config: pretrained CLIP (or random init), prompts, heads.
 
   With a `mesh`, a random-init CLIP is created already sharded by the FSDP rule.
-  Returns (model, spec, optimizer groups, trained).
+  Returns (model, spec, the optimizer groups present in the model); no group trainable means
+  the model is evaluated only (zero-shot).
   """
   workdir = pathlib.Path(workdir)
   dtype = dtype_of(config.clip.dtype)
-  dcfg, groups, trained = dfer_config(config, class_names)
+  dcfg = model_config(config, class_names)
   if config.clip.checkpoint:
     clip, clip_cfg = load_clip(config.clip.checkpoint, dtype=dtype, act=config.clip.act or None,
                                image_size=config.clip.image_size,
@@ -163,12 +150,11 @@ def build_model(config, workdir: str | pathlib.Path, class_names, *, rngs: nnx.R
     tok = _tokenizer(config, workdir, texts, clip_cfg.text.vocab_size)
   model = dfer_lib.create_dfer_clip(dcfg, clip, tok, dtype=dtype,
                                     attention_impl=config.clip.attention_impl, rngs=rngs)
-  spec = ModelSpec(clip=clip_cfg, dfer=dcfg, class_names=tuple(class_names),
-                   image_size=config.clip.image_size, num_frames=config.data.num_frames,
-                   normalize=config.data.normalize, dtype=config.clip.dtype,
+  spec = ModelSpec(clip=clip_cfg, model=dcfg, dtype=config.clip.dtype,
                    attention_impl=config.clip.attention_impl,
                    remat=clip_lib.remat_mode(config.clip.remat))
-  return model, spec, groups, trained
+  groups = optim.present_groups(model, optim.groups_from_config(config.optim))
+  return model, spec, groups
 
 
 def model_from_spec(spec: ModelSpec, *, rngs: nnx.Rngs) -> dfer_lib.DFERCLIP:
@@ -178,10 +164,10 @@ def model_from_spec(spec: ModelSpec, *, rngs: nnx.Rngs) -> dfer_lib.DFERCLIP:
   clip = clip_lib.CLIP(spec.clip, dtype=dtype, attention_impl=spec.attention_impl,
                        remat=spec.remat, rngs=rngs)
   buffers = None
-  if spec.dfer.head == "prompt":
-    buffers = dfer_lib.PromptBuffers.zeros(spec.dfer.num_classes, spec.dfer.n_ctx,
-                                           spec.clip.text.context_length, spec.clip.text.width)
-  return dfer_lib.DFERCLIP(spec.dfer, clip, prompt_buffers=buffers, dtype=dtype,
+  if spec.model.head == "prompt":
+    buffers = prompts_lib.PromptBuffers.zeros(spec.model.num_classes, spec.model.n_ctx,
+                                              spec.clip.text.context_length, spec.clip.text.width)
+  return dfer_lib.DFERCLIP(spec.model, clip, prompt_buffers=buffers, dtype=dtype,
                            attention_impl=spec.attention_impl, rngs=rngs)
 
 
@@ -200,6 +186,11 @@ def make_schedule(config, steps_per_epoch: int):
     return decay
   ramp = optax.linear_schedule(1.0 / warmup, 1.0, warmup)
   return lambda step: ramp(step) * decay(step)
+
+
+def is_trained(groups) -> bool:
+  """Whether any of the groups trains (else the model is evaluated only)."""
+  return any(g.trainable for g in groups)
 
 
 def build_optimizer(config, model, groups, steps_per_epoch: int) -> nnx.Optimizer:

@@ -1,4 +1,4 @@
-"""The trainer: `train_and_evaluate(config, workdir)` and `evaluate_checkpoint(config, workdir)`.
+"""The trainer: `train_and_evaluate(config, workdir)`.
 
 One jitted train step (state donated, batch sharded over the mesh), epoch-end evaluation on the
 validation split (carved from train) and the test split, Orbax checkpoints that resume exactly
@@ -34,13 +34,11 @@ from flax import nnx
 from dfer_clip_jax import checkpointing
 from dfer_clip_jax import distributed
 from dfer_clip_jax import evaluate as evaluate_lib
-from dfer_clip_jax import inference as inference_lib
 from dfer_clip_jax import metric_writer
 from dfer_clip_jax import metrics as metrics_lib
 from dfer_clip_jax import optim
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
-from dfer_clip_jax.data import augment
 from dfer_clip_jax.data import pipeline
 from dfer_clip_jax.data import sources as sources_lib
 
@@ -71,16 +69,7 @@ def _mesh(config):
   return sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
 
 
-def _check_batch(global_batch: int, mesh, what: str) -> int:
-  n_dev, n_proc = mesh.devices.size, jax.process_count()
-  if global_batch % n_dev or global_batch % n_proc:
-    raise ValueError(f"{what}={global_batch} must be a multiple of the {n_dev} devices and "
-                     f"{n_proc} processes")
-  return global_batch // n_proc
-
-
-def make_train_step(graphdef, opt_graphdef, *, normalize: bool, dropout: bool,
-                    microbatches: int = 1):
+def make_train_step(graphdef, opt_graphdef, *, dropout: bool, microbatches: int = 1):
   """The jitted-to-be step: (model state, optimizer state, batch, rng) -> new states, metrics.
 
   `microbatches` > 1 accumulates the gradient over that many sequential slices of the batch
@@ -93,7 +82,7 @@ def make_train_step(graphdef, opt_graphdef, *, normalize: bool, dropout: bool,
   def step(model_state, opt_state, batch, rng):
     model = nnx.merge(graphdef, model_state)
     optimizer = nnx.merge(opt_graphdef, opt_state)
-    video = augment.to_model_input(batch["video"], normalize=normalize)
+    video = model.preprocess(batch["video"])
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
 
     if microbatches == 1:
@@ -197,7 +186,8 @@ def _explain_attention_failure(attention_impl: str):
 
 
 class Trainer:
-  """Everything a run builds from its config; `fit()` trains, `evaluate()` evaluates."""
+  """Everything a run builds from its config; `fit()` trains (evaluating every epoch) and
+  reports, `evaluate_split()` evaluates the model on one split."""
 
   def __init__(self, config, workdir: str | pathlib.Path):
     self.config = config
@@ -209,8 +199,10 @@ class Trainer:
     self.sources = sources_lib.build_sources(config, self.workdir)
     self.class_names = self.sources.class_names
     t = config.train
-    self.batch = _check_batch(t.batch_size, self.mesh, "train.batch_size")
-    self.eval_batch = _check_batch(t.eval_batch_size, self.mesh, "train.eval_batch_size")
+    # Per-process batch sizes: each process loads its own rows of every global batch.
+    self.process_batch = evaluate_lib.check_batch(t.batch_size, self.mesh, "train.batch_size")
+    self.process_eval_batch = evaluate_lib.check_batch(t.eval_batch_size, self.mesh,
+                                                       "train.eval_batch_size")
     per_device = t.batch_size // self.mesh.devices.size
     if t.microbatches < 1 or per_device % t.microbatches:
       raise ValueError(f"train.microbatches={t.microbatches} must divide the {per_device} clips "
@@ -222,8 +214,9 @@ class Trainer:
     rngs = nnx.Rngs(config.seed)
     # Building the model may write into the workdir (the demo tokenizer): process 0 goes first.
     with distributed.primary_first("building the model"):
-      model, self.spec, self.groups, self.trained = state_lib.build_model(
+      model, self.spec, self.groups = state_lib.build_model(
           config, self.workdir, self.class_names, rngs=rngs, mesh=self.mesh)
+    self.trained = state_lib.is_trained(self.groups)
     self.epochs = t.epochs if self.trained else 0
     self.total_steps = self.epochs * self.steps_per_epoch
     optimizer = (state_lib.build_optimizer(config, model, self.groups, self.steps_per_epoch)
@@ -239,8 +232,7 @@ class Trainer:
           opt_state, self.mesh, config.mesh.fsdp_min_size)
     else:
       self.opt_graphdef, self.opt_state, self.opt_shardings = None, None, None
-    self.evaluator = evaluate_lib.Evaluator(self.graphdef, self.mesh,
-                                            normalize=config.data.normalize)
+    self.evaluator = evaluate_lib.Evaluator(self.graphdef, self.mesh)
     self.checkpointer = checkpointing.Checkpointer(
         self.workdir / "checkpoints", keep_last=t.keep_checkpoints, keep_best=True,
         best_metric="select", best_mode="max", async_save=True, save_interval_steps=1)
@@ -267,7 +259,7 @@ class Trainer:
   def restore_latest(self) -> tuple[int, dict[str, Any] | None]:
     """Resumes from the newest usable checkpoint, if any: (step, data state)."""
     if jax.process_count() > 1:
-      which = agreed_latest_step(self.checkpointer)
+      which = checkpointing.agreed_latest_step(self.checkpointer)
     else:
       which = "latest" if self.checkpointer.latest_valid_step() is not None else None
     if which is None:
@@ -287,7 +279,7 @@ class Trainer:
   def _eval_dataset(self, source):
     d = self.config.data
     return pipeline.make_eval_dataset(
-        source, batch_size=self.eval_batch, num_frames=d.num_frames,
+        source, batch_size=self.process_eval_batch, num_frames=self.spec.num_frames,
         image_size=self.config.clip.image_size, process_index=jax.process_index(),
         process_count=jax.process_count(), worker_count=d.worker_count,
         bad_clip_policy=d.bad_clip_policy, fast_decode=d.fast_decode)
@@ -321,7 +313,6 @@ class Trainer:
 
   def fit(self) -> dict[str, Any]:
     """Trains (resuming if a checkpoint exists), evaluates each epoch, writes the report."""
-    config, t, d = self.config, self.config.train, self.config.data
     start_step, data_state = self.restore_latest()
     writer = metric_writer.MetricWriter(self.workdir)
     if self.trained and start_step < self.total_steps:
@@ -335,12 +326,12 @@ class Trainer:
   def _train_loop(self, start_step: int, data_state, writer) -> None:
     config, t, d = self.config, self.config.train, self.config.data
     dataset = pipeline.make_train_dataset(
-        self.sources.train, seed=config.seed, num_frames=d.num_frames,
-        image_size=config.clip.image_size, augment=d.augment, batch_size=self.batch,
-        fix_short_sampling=d.fix_short_sampling, process_index=jax.process_index(),
+        self.sources.train, seed=config.seed, num_frames=self.spec.num_frames,
+        image_size=config.clip.image_size,
+        augmentation=sources_lib.train_augmentation(config), batch_size=self.process_batch,
+        process_index=jax.process_index(),
         process_count=jax.process_count(), worker_count=d.worker_count,
-        bad_clip_policy=d.bad_clip_policy, num_epochs=self.epochs, fast_decode=d.fast_decode,
-        crop_min_area=d.crop_min_area)
+        bad_clip_policy=d.bad_clip_policy, num_epochs=self.epochs, fast_decode=d.fast_decode)
     it = iter(dataset)
     if data_state is not None and data_state.get("iterator") is not None:
       it.set_state(data_state["iterator"])
@@ -348,8 +339,8 @@ class Trainer:
       raise RuntimeError(f"data iterator at step {it.step} but the train state at {start_step}")
     dropout = config.model.temporal_dropout > 0
     step_fn = jax.jit(
-        make_train_step(self.graphdef, self.opt_graphdef, normalize=d.normalize,
-                        dropout=dropout, microbatches=t.microbatches),
+        make_train_step(self.graphdef, self.opt_graphdef, dropout=dropout,
+                        microbatches=t.microbatches),
         donate_argnums=(0, 1),
         out_shardings=(self.model_shardings, self.opt_shardings, None))
     schedule = state_lib.make_schedule(config, self.steps_per_epoch)
@@ -361,6 +352,7 @@ class Trainer:
     last_saved = start_step
 
     def fetch(item) -> dict[str, float]:
+      """Reads one step's metrics to the host; stops on a non-finite loss or norm."""
       step_no, m = item
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(m[k])]
@@ -372,6 +364,14 @@ class Trainer:
       m["step"] = step_no
       return m
 
+    def flush() -> None:
+      """Checks and logs the pending step's metrics (before a log line, an evaluation or a
+      save: a state whose loss was not checked is never saved)."""
+      nonlocal pending
+      if pending is not None:
+        window.append(fetch(pending))
+        pending = None
+
     batches = pipeline.prefetch_to_device(it, self.mesh, size=d.device_prefetch)
     for step in range(start_step, self.total_steps):
       batch = next(batches)
@@ -381,21 +381,17 @@ class Trainer:
         self.model_state, self.opt_state, m = step_fn(self.model_state, self.opt_state, batch,
                                                       rng)
       # Metrics of the previous step are fetched after this one is dispatched: no stall.
-      if pending is not None:
-        window.append(fetch(pending))
+      flush()
       pending = (step + 1, m)  # the metrics belong to the update that made step + 1
       done = step + 1
       epoch_end = done % self.steps_per_epoch == 0
       if done % t.log_every_steps == 0 or epoch_end or done == self.total_steps:
-        window.append(fetch(pending))
-        pending = None
+        flush()
         self._log(done, window, time.perf_counter() - t_window, schedule, writer, progress)
         window, t_window = [], time.perf_counter()
       if epoch_end:
         epoch = done // self.steps_per_epoch
-        if pending is not None:
-          window.append(fetch(pending))
-          pending = None
+        flush()
         entry = None
         if epoch % t.eval_every_epochs == 0 or done == self.total_steps:
           entry = self._epoch_eval(epoch, done, writer)
@@ -404,9 +400,7 @@ class Trainer:
         last_saved = done
         t_window = time.perf_counter()
       elif done % t.checkpoint_every_steps == 0:
-        if pending is not None:  # never save a state whose loss was not checked
-          window.append(fetch(pending))
-          pending = None
+        flush()
         self._save(done, it, None)
         last_saved = done
     if dataset.skipped and self.primary:
@@ -453,37 +447,6 @@ class Trainer:
     return report
 
 
-def agreed_latest_step(ckptr: checkpointing.Checkpointer) -> int | None:
-  """The newest step that *every* process finds usable; newer broken steps are set aside.
-
-  Collective (multi-process runs). Each process checks the steps process 0 lists
-  (`checkpointing.verify_checkpoint`: commit marker, metadata, file sizes against the integrity
-  record) and the newest step accepted by all is taken. A choice made per process could differ
-  (a file system that shows one host a truncated file) and the processes would then restore
-  different steps, or block in Orbax's restore barrier; so does a step that passes the checks
-  but fails to read on one process, which is why the checks run first, on every process.
-  """
-  ckptr.wait()
-  steps = distributed.broadcast_json(ckptr.all_steps() if distributed.is_primary() else None)
-  reasons = [checkpointing.verify_checkpoint(ckptr.directory / str(s)) for s in steps]
-  verdicts = distributed.gather_json(reasons)  # [process][step] -> None or why unusable
-  chosen, broken = None, []
-  for i in reversed(range(len(steps))):
-    why = [(p, v[i]) for p, v in enumerate(verdicts) if v[i] is not None]
-    if not why:
-      chosen = steps[i]
-      break
-    if distributed.is_primary():
-      logging.warning("checkpoint %s is unusable (%s); trying the previous one",
-                      ckptr.directory / str(steps[i]),
-                      "; ".join(f"process {p}: {r}" for p, r in why))
-    broken.append(steps[i])
-  if broken and chosen is not None:
-    # So that the resumed run can save those steps again (every process must call it).
-    ckptr._set_aside(broken)  # pylint: disable=protected-access
-  return chosen
-
-
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Trains the configured model in `workdir` (resuming automatically) and returns the report."""
   trainer = Trainer(config, workdir)
@@ -491,82 +454,3 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     return trainer.fit()
   finally:
     trainer.checkpointer.close()
-
-
-def evaluate_checkpoint(config, workdir: str | pathlib.Path, which: str = "latest"
-                        ) -> dict[str, Any]:
-  """Restores a checkpoint (`latest`, `best`, a step, or a folder path) and evaluates the test
-  split; writes `<workdir>/eval/<name>/`."""
-  workdir = local_workdir(workdir)
-  path = pathlib.Path(which)
-  mesh = _mesh(config)
-  if path.is_dir() and inference_lib.is_export(path):
-    # A reference checkpoint converted by `python -m dfer_clip_jax.convert`.
-    model, spec = inference_lib.load_model_for_inference(path)
-    graphdef, model_state = nnx.split(model)
-    model_state, _ = state_lib.shard_state(model_state, mesh, config.mesh.fsdp_min_size)
-    step = None
-  else:
-    graphdef, model_state, spec, step = _restore_for_eval(config, workdir, which, mesh)
-  sources = sources_lib.build_sources(config, workdir)
-  if tuple(sources.class_names) != spec.class_names:
-    raise ValueError(f"the checkpoint's classes {spec.class_names} differ from the dataset's "
-                     f"{sources.class_names}")
-  eval_batch = _check_batch(config.train.eval_batch_size, mesh, "train.eval_batch_size")
-  dataset = pipeline.make_eval_dataset(
-      sources.test, batch_size=eval_batch, num_frames=spec.num_frames,
-      image_size=spec.image_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=config.data.worker_count,
-      bad_clip_policy=config.data.bad_clip_policy, fast_decode=config.data.fast_decode)
-  evaluator = evaluate_lib.Evaluator(graphdef, mesh, normalize=spec.normalize)
-  result = evaluator.run(model_state, dataset, sources.test, spec.class_names)
-  name = path.name if path.is_dir() else (f"step_{step}" if which not in ("latest", "best")
-                                          else which)
-  out = workdir / "eval" / name
-  evaluate_lib.write(result, out, spec.class_names)
-  if distributed.is_primary():
-    s = result.summary
-    print(f"Checkpoint {path if step is None else f'step {step}'}: test UAR {s['uar']:.2f} "
-          f"WAR {s['war']:.2f} ({s['counts']['total']} clips) -> {out}", flush=True)
-  return {"step": step, **result.summary}
-
-
-def _restore_for_eval(config, workdir: pathlib.Path, which, mesh):
-  """(graphdef, model state, spec, step) of a trainer checkpoint, sharded onto `mesh`."""
-  ckpt_dir = workdir / "checkpoints"
-  path = pathlib.Path(which)
-  saved = checkpointing.read_config(path if path.is_dir() else workdir)
-  spec = state_lib.ModelSpec.from_dict(saved["model"])
-  abstract_model = nnx.eval_shape(lambda: state_lib.model_from_spec(spec, rngs=nnx.Rngs(0)))
-  graphdef, model_shapes = nnx.split(abstract_model)
-  model_sh = sharding_lib.state_shardings(model_shapes, mesh, min_size=config.mesh.fsdp_min_size)
-  abstract = {"model": state_lib.abstract_with_shardings(model_shapes, model_sh)}
-  if saved.get("has_optimizer"):
-    # Orbax restores whole trees: rebuild the optimizer state's structure abstractly.
-    abstract["optimizer"] = _abstract_optimizer(config, spec, mesh)
-  ckptr = checkpointing.Checkpointer(ckpt_dir, keep_last=10**6, keep_best=True,
-                                     best_metric="select")
-  try:
-    restore_which: str | int = which
-    if which == "latest" and jax.process_count() > 1:
-      agreed = agreed_latest_step(ckptr)
-      if agreed is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} is usable on every process")
-      restore_which = agreed
-    step, state, _, _, _ = ckptr.restore(restore_which, abstract_state=abstract)
-  finally:
-    ckptr.close()
-  return graphdef, state["model"], spec, step
-
-
-def _abstract_optimizer(config, spec, mesh):
-  """The optimizer state's structure for a model of `spec`, without materialising anything."""
-  _, groups, _ = state_lib.dfer_config(config, spec.class_names)
-
-  def make():
-    model = state_lib.model_from_spec(spec, rngs=nnx.Rngs(0))
-    return nnx.state(state_lib.build_optimizer(config, model, groups, 1))
-
-  shapes = nnx.eval_shape(make)
-  shardings = sharding_lib.state_shardings(shapes, mesh, min_size=config.mesh.fsdp_min_size)
-  return state_lib.abstract_with_shardings(shapes, shardings)

@@ -49,7 +49,6 @@ def _agree(ckpt_dir: pathlib.Path, out: pathlib.Path) -> None:
 
   from dfer_clip_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from dfer_clip_jax import distributed  # pylint: disable=g-import-not-at-top
-  from dfer_clip_jax import train  # pylint: disable=g-import-not-at-top
 
   me = jax.process_index()
   result = {"process": me, "count": jax.process_count()}
@@ -89,7 +88,7 @@ def _agree(ckpt_dir: pathlib.Path, out: pathlib.Path) -> None:
   ckptr = checkpointing.Checkpointer(ckpt_dir, keep_last=10)
   try:
     result["newest"] = newest
-    result["agreed"] = train.agreed_latest_step(ckptr)
+    result["agreed"] = checkpointing.agreed_latest_step(ckptr)
   finally:
     ckptr.close()
   result["dirs_after"] = sorted(p.name for p in ckpt_dir.iterdir())

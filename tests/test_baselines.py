@@ -1,6 +1,8 @@
-"""The paper's baselines (SPEC 5) as config options: forward, backward and one update each."""
+"""The paper's baselines as config presets: forward, backward and one update each; every preset
+and config argument builds a model."""
 
 import dataclasses
+import pathlib
 import re
 import zlib
 
@@ -11,10 +13,16 @@ import optax
 import pytest
 from flax import nnx
 
+import sys
+
+from dfer_clip_jax import config_lib
 from dfer_clip_jax import optim
+from dfer_clip_jax import state as state_lib
+from dfer_clip_jax.data.datasets import MAFW_CLASSES
 from dfer_clip_jax import tokenizer as tokenizer_lib
 from dfer_clip_jax.models import clip as clip_lib
 from dfer_clip_jax.models import dfer_clip as dc
+from dfer_clip_jax.models import temporal as temporal_lib
 from dfer_clip_jax.tokenizer import END_OF_TEXT, START_OF_TEXT
 
 
@@ -29,8 +37,9 @@ class FakeTokenizer:
 
 
 # The same tiny sizes as test_dfer_clip.py, so that initialisation compiles are shared.
-TINY = dict(num_classes=5, num_frames=3, temporal_heads=3, temporal_dim_head=5,
-            temporal_mlp_dim=28)
+NAMES = MAFW_CLASSES[:5]
+TINY = {"model.num_frames": 3, "model.temporal_heads": 3, "model.temporal_dim_head": 5,
+        "model.temporal_mlp_dim": 28}
 B = 2
 
 
@@ -46,16 +55,21 @@ def clip():
 @pytest.fixture(scope="module")
 def video():
   size = clip_lib.tiny_config().vision.image_size
-  return jax.random.uniform(jax.random.key(2), (B, TINY["num_frames"], size, size, 3))
+  return jax.random.uniform(jax.random.key(2), (B, TINY["model.num_frames"], size, size, 3))
 
 
 def build(name, clip, **overrides):
-  if name in ("dfer_clip", "coop"):  # the presets with learnable context
-    overrides.setdefault("n_ctx", 3)
-  spec = dc.baseline(name, **{**TINY, **overrides})
+  """(model config, parameter groups present, model) of a baseline preset ("" = DFER-CLIP)."""
+  if name in ("", "coop"):  # the presets with learnable context
+    overrides.setdefault("model.n_ctx", 3)
+  c = config_lib.base_config()
+  if name:
+    config_lib.apply_preset(c, config_lib.BASELINES[name])
+  config_lib.apply_preset(c, {**TINY, **overrides})
+  config = state_lib.model_config(c, NAMES)
   # A copy of the shared CLIP so that one baseline's update cannot leak into another's.
-  model = dc.create_dfer_clip(spec.config, nnx.clone(clip), FakeTokenizer(), rngs=nnx.Rngs(5))
-  return spec, model
+  model = dc.create_dfer_clip(config, nnx.clone(clip), FakeTokenizer(), rngs=nnx.Rngs(5))
+  return config, optim.present_groups(model, optim.groups_from_config(c.optim)), model
 
 
 @nnx.jit
@@ -76,8 +90,8 @@ def arrays(state):
 # Which parameters each trained baseline updates (by group) and which must stay untouched.
 TRAINED = {
     "linear_probe": {"head"},
-    "finetune_linear": {"head", "image"},
-    "finetune_linear_temporal": {"head", "image", "temporal"},
+    "finetune": {"head", "image"},
+    "finetune_tm": {"head", "image", "temporal"},
     "coop": {"prompt", "image", "temporal"},
     # manual_expression differs from manual_photo only in its texts (checked below).
     "manual_photo": {"image", "temporal"},
@@ -86,10 +100,10 @@ TRAINED = {
 
 @pytest.mark.parametrize("name", sorted(TRAINED))
 def test_trained_baseline_forward_backward_update(name, clip, video):
-  spec, model = build(name, clip)
-  assert spec.trained
-  optimizer = optim.make_optimizer(model, spec.groups)
-  part = optim.partition(model, spec.groups)
+  _, groups, model = build(name, clip)
+  assert state_lib.is_trained(groups)
+  optimizer = optim.make_optimizer(model, groups)
+  part = optim.partition(model, groups)
   assert {g.name for g in part.values() if g.trainable} == TRAINED[name]
   before = arrays(nnx.state(model, nnx.Param))
   loss, logits, aux, grads = train_step(model, optimizer, video, jnp.array([1, 4]))
@@ -109,21 +123,22 @@ def test_trained_baseline_forward_backward_update(name, clip, video):
 
 
 def test_linear_heads_read_raw_video_features(clip, video):
-  _, probe = build("linear_probe", clip)
-  assert probe.temporal_net is None and probe.prompt_learner is None
+  _, _, probe = build("linear_probe", clip)
+  assert isinstance(probe.temporal_net, temporal_lib.FrameMean) and probe.prompt_learner is None
   logits, aux = nnx.jit(lambda m, v: m(v, train=False))(probe, video)
   mean = aux["frame_features"].mean(axis=1)
   np.testing.assert_allclose(aux["video_features_raw"], mean, rtol=1e-6)
   np.testing.assert_allclose(logits, mean @ probe.head.kernel[...] + probe.head.bias[...],
                              rtol=1e-5, atol=1e-6)
   assert "text_features" not in aux
-  _, with_tm = build("finetune_linear_temporal", clip)
-  assert with_tm.temporal_net is not None and with_tm.head is not None
+  _, _, with_tm = build("finetune_tm", clip)
+  assert isinstance(with_tm.temporal_net, temporal_lib.TemporalTransformer)
+  assert with_tm.head is not None
 
 
 def test_coop_uses_shared_context_and_class_names(clip):
-  spec, model = build("coop", clip)
-  assert not spec.config.class_specific and spec.config.texts()[0] == "happiness."
+  config, _, model = build("coop", clip)
+  assert not config.class_specific and config.texts()[0] == "happiness."
   assert model.prompt_learner.ctx.shape == (3, 64)
   np.testing.assert_array_equal(model.prompt_learner.name_lens[...], [2] * 5)
 
@@ -136,9 +151,9 @@ def encode_text():
 @pytest.mark.parametrize("name,template", [("manual_photo", "a photo of {}."),
                                            ("manual_expression", "an expression of {}.")])
 def test_manual_prompts_are_the_template_texts(name, template, clip, encode_text):
-  spec, model = build(name, clip)
-  assert model.prompt_learner.ctx is None and spec.config.n_ctx == 0
-  texts = [template.format(n) for n in spec.config.names]
+  config, _, model = build(name, clip)
+  assert model.prompt_learner.ctx is None and config.n_ctx == 0
+  texts = [template.format(n) for n in config.class_names]
   ids, _ = tokenizer_lib.tokenize(FakeTokenizer(), texts)
   expected = encode_text(model.clip, jnp.asarray(ids))
   text, raw, _ = nnx.jit(lambda m: m.text_features())(model)
@@ -146,13 +161,14 @@ def test_manual_prompts_are_the_template_texts(name, template, clip, encode_text
 
 
 def test_zero_shot_is_clip_as_is(clip, video, encode_text):
-  spec, model = build("zero_shot", clip)
-  assert not spec.trained and spec.config.logit_scale == "clip"
+  config, groups, model = build("zeroshot", clip)
+  assert not state_lib.is_trained(groups) and config.logit_scale == "clip"
   with pytest.raises(ValueError, match="no trainable parameters"):
-    optim.make_optimizer(model, spec.groups)
-  assert model.temporal_net is None and model.prompt_learner.ctx is None
+    optim.make_optimizer(model, groups)
+  assert isinstance(model.temporal_net, temporal_lib.FrameMean)
+  assert model.prompt_learner.ctx is None
   logits, aux = nnx.jit(lambda m, v: m(v, train=False))(model, video)
-  texts = [f"an expression of {n}." for n in spec.config.names]
+  texts = [f"an expression of {n}." for n in config.class_names]
   ids, _ = tokenizer_lib.tokenize(FakeTokenizer(), texts)
   t = encode_text(clip, jnp.asarray(ids))
   t = t / jnp.linalg.norm(t, axis=-1, keepdims=True)
@@ -162,11 +178,48 @@ def test_zero_shot_is_clip_as_is(clip, video, encode_text):
                              atol=1e-4)
 
 
-def test_paper_model_preset_and_unknown_names():
-  spec = dc.baseline("dfer_clip")
-  assert spec.config == dc.DFERCLIPConfig()
-  assert [(g["name"], g.get("lr")) for g in spec.groups] == [
-      ("temporal", 1e-2), ("image", 1e-5), ("prompt", 1e-3), ("frozen", None)]
-  assert dc.baseline("coop", n_ctx=16).config.n_ctx == 16
-  with pytest.raises(ValueError, match="unknown baseline 'clip'"):
-    dc.baseline("clip")
+def test_paper_model_preset_and_unknown_names(clip):
+  config, groups, _ = build("", clip, **{"model.n_ctx": 8})
+  assert config == dc.DFERCLIPConfig(class_names=NAMES, num_frames=3, temporal_heads=3,
+                                     temporal_dim_head=5, temporal_mlp_dim=28)
+  assert [(g.name, g.lr, g.trainable) for g in groups] == [
+      ("image", 1e-5, True), ("prompt", 1e-3, True), ("temporal", 1e-2, True),
+      ("frozen", 0.0, False)]
+  assert build("coop", clip, **{"model.n_ctx": 16})[0].n_ctx == 16
+  with pytest.raises(ValueError, match="baseline='clip'"):
+    config_lib.paper_config("dfew", "baseline=clip")
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs import dfew  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+CONFIG_ARGS = ["", "variant=B/16", "variant=L/14", "ctx=4", "ctx=16", "depth=0", "depth=3",
+               "text=class_name", "text=name_with_context", "text=descriptor", "text=template",
+               "protocol=paper"] + [f"baseline={b}" for b in config_lib.BASELINES]
+
+
+@pytest.mark.parametrize("arg", CONFIG_ARGS)
+def test_every_config_argument_builds_its_model(arg, clip):
+  """The DFEW config with each argument builds a model (abstract, on the tiny CLIP) and its
+  parameter groups."""
+  c = dfew.get_config(arg)
+  config = state_lib.model_config(c, NAMES)
+  spec = state_lib.ModelSpec(clip=clip.config, model=config)
+  model = nnx.eval_shape(lambda: state_lib.model_from_spec(spec, rngs=nnx.Rngs(0)))
+  groups = optim.present_groups(model, optim.groups_from_config(c.optim))
+  trained = {g.name for g in groups if g.trainable}
+  expected = {"image", "temporal", "prompt"}
+  if arg.startswith("baseline="):
+    expected = ({"zeroshot": set(), "linear_probe": {"head"}, "finetune": {"head", "image"},
+                 "finetune_tm": {"head", "image", "temporal"}}
+                .get(arg[9:], {"image", "temporal", "prompt"}))
+    if arg[9:].startswith("manual"):
+      expected = {"image", "temporal"}
+  if arg in ("depth=0",):
+    expected = {"image", "prompt"}
+  if arg == "text=template":
+    expected = {"image", "temporal"}
+  assert trained == expected
+  assert (config.temporal == "mean") == (arg in ("depth=0", "baseline=zeroshot",
+                                                 "baseline=linear_probe", "baseline=finetune"))

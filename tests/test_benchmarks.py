@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from dfer_clip_jax.benchmarks import train_step as ts
+from dfer_clip_jax.data.datasets import DFEW_CLASSES
 from dfer_clip_jax.models import clip as clip_lib
 from dfer_clip_jax.models import dfer_clip as dc
 from dfer_clip_jax.tokenizer import END_OF_TEXT, START_OF_TEXT
@@ -110,7 +111,7 @@ def test_eval_step_record(workdir, tmp_path):
 def test_analytic_flops_of_vit_b16():
   """ViT-B/16 at 224: the well-known 17.6 G multiply-adds per image forward, 35.1 GFLOPs."""
   cfg = clip_lib.preset("B/16")
-  dcfg = dc.DFERCLIPConfig(num_frames=16)
+  dcfg = dc.DFERCLIPConfig(class_names=DFEW_CLASSES, num_frames=16)
   fwd = ts.analytic_flops(cfg, dcfg, 1, "eval")["image"] / 16
   assert fwd == pytest.approx(2 * 17.6e9, rel=0.01)
   train = ts.analytic_flops(cfg, dcfg, 1, "train")
@@ -369,7 +370,7 @@ def test_bfloat16_model_runs_its_products_in_bfloat16():
   towers, forward and backward) takes bf16 operands, except the float32 logits
   (video @ text.T, and its two backward products) and XLA attention's backward products, which
   carry a bf16 x bf16 -> f32 dot algorithm; the loss sees float32 logits."""
-  cfg = dc.DFERCLIPConfig(num_classes=7, num_frames=2)  # the benchmark test's sizes
+  cfg = dc.DFERCLIPConfig(class_names=DFEW_CLASSES, num_frames=2)  # the benchmark test's sizes
   clip = clip_lib.CLIP(clip_lib.tiny_config(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   model = dc.create_dfer_clip(cfg, clip, _Tokenizer(), dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
   graphdef, state = nnx.split(model)

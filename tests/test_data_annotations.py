@@ -6,7 +6,7 @@ import pickle
 import pytest
 
 from dfer_clip_jax.data import annotations
-from dfer_clip_jax.data import classes
+from dfer_clip_jax.data import datasets
 
 
 def _write(path: pathlib.Path, text: str) -> pathlib.Path:
@@ -15,14 +15,14 @@ def _write(path: pathlib.Path, text: str) -> pathlib.Path:
 
 
 def test_class_lists():
-  assert classes.DFEW_CLASSES == (
+  assert datasets.DFEW_CLASSES == (
       'happiness', 'sadness', 'neutral', 'anger', 'surprise', 'disgust', 'fear')
-  assert classes.MAFW_CLASSES[:7] == classes.DFEW_CLASSES
-  assert classes.MAFW_CLASSES[7:] == ('contempt', 'anxiety', 'helplessness', 'disappointment')
-  assert classes.class_names('ferv39k') == classes.DFEW_CLASSES
-  assert len(classes.class_names('synthetic11')) == 11
+  assert datasets.MAFW_CLASSES[:7] == datasets.DFEW_CLASSES
+  assert datasets.MAFW_CLASSES[7:] == ('contempt', 'anxiety', 'helplessness', 'disappointment')
+  assert datasets.get('ferv39k').classes() == datasets.DFEW_CLASSES
+  assert len(datasets.get('synthetic11').classes()) == 11
   with pytest.raises(ValueError, match='unknown dataset'):
-    classes.class_names('kinetics')
+    datasets.get('kinetics')
 
 
 def test_read_relative_absolute_and_data_root(tmp_path):

@@ -1,4 +1,4 @@
-"""Frame decoding and the reference's spatial augmentation (SPEC 3.2)."""
+"""Frame decoding and the reference's spatial augmentation (docs/method.md, Augmentation)."""
 
 import io
 import math
@@ -10,9 +10,15 @@ from PIL import ImageFile
 import pytest
 
 from dfer_clip_jax.data import augment
+from dfer_clip_jax.data import datasets
 
 _SIZE = 16
 _DATASETS = ('dfew', 'ferv39k', 'mafw')
+
+
+def _aug(dataset: str) -> augment.Augmentation:
+  """The train augmentation of a registered dataset."""
+  return augment.Augmentation(op=datasets.get(dataset).augment_op)
 
 
 def _frame(seed: int, width: int = 24, height: int = 24) -> Image.Image:
@@ -92,12 +98,12 @@ def test_one_draw_per_clip_shape_dtype_determinism(dataset):
   images = [frame.copy() for _ in range(5)]  # Identical frames, distinct objects.
   outputs = []
   for seed in range(12):
-    out = augment.train_transform(images, np.random.default_rng(seed), dataset=dataset,
+    out = augment.train_transform(images, np.random.default_rng(seed), augmentation=_aug(dataset),
                                   size=_SIZE)
     assert out.shape == (5, _SIZE, _SIZE, 3) and out.dtype == np.uint8
     for t in range(1, 5):  # Same crop / flip / brightness / angle on every frame.
       np.testing.assert_array_equal(out[t], out[0])
-    again = augment.train_transform(images, np.random.default_rng(seed), dataset=dataset,
+    again = augment.train_transform(images, np.random.default_rng(seed), augmentation=_aug(dataset),
                                     size=_SIZE)
     np.testing.assert_array_equal(out, again)
     outputs.append(out[0])
@@ -110,7 +116,7 @@ def test_crop_tries_fallback_and_swap_follow_spec():
   # Try 1: area fraction 1, aspect 4/3 -> 40x30 (fits only unswapped); swap draw 0.7 keeps
   # it -> corner draws 0.5, 0.5 are 0; flip draw 0.2 -> flip.
   p = augment.draw_train_params(w, h, _ScriptedRng([1.0, 1.0, 0.7, 0.5, 0.5, 0.2]),
-                                dataset='mafw', size=_SIZE)
+                                augmentation=_aug('mafw'), size=_SIZE)
   assert p.crop == (0, 0, 40, 30) and p.flip and p.fallback is None
   # Same try but swapped (0.3 < 0.5) -> 30x40 does not fit; try 2: fraction 0.25, aspect
   # 3/4 -> round(sqrt(300 * 0.75)) = 15, round(sqrt(400)) = 20; not swapped; corner
@@ -118,19 +124,19 @@ def test_crop_tries_fallback_and_swap_follow_spec():
   frac = (0.25 - 0.08) / 0.92
   p = augment.draw_train_params(
       w, h, _ScriptedRng([1.0, 1.0, 0.3, frac, 0.0, 0.9, 0.5, 0.99, 0.9]),
-      dataset='mafw', size=_SIZE)
+      augmentation=_aug('mafw'), size=_SIZE)
   assert p.crop == (13, 10, 15, 20) and not p.flip
   assert round(math.sqrt(area * 0.25 * 0.75)) == 15
   # Ten failing tries (full area, aspect 4/3, swapped) -> fallback: short side 30 -> 16,
   # long side int(16 * 40 / 30) = 21, then a uniform 16x16 crop.
   script = [1.0, 1.0, 0.1] * 10 + [0.99, 0.0, 0.6]
-  p = augment.draw_train_params(w, h, _ScriptedRng(script), dataset='mafw', size=_SIZE)
+  p = augment.draw_train_params(w, h, _ScriptedRng(script), augmentation=_aug('mafw'), size=_SIZE)
   assert p.crop is None and p.fallback == (21, 16, 5, 0) and not p.flip
 
 
 def test_crop_statistics_with_a_real_generator():
   rng = np.random.default_rng(0)
-  params = [augment.draw_train_params(64, 48, rng, dataset='mafw', size=_SIZE)
+  params = [augment.draw_train_params(64, 48, rng, augmentation=_aug('mafw'), size=_SIZE)
             for _ in range(2000)]
   crops = np.array([p.crop for p in params if p.crop is not None])
   assert len(crops) > 1900  # The fallback is rare for a 4:3 frame.
@@ -142,7 +148,7 @@ def test_crop_statistics_with_a_real_generator():
 
 
 def _reference_pixels(im, p, size):
-  """The reference's per-frame pipeline, op by op on the full frame (SPEC order)."""
+  """The reference's per-frame pipeline, op by op on the full frame (the order of docs/method.md)."""
   if p.brightness is not None:
     im = ImageEnhance.Brightness(im).enhance(p.brightness)
   if p.angle is not None:
@@ -162,7 +168,7 @@ def _reference_pixels(im, p, size):
 def test_pixels_equal_reference_ops(dataset):
   images = [_frame(2, 36, 28), _frame(3, 36, 28)]
   for seed in range(6):
-    p = augment.draw_train_params(36, 28, np.random.default_rng(seed), dataset=dataset,
+    p = augment.draw_train_params(36, 28, np.random.default_rng(seed), augmentation=_aug(dataset),
                                   size=_SIZE)
     assert (p.brightness is not None) == (dataset == 'dfew')
     assert (p.angle is not None) == (dataset == 'ferv39k')
@@ -170,17 +176,17 @@ def test_pixels_equal_reference_ops(dataset):
       assert 0.5 <= p.brightness <= 1.5
     if p.angle is not None:
       assert -4 <= p.angle <= 4
-    out = augment.train_transform(images, np.random.default_rng(seed), dataset=dataset,
+    out = augment.train_transform(images, np.random.default_rng(seed), augmentation=_aug(dataset),
                                   size=_SIZE)
     for t, im in enumerate(images):
       np.testing.assert_array_equal(out[t], _reference_pixels(im, p, _SIZE))
   # The fallback path too (an extreme aspect ratio makes every try fail).
   tall = [_frame(4, 2, 60)]
   for seed in range(3):
-    p = augment.draw_train_params(2, 60, np.random.default_rng(seed), dataset=dataset,
+    p = augment.draw_train_params(2, 60, np.random.default_rng(seed), augmentation=_aug(dataset),
                                   size=_SIZE)
     assert p.fallback is not None
-    out = augment.train_transform(tall, np.random.default_rng(seed), dataset=dataset,
+    out = augment.train_transform(tall, np.random.default_rng(seed), augmentation=_aug(dataset),
                                   size=_SIZE)
     np.testing.assert_array_equal(out[0], _reference_pixels(tall[0], p, _SIZE))
 
@@ -188,14 +194,14 @@ def test_pixels_equal_reference_ops(dataset):
 def test_brightness_and_rotation_change_pixels():
   white = [Image.new('RGB', (24, 24), (200, 200, 200))]
   rng = np.random.default_rng(0)
-  means = {float(augment.train_transform(white, rng, dataset='dfew', size=_SIZE).mean())
+  means = {float(augment.train_transform(white, rng, augmentation=_aug('dfew'), size=_SIZE).mean())
            for _ in range(8)}
   assert len(means) > 4 and min(means) < 200 * 0.95 and max(means) <= 255
   # FERV39k: rotating a white frame leaves black corners whenever the crop reaches them.
-  corners = [augment.train_transform(white, np.random.default_rng(s), dataset='ferv39k',
+  corners = [augment.train_transform(white, np.random.default_rng(s), augmentation=_aug('ferv39k'),
                                      size=_SIZE) for s in range(40)]
   assert any((c == 0).any() for c in corners)
-  assert all(not (augment.train_transform(white, np.random.default_rng(s), dataset='mafw',
+  assert all(not (augment.train_transform(white, np.random.default_rng(s), augmentation=_aug('mafw'),
                                           size=_SIZE) != 200).any() for s in range(5))
 
 
@@ -212,8 +218,8 @@ def test_load_clip_matches_decode_plus_transform():
   frames = [_encode(_frame(i)) for i in range(6)]
   indices = np.array([0, 2, 4, 5, 5, 5])
   expected = augment.train_transform(augment.decode_frames(frames, indices),
-                                     np.random.default_rng(3), dataset='dfew', size=_SIZE)
-  got = augment.load_train_clip(frames, indices, np.random.default_rng(3), dataset='dfew',
+                                     np.random.default_rng(3), augmentation=_aug('dfew'), size=_SIZE)
+  got = augment.load_train_clip(frames, indices, np.random.default_rng(3), augmentation=_aug('dfew'),
                                 size=_SIZE)
   np.testing.assert_array_equal(got, expected)
   np.testing.assert_array_equal(
@@ -239,14 +245,14 @@ def test_fast_decode_same_draws_close_pixels():
   for dataset in _DATASETS + ('synthetic',):
     for seed in range(6):
       rng_exact, rng_fast = np.random.default_rng(seed), np.random.default_rng(seed)
-      exact = augment.load_train_clip(frames, indices, rng_exact, dataset=dataset,
+      exact = augment.load_train_clip(frames, indices, rng_exact, augmentation=_aug(dataset),
                                       size=_SIZE)
-      fast = augment.load_train_clip(frames, indices, rng_fast, dataset=dataset, size=_SIZE,
+      fast = augment.load_train_clip(frames, indices, rng_fast, augmentation=_aug(dataset), size=_SIZE,
                                      fast_decode=True)
       # Same draws: both paths consumed exactly the same random numbers.
       assert rng_exact.bit_generator.state == rng_fast.bit_generator.state
       params = augment.draw_train_params(88, 72, np.random.default_rng(seed),
-                                         dataset=dataset, size=_SIZE)
+                                         augmentation=_aug(dataset), size=_SIZE)
       if params.crop is not None and params.angle is None:
         reduced += augment._reduction(params.crop[2], params.crop[3], _SIZE) > 1
       assert fast.shape == exact.shape == (4, _SIZE, _SIZE, 3) and fast.dtype == np.uint8
@@ -262,7 +268,7 @@ def test_fast_decode_same_draws_close_pixels():
   # `out=` (a batch row): the fast paths write into it and return it, with the same pixels.
   for load, kw in ((augment.load_test_clip, {}),
                    (augment.load_train_clip, dict(rng=np.random.default_rng(3),
-                                                  dataset='dfew'))):
+                                                  augmentation=_aug('dfew')))):
     ref = load(frames, indices, size=_SIZE, fast_decode=True,
                **{k: (np.random.default_rng(3) if k == 'rng' else v) for k, v in kw.items()})
     row = np.zeros((4, _SIZE, _SIZE, 3), np.uint8)
@@ -291,36 +297,17 @@ def test_fast_decode_exact_parts():
   np.testing.assert_array_equal(augment._decode_array(png, 0, 1), np.asarray(im))
   with pytest.raises(augment.FrameError, match='image file is truncated'):
     augment.load_train_clip([data[:len(data) * 2 // 3]], [0], np.random.default_rng(0),
-                            dataset='mafw', size=_SIZE, fast_decode=True)
+                            augmentation=_aug('mafw'), size=_SIZE, fast_decode=True)
   with pytest.raises(augment.FrameError, match='differ in size'):
     augment.load_test_clip([data, _encode(_frame(8, 41, 32))], [0, 1], size=_SIZE,
                            fast_decode=True)
 
 
 def test_unknown_dataset_and_mixed_sizes():
-  with pytest.raises(ValueError, match='unknown augmentation dataset'):
-    augment.train_transform([_frame(0)], np.random.default_rng(0), dataset='kinetics',
-                            size=_SIZE)
+  with pytest.raises(ValueError, match='unknown augmentation op'):
+    augment.Augmentation(op='blur')
+  with pytest.raises(ValueError, match='crop_min_area'):
+    augment.Augmentation(crop_min_area=0.0)
   with pytest.raises(augment.FrameError, match='differ in size'):
     augment.train_transform([_frame(0), _frame(1, 30, 24)], np.random.default_rng(0),
-                            dataset='mafw', size=_SIZE)
-
-
-def test_to_model_input_numpy_and_jax():
-  import jax
-  import jax.numpy as jnp
-  video = np.arange(2 * 3 * 3 * 3, dtype=np.uint8).reshape(1, 2, 3, 3, 3) * 4
-  x = augment.to_model_input(video)
-  assert isinstance(x, np.ndarray) and x.dtype == np.float32
-  np.testing.assert_array_equal(x, video.astype(np.float32) / np.float32(255))
-  normed = augment.to_model_input(video, normalize=True)
-  np.testing.assert_allclose(
-      normed, (video / 255.0 - np.array(augment.CLIP_MEAN)) / np.array(augment.CLIP_STD),
-      rtol=1e-5, atol=1e-5)
-  y = augment.to_model_input(jnp.asarray(video), normalize=True)
-  assert y.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(y), normed, rtol=1e-6, atol=1e-6)
-  jitted = jax.jit(lambda v: augment.to_model_input(v, normalize=True))(video)
-  np.testing.assert_allclose(np.asarray(jitted), normed, rtol=1e-6, atol=1e-6)
-  with pytest.raises(TypeError, match='uint8'):
-    augment.to_model_input(video.astype(np.float32))
+                            augmentation=_aug('mafw'), size=_SIZE)

@@ -12,7 +12,7 @@ import pytest
 from dfer_clip_jax.benchmarks import input_pipeline
 from dfer_clip_jax.data import annotations
 from dfer_clip_jax.data import build
-from dfer_clip_jax.data import classes
+from dfer_clip_jax.data import datasets
 from dfer_clip_jax.data import packed
 from dfer_clip_jax.data import pipeline
 from dfer_clip_jax.data import synthetic
@@ -50,7 +50,7 @@ def test_round_trip_keeps_clips_labels_and_frames(synth, data_dir, split):
   clips = annotations.read_annotations(synth / f'{split}.txt', data_root=synth)
   source = packed.packed_source(data_dir, 'synthetic/classes7', split)
   assert len(source) == len(clips)
-  assert source.class_names == classes.DFEW_CLASSES
+  assert source.class_names == datasets.DFEW_CLASSES
   for i, clip in enumerate(clips):  # record i is line i of the list
     record = source[i]
     assert record['clip_id'] == clip.clip_id
@@ -119,7 +119,7 @@ def test_reference_lists_with_grey_png_frames_become_rgb_jpegs(tmp_path):
                              num_workers=1)
   assert name == 'mafw/fold2'
   train = packed.packed_source(tmp_path / 'tfds', name, 'train')
-  assert train.class_names == classes.MAFW_CLASSES
+  assert train.class_names == datasets.MAFW_CLASSES
   assert [(r['clip_id'], r['label'], r['num_frames']) for r in (train[0], train[1])] == [
       ('clips/a', 10, 3), ('clips/b', 7, 2)]
   grey = _decode(train[1]['frames'][0])

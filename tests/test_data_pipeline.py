@@ -10,6 +10,7 @@ import pytest
 
 from dfer_clip_jax.data import annotations
 from dfer_clip_jax.data import augment
+from dfer_clip_jax.data import datasets
 from dfer_clip_jax.data import pipeline
 from dfer_clip_jax.data import sampling
 
@@ -17,6 +18,11 @@ _T = 4  # Frames per clip.
 _S = 16  # Output image size.
 _NUM_CLIPS = 13  # Prime: never a multiple of the batch sizes used here.
 _COUNTS = [5, 9, 12, 3, 7, 20, 4, 6, 8, 11, 2, 10, 15]  # Frames on disk per clip.
+
+
+def _aug(dataset: str) -> augment.Augmentation:
+  """The train augmentation of a registered dataset."""
+  return augment.Augmentation(op=datasets.get(dataset).augment_op)
 
 
 def _frame(seed: int) -> Image.Image:
@@ -43,7 +49,7 @@ def source(folder_dataset):
 
 
 def _train(source, **kwargs):
-  args = dict(seed=3, num_frames=_T, image_size=_S, augment='dfew', batch_size=2,
+  args = dict(seed=3, num_frames=_T, image_size=_S, augmentation=_aug('dfew'), batch_size=2,
               num_epochs=2)
   args.update(kwargs)
   return pipeline.make_train_dataset(source, **args)
@@ -117,7 +123,7 @@ def test_train_clip_equals_direct_load(source, train_batches):
   record = source[index]
   rng = pipeline.clip_rng(3, 1, index)
   frames = sampling.train_indices(record['num_frames'], rng, _T)
-  expected = augment.load_train_clip(record['frames'], frames, rng, dataset='dfew', size=_S)
+  expected = augment.load_train_clip(record['frames'], frames, rng, augmentation=_aug('dfew'), size=_S)
   np.testing.assert_array_equal(batch['video'][1], expected)
 
 
@@ -161,6 +167,10 @@ def test_iterator_state_resumes_the_same_sequence(source, tmp_path):
   assert resumed.get_state()['step'] == restored.step == 7
   with pytest.raises(ValueError, match='seed: saved 3, now 9'):
     iter(_train(source, seed=9, num_epochs=None)).set_state(state)
+  # Every augmentation setting is in the fingerprint (derived from the `Augmentation` value).
+  milder = augment.Augmentation(op='brightness', crop_min_area=0.5)
+  with pytest.raises(ValueError, match='crop_min_area: saved 0.08, now 0.5'):
+    iter(_train(source, augmentation=milder, num_epochs=None)).set_state(state)
   with pytest.raises(TypeError, match='repeats forever'):
     len(dataset)
   for iterator in (it, resumed, restored):
@@ -168,8 +178,8 @@ def test_iterator_state_resumes_the_same_sequence(source, tmp_path):
 
 
 def test_worker_processes_give_identical_batches(source):
-  inline = list(_train(source, num_epochs=1, augment='ferv39k'))
-  workers = list(_train(source, num_epochs=1, augment='ferv39k', worker_count=2))
+  inline = list(_train(source, num_epochs=1, augmentation=_aug('ferv39k')))
+  workers = list(_train(source, num_epochs=1, augmentation=_aug('ferv39k'), worker_count=2))
   assert len(inline) == len(workers) == 6
   for a, b in zip(inline, workers):
     for key in a:
@@ -218,7 +228,7 @@ def test_bad_clip_error_names_the_clip(folder_dataset):
 def test_bad_clip_skip_replaces_and_reports():
   source = _bytes_source(7, bad={1, 4})
   dataset = pipeline.make_train_dataset(
-      source, seed=0, num_frames=_T, image_size=_S, augment='mafw', batch_size=3,
+      source, seed=0, num_frames=_T, image_size=_S, augmentation=_aug('mafw'), batch_size=3,
       num_epochs=2, bad_clip_policy='skip')
   batches = list(dataset)
   used = np.concatenate([b['index'] for b in batches])
@@ -241,8 +251,6 @@ def test_bad_clip_skip_replaces_and_reports():
 def test_argument_checks(source):
   with pytest.raises(ValueError, match='do not fill one global batch'):
     _train(source, batch_size=7, process_count=2)
-  with pytest.raises(ValueError, match='unknown augment'):
-    _train(source, augment='kinetics')
   with pytest.raises(ValueError, match='bad_clip_policy'):
     _eval(source, bad_clip_policy='ignore')
   with pytest.raises(ValueError, match='process_index'):

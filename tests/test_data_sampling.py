@@ -1,4 +1,4 @@
-"""Temporal sampling against the reference's recorded indices (SPEC 3.1)."""
+"""Temporal sampling against the reference's recorded indices (docs/method.md, Sampling)."""
 
 import json
 
@@ -17,7 +17,7 @@ def reference(reference_dir):
 
 
 def _reference_support(nf: int, segments: int = 16) -> list[set[int]]:
-  """Per segment, the frames the reference's train sampler can draw (SPEC 3.1)."""
+  """Per segment, the frames the reference's train sampler can draw (docs/method.md, Sampling)."""
   avg = nf // segments
   if avg == 0:
     return [{min(i, nf - 1)} for i in range(segments)]

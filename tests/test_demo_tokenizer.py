@@ -7,7 +7,7 @@ import pytest
 
 from dfer_clip_jax import demo_tokenizer
 from dfer_clip_jax import tokenizer as tok_lib
-from dfer_clip_jax.data.classes import MAFW_CLASSES
+from dfer_clip_jax.data.datasets import MAFW_CLASSES
 from dfer_clip_jax.models.class_texts import DESCRIPTIONS
 
 VOCAB_SIZE = 1000

@@ -12,7 +12,10 @@ from flax import nnx
 
 from dfer_clip_jax.models import class_texts
 from dfer_clip_jax.models import clip as clip_lib
+from dfer_clip_jax.data.datasets import MAFW_CLASSES
 from dfer_clip_jax.models import dfer_clip as dc
+from dfer_clip_jax.models import prompts as prompts_lib
+from dfer_clip_jax.models import temporal as temporal_lib
 from dfer_clip_jax.tokenizer import END_OF_TEXT, START_OF_TEXT, load_tokenizer
 
 
@@ -44,7 +47,7 @@ def np_prompts(prefix, suffix, ctx, name_lens, position):
 
 # Prime-ish sizes so that a swapped axis cannot go unnoticed. The CLIP is the shared tiny one
 # (its initialisation compiles once per test session).
-CFG = dc.DFERCLIPConfig(num_classes=5, num_frames=3, temporal_heads=3, temporal_dim_head=5,
+CFG = dc.DFERCLIPConfig(class_names=MAFW_CLASSES[:5], num_frames=3, temporal_heads=3, temporal_dim_head=5,
                         temporal_mlp_dim=28, n_ctx=3)
 B = 2
 D = 64  # tiny CLIP embedding width
@@ -56,7 +59,7 @@ def clip():
 
 
 def temporal_net(dropout=0.0, seed=0):
-  return dc.TemporalTransformer(D, CFG.num_frames, 1, CFG.temporal_heads, CFG.temporal_dim_head,
+  return temporal_lib.TemporalTransformer(D, CFG.num_frames, 1, CFG.temporal_heads, CFG.temporal_dim_head,
                                 CFG.temporal_mlp_dim, dropout, rngs=nnx.Rngs(seed))
 
 
@@ -86,10 +89,10 @@ def test_prompt_assembly_matches_coop_loop(position, class_specific):
   c, m, length, w = 4, 5, 19, 3
   rng = np.random.default_rng(0)
   name_lens = np.array([1, 4, 2, 7], np.int32)
-  buffers = dc.PromptBuffers(rng.standard_normal((c, 1, w)).astype(np.float32),
+  buffers = prompts_lib.PromptBuffers(rng.standard_normal((c, 1, w)).astype(np.float32),
                              rng.standard_normal((c, length - 1 - m, w)).astype(np.float32),
                              name_lens)
-  learner = dc.PromptLearner(buffers, n_ctx=m, class_specific=class_specific,
+  learner = prompts_lib.PromptLearner(buffers, n_ctx=m, class_specific=class_specific,
                              position=position, rngs=nnx.Rngs(0))
   prompts = np.asarray(learner())
   expected = np_prompts(buffers.token_prefix, buffers.token_suffix, np.asarray(learner.ctx[...]),
@@ -105,7 +108,7 @@ def test_prompt_assembly_matches_coop_loop(position, class_specific):
 
 def test_prompt_buffers_come_from_the_frozen_token_embedding(clip, model):
   texts = CFG.texts()
-  ids, eot, name_lens = dc.prompt_token_ids(FakeTokenizer(), texts, CFG.n_ctx)
+  ids, eot, name_lens = prompts_lib.prompt_token_ids(FakeTokenizer(), texts, CFG.n_ctx)
   emb = np.asarray(clip.token_embedding)
   learner = model.prompt_learner
   np.testing.assert_array_equal(learner.token_prefix[...], emb[ids[:, :1]])
@@ -117,7 +120,7 @@ def test_prompt_buffers_come_from_the_frozen_token_embedding(clip, model):
   params = nnx.state(model, nnx.Param)
   assert "token_prefix" not in params["prompt_learner"]
   assert "ctx" in params["prompt_learner"]
-  assert isinstance(learner.token_suffix, dc.PromptBuffer)
+  assert isinstance(learner.token_suffix, prompts_lib.PromptBuffer)
   assert float(jnp.std(learner.ctx[...])) == pytest.approx(0.02, rel=0.3)
 
 
@@ -126,12 +129,12 @@ def test_prompt_ids_match_the_reference_tokens(reference_dir, tokenizer_dir):
   tok = load_tokenizer(tokenizer_dir)
   tokens = json.loads((reference_dir / "sampling_and_tokens.json").read_text())["tokens"]
   for dataset, n_classes in (("DFEW", 7), ("MAFW", 11)):
-    names = class_texts.default_class_names(n_classes)
+    names = MAFW_CLASSES[:n_classes]
     for ref_type, ours in (("class_names", "class_name"),
                            ("class_names_with_context", "name_with_context")):
       for n_ctx in ("4", "8", "16"):
         ref = tokens[dataset][ref_type][n_ctx]
-        ids, eot, name_lens = dc.prompt_token_ids(tok, class_texts.class_texts(names, ours),
+        ids, eot, name_lens = prompts_lib.prompt_token_ids(tok, class_texts.class_texts(names, ours),
                                                   int(n_ctx))
         np.testing.assert_array_equal(eot, ref["eot_index"])
         np.testing.assert_array_equal(name_lens, ref["name_lens"])
@@ -142,11 +145,11 @@ def test_prompt_ids_match_the_reference_tokens(reference_dir, tokenizer_dir):
 
 def test_descriptions_fit_the_context(tokenizer_dir):
   tok = load_tokenizer(tokenizer_dir)
-  names = class_texts.default_class_names(11)
+  names = MAFW_CLASSES
   assert tuple(class_texts.DESCRIPTIONS) == names
   texts = class_texts.class_texts(names, "descriptor")
   assert len(set(texts)) == 11
-  _, eot, _ = dc.prompt_token_ids(tok, texts, 16)  # raises if a prompt does not fit 77 tokens
+  _, eot, _ = prompts_lib.prompt_token_ids(tok, texts, 16)  # raises if a prompt does not fit 77 tokens
   assert eot.max() < 77
 
 
@@ -174,7 +177,7 @@ def test_temporal_transformer_init_follows_the_reference(model):
 
 @nnx.jit
 def _temporal_and_by_hand(net, frames):
-  """The module's output and the SPEC 1.2 formula spelled out (tanh GELU, no final norm)."""
+  """The module's output and the formula of docs/method.md (Video) spelled out (tanh GELU, no final norm)."""
   video, tokens = net(frames)
   block = net.temporal_transformer.layers[0]
   b = frames.shape[0]
@@ -199,7 +202,7 @@ def test_temporal_transformer_formula(model):
   np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(video, expected[:, 0], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="depth >= 1"):
-    dc.TemporalTransformer(D, 2, 0, heads=2, dim_head=3, mlp_dim=5, rngs=nnx.Rngs(0))
+    temporal_lib.TemporalTransformer(D, 2, 0, heads=2, dim_head=3, mlp_dim=5, rngs=nnx.Rngs(0))
 
 
 def test_temporal_dropout_needs_rngs_in_training(clip):
@@ -214,7 +217,7 @@ def test_temporal_dropout_needs_rngs_in_training(clip):
   with pytest.raises(ValueError, match="rngs"):
     net(frames, train=True)
   cfg = CFG.replace(temporal_dropout=0.5)
-  model = dc.DFERCLIP(cfg, clip, prompt_buffers=dc.PromptBuffers.zeros(5, 3, 77, 64),
+  model = dc.DFERCLIP(cfg, clip, prompt_buffers=prompts_lib.PromptBuffers.zeros(5, 3, 77, 64),
                       rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="rngs=nnx.Rngs"):
     model(jnp.zeros((1, 3, 32, 32, 3)), train=True)
@@ -265,7 +268,8 @@ def test_mean_pooling_shared_middle_context_and_clip_scale(clip, forward, video)
   cfg = CFG.replace(temporal_depth=0, class_specific=False, position="middle",
                     logit_scale="clip", text_type="name_with_context")
   model = dc.create_dfer_clip(cfg, clip, FakeTokenizer(), rngs=nnx.Rngs(3))
-  assert model.temporal_net is None and model.prompt_learner.ctx.shape == (3, 64)
+  assert isinstance(model.temporal_net, temporal_lib.FrameMean) and cfg.temporal == "mean"
+  assert model.prompt_learner.ctx.shape == (3, 64)
   logits, aux = forward(model, video)
   np.testing.assert_allclose(aux["video_features_raw"], aux["frame_features"].mean(1), rtol=1e-6)
   pl = model.prompt_learner
@@ -294,7 +298,7 @@ def test_class_texts_file_and_text_count(clip, tmp_path):
 
 
 def test_config_round_trip_and_validation():
-  cfg = dc.DFERCLIPConfig(num_classes=2, class_names=("calm", "upset"), text_type="template",
+  cfg = dc.DFERCLIPConfig(class_names=("calm", "upset"), text_type="template",
                           template="a photo of {}.", n_ctx=0)
   d = json.loads(json.dumps(cfg.to_dict()))
   assert dc.DFERCLIPConfig.from_dict(d) == cfg
@@ -305,13 +309,13 @@ def test_config_round_trip_and_validation():
                      (dict(template="a {}."), "template must be set"),
                      (dict(text_type="template"), "template must be set"),
                      (dict(text_type="template", template="a photo."), "no '{}'"),
-                     (dict(class_names=("a", "b")), "class_names"),
+                     (dict(class_names=()), "class_names"), (dict(class_names="ab"), "class_names"),
+                     (dict(temporal="lstm"), "temporal"),
                      (dict(logit_scale="learned"), "logit_scale")):
     with pytest.raises(ValueError, match=match):
-      dc.DFERCLIPConfig(**bad)
-  assert dc.DFERCLIPConfig(num_classes=11).names[-1] == "disappointment"
-  with pytest.raises(ValueError, match="no default class names"):
-    _ = dc.DFERCLIPConfig(num_classes=12).names
+      dc.DFERCLIPConfig(**{"class_names": ("a", "b"), **bad})
+  assert dc.DFERCLIPConfig(class_names=("a",), temporal_depth=0).temporal == "mean"  # an alias
+  assert dc.DFERCLIPConfig(class_names=("a",), template=None).template == ""  # older exports
 
 
 def test_class_text_types():
@@ -352,3 +356,28 @@ def test_load_class_texts_formats_and_errors(tmp_path):
   assert class_texts.load_class_texts(t, names)[2] == "calm."
   with pytest.raises(FileNotFoundError):
     class_texts.load_class_texts(tmp_path / "none.txt", names)
+
+
+def test_pixels_become_float_in_the_model():
+  video = np.arange(2 * 3 * 3 * 3, dtype=np.uint8).reshape(1, 2, 3, 3, 3) * 4
+  x = dc.to_model_input(video, normalize=False)
+  assert x.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(x), video.astype(np.float32) / np.float32(255), rtol=1e-6)
+  normed = jax.jit(lambda v: dc.to_model_input(v, normalize=True))(video)
+  np.testing.assert_allclose(
+      np.asarray(normed), (video / 255.0 - np.array(dc.CLIP_MEAN)) / np.array(dc.CLIP_STD),
+      rtol=1e-5, atol=1e-5)
+  with pytest.raises(TypeError, match="uint8"):
+    dc.to_model_input(video.astype(np.float32), normalize=False)
+
+
+def test_evaluation_forward_with_and_without_constants(model, video):
+  """`probabilities` takes uint8 clips; the once-per-evaluation constants (text features) are an
+  optimisation only: without them (a model whose text features depend on the video returns
+  None from `eval_constants`) the text features are computed in the forward pass."""
+  clips_uint8 = (np.asarray(video) * 255).astype(np.uint8)
+  both = nnx.jit(lambda m, v: (m.probabilities(v), m.probabilities(v, m.eval_constants())))
+  without, with_constants = both(model, clips_uint8)
+  assert without.shape == (B, CFG.num_classes)
+  np.testing.assert_allclose(without, with_constants, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(without).sum(-1), 1.0, atol=1e-5)

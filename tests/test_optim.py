@@ -7,9 +7,11 @@ import optax
 import pytest
 from flax import nnx
 
+from dfer_clip_jax import config_lib
 from dfer_clip_jax import optim
 from dfer_clip_jax.models import clip as clip_lib
 from dfer_clip_jax.models import dfer_clip as dc
+from dfer_clip_jax.models import prompts as prompts_lib
 
 
 class Toy(nnx.Module):
@@ -169,12 +171,12 @@ def test_group_errors():
 def test_dfer_clip_default_groups_follow_the_reference():
   """Temporal 1e-2, image tower 1e-5, context 1e-3; text tower, token embedding, logit scale
   and the prompt buffers frozen."""
-  cfg = dc.DFERCLIPConfig(num_classes=3, num_frames=2, temporal_heads=2, temporal_dim_head=4,
-                          temporal_mlp_dim=8, n_ctx=2)
+  cfg = dc.DFERCLIPConfig(class_names=("a", "b", "c"), num_frames=2, temporal_heads=2,
+                          temporal_dim_head=4, temporal_mlp_dim=8, n_ctx=2)
   model = nnx.eval_shape(lambda: dc.DFERCLIP(
       cfg, clip_lib.CLIP(clip_lib.tiny_config(), rngs=nnx.Rngs(0)),
-      prompt_buffers=dc.PromptBuffers.zeros(3, 2, 77, 64), rngs=nnx.Rngs(0)))
-  groups = dc.param_groups(cfg)
+      prompt_buffers=prompts_lib.PromptBuffers.zeros(3, 2, 77, 64), rngs=nnx.Rngs(0)))
+  groups = optim.present_groups(model, optim.groups_from_config(config_lib.base_config().optim))
   part = {k: (g.name, g.lr) for k, g in optim.partition(model, groups).items()}
   assert part["temporal_net.cls_token"] == ("temporal", 1e-2)
   assert part["temporal_net.temporal_transformer.layers.0.ff.fc2.bias"] == ("temporal", 1e-2)

@@ -20,10 +20,12 @@ from PIL import Image
 from dfer_clip_jax import checkpointing
 from dfer_clip_jax import inference
 from dfer_clip_jax import predict
+from dfer_clip_jax import restore
 from dfer_clip_jax import state as state_lib
 from dfer_clip_jax import train
 from dfer_clip_jax.conversion import reference
 from dfer_clip_jax.data import augment, sampling, synthetic
+from dfer_clip_jax.data.datasets import MAFW_CLASSES
 from dfer_clip_jax.models import clip as clip_lib
 from dfer_clip_jax.models import dfer_clip as dfer_lib
 from dfer_clip_jax.video import faces, sources, windows
@@ -65,10 +67,10 @@ def tiny_model():
   cc = clip_lib.tiny_config()
   cc = cc.replace(vision=dataclasses.replace(cc.vision, image_size=IMAGE_SIZE),
                   text=dataclasses.replace(cc.text, vocab_size=1000))
-  dc = dfer_lib.DFERCLIPConfig(num_classes=7, num_frames=NUM_FRAMES, temporal_heads=4,
-                               temporal_dim_head=16, temporal_mlp_dim=128)
-  spec = state_lib.ModelSpec(clip=cc, dfer=dc, class_names=tuple(dc.names),
-                             image_size=IMAGE_SIZE, num_frames=NUM_FRAMES, normalize=True)
+  dc = dfer_lib.DFERCLIPConfig(class_names=MAFW_CLASSES[:7], num_frames=NUM_FRAMES,
+                               normalize=True, temporal_heads=4, temporal_dim_head=16,
+                               temporal_mlp_dim=128)
+  spec = state_lib.ModelSpec(clip=cc, model=dc)
   graphdef, shapes = nnx.split(
       nnx.eval_shape(lambda: state_lib.model_from_spec(spec, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(0)
@@ -95,13 +97,13 @@ def saved(tmp_path_factory):
       ckptr.save(step, state={"model": nnx.state(model), "optimizer": {"momentum": momentum}},
                  data_state={}, config={**config, "has_optimizer": True},
                  metrics={"select": select})
-  reference.export_model(model, spec.clip, root / "export", extra={"normalize": True})
+  reference.export_model(model, spec.clip, root / "export")
   return {"root": root, "model": model, "spec": spec}
 
 
 @pytest.fixture(scope="module")
 def predictor(saved):
-  model, spec = inference.load_model_for_inference(saved["root"] / "folder")
+  model, spec, _ = restore.load_model(saved["root"] / "folder")
   return inference.Predictor(model, spec, batch_size=4)
 
 
@@ -247,23 +249,23 @@ def test_checkpoint_layouts_give_the_same_model(saved, predictor):
                                   (root / "run" / "checkpoints" / "7", "best", "checkpoint", 7),
                                   (root / "folder", "latest", "checkpoint", None),
                                   (root / "export", "latest", "export", None)):
-    ref = inference.resolve_checkpoint(path, which)
+    ref = restore.resolve_checkpoint(path, which)
     assert (ref.kind, ref.step) == (kind, step)
-    model, spec = inference.load_model_for_inference(ref)
-    assert spec.class_names == saved["spec"].class_names and spec.normalize
+    model, spec, _ = restore.load_model(ref)
+    assert spec.class_names == saved["spec"].class_names and spec.model.normalize
     assert (spec.num_frames, spec.image_size) == (NUM_FRAMES, IMAGE_SIZE)
     got = jax.tree.leaves(nnx.state(model))
     assert len(got) == len(want)
     for a, b in zip(got, want):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
   with pytest.raises(FileNotFoundError, match="no checkpoint step 3"):
-    inference.resolve_checkpoint(root / "run", "3")
+    restore.resolve_checkpoint(root / "run", "3")
   with pytest.raises(FileNotFoundError, match="no checkpoint in .* was saved with evaluation"):
-    inference.resolve_checkpoint(root, "best")  # `folder` is not a step: no ranked steps here
+    restore.resolve_checkpoint(root, "best")  # `folder` is not a step: no ranked steps here
   with pytest.raises(ValueError, match="expected 'latest', 'best' or a step number"):
-    inference.resolve_checkpoint(root / "run", "newest")
+    restore.resolve_checkpoint(root / "run", "newest")
   with pytest.raises(FileNotFoundError, match="holds no usable checkpoint"):
-    inference.resolve_checkpoint(root / "export" / "..", "latest")
+    restore.resolve_checkpoint(root / "export" / "..", "latest")
 
 
 def test_cli_whole_frames_with_a_corrupt_input(saved, media, predictor, tmp_path, capsys):
@@ -370,3 +372,12 @@ def test_cli_on_a_converted_reference_checkpoint(reference_dir, media, tmp_path)
   assert len(w["frame_indices"]) == pred["model"]["num_frames"] == 16
   assert w["frame_indices"] == sampling.test_indices(30, 16).tolist()
   assert sum(w["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_model_spec_round_trip_and_old_format_refused(saved):
+  spec = saved["spec"]
+  again = state_lib.ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+  assert again == spec and again.model.class_names == spec.class_names
+  old = {**spec.to_dict(), "format": "dfer_clip_jax.model/1"}
+  with pytest.raises(ValueError, match="older version of dfer_clip_jax"):
+    state_lib.ModelSpec.from_dict(old)

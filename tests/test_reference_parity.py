@@ -14,7 +14,8 @@ from dfer_clip_jax import convert
 from dfer_clip_jax.conversion import clip_weights
 from dfer_clip_jax.conversion import reference
 from dfer_clip_jax.conversion.clip_weights import CheckpointMismatchError
-from dfer_clip_jax.models.dfer_clip import param_groups
+from dfer_clip_jax import config_lib
+from dfer_clip_jax.optim import groups_from_config, present_groups
 from dfer_clip_jax.optim import make_optimizer, momentum_buffers, path_name
 # The reference's prompt assembly loop, written once for both test files.
 from test_dfer_clip import np_prompts  # pylint: disable=g-bad-import-order
@@ -185,7 +186,7 @@ def test_degenerate_depth0_reference_is_imported_as_frame_mean(weights):
   state = {k: v for k, v in weights.items() if not k.startswith(LAYERS)}
   with pytest.warns(UserWarning, match="depth 0"):
     model, cfg, _, report = reference.load_reference_checkpoint(state)
-  assert cfg.temporal_depth == 0 and model.temporal_net is None
+  assert cfg.temporal == "mean" and not nnx.state(model.temporal_net)  # no parameters
   assert "temporal_net.cls_token" in report.ignored
 
 
@@ -262,7 +263,8 @@ def test_train_steps_match_reference(reference_dir, imported):
     np.testing.assert_array_equal(reference.to_reference_layout(init[ours], how),
                                   ref[f"init/{name}"])
 
-  optimizer = make_optimizer(model, param_groups(imported.config), optimizer="sgd",
+  groups = present_groups(model, groups_from_config(config_lib.base_config().optim))
+  optimizer = make_optimizer(model, groups, optimizer="sgd",
                              momentum=0.9, weight_decay=1e-4)
   assert sorted(ours_to_ref[n][0] for n in optimizer.wrt.names) == trained
   frozen_before = reference.model_arrays(model)

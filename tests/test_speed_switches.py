@@ -14,7 +14,7 @@ from dfer_clip_jax import state as state_lib
 from dfer_clip_jax import train as train_lib
 from dfer_clip_jax import xla_flags
 from dfer_clip_jax.benchmarks import train_step as ts
-from dfer_clip_jax.data import classes as classes_lib
+from dfer_clip_jax.data import datasets
 from dfer_clip_jax.models import clip as clip_lib
 
 BATCH, FRAMES = 16, 2  # 8 fake devices: 2 clips each, so 2 micro-batches of one clip
@@ -32,17 +32,17 @@ def _one_step(workdir, *, remat="none", microbatches=1, dtype="float32"):
   c = ts.load_config("tiny", frames=FRAMES, batch=BATCH, dtype=dtype, remat=remat,
                      attention="xla", microbatches=microbatches)
   c.optim.weight_decay = 0.0
-  c.optim.lr_image = c.optim.lr_temporal = c.optim.lr_prompt = 1.0
+  c.optim.lr.image = c.optim.lr.temporal = c.optim.lr.prompt = 1.0
   mesh = sharding_lib.make_mesh(c.mesh.data, c.mesh.fsdp)
-  model, _, groups, _ = state_lib.build_model(c, workdir, classes_lib.DFEW_CLASSES,
-                                              rngs=nnx.Rngs(c.seed))
+  model, _, groups = state_lib.build_model(c, workdir, datasets.DFEW_CLASSES,
+                                           rngs=nnx.Rngs(c.seed))
   optimizer = state_lib.build_optimizer(c, model, groups, steps_per_epoch=10)
   graphdef, model_state = nnx.split(model)
   opt_graphdef, opt_state = nnx.split(optimizer)
   before = jax.device_get(nnx.state(model, optimizer.wrt))
   model_state, _ = state_lib.shard_state(model_state, mesh, c.mesh.fsdp_min_size)
-  step = jax.jit(train_lib.make_train_step(graphdef, opt_graphdef, normalize=False,
-                                           dropout=False, microbatches=microbatches))
+  step = jax.jit(train_lib.make_train_step(graphdef, opt_graphdef, dropout=False,
+                                           microbatches=microbatches))
   rng = np.random.default_rng(0)
   batch = {"video": rng.integers(0, 256, (BATCH, FRAMES, 32, 32, 3), np.uint8),
            "label": rng.integers(0, 7, (BATCH,)).astype(np.int32),

@@ -34,15 +34,15 @@ from dfer_clip_jax import state as state_lib
 from dfer_clip_jax import train as train_lib
 from dfer_clip_jax.benchmarks import train_step as ts
 from dfer_clip_jax.conversion import clip_weights
-from dfer_clip_jax.data import augment
-from dfer_clip_jax.data import classes as classes_lib
+from dfer_clip_jax import config_lib
+from dfer_clip_jax import optim
+from dfer_clip_jax.data import datasets
 from dfer_clip_jax.models import clip as clip_lib
 from dfer_clip_jax.models import dfer_clip as dfer_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from configs import dfew  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 SCRIPT = REPO / "benchmarks" / "torch_step.py"
 
@@ -69,7 +69,7 @@ HF_SIZES = dict(
 
 
 def _texts():
-  return dfer_lib.DFERCLIPConfig(num_classes=7, class_names=classes_lib.DFEW_CLASSES).texts()
+  return dfer_lib.DFERCLIPConfig(class_names=datasets.DFEW_CLASSES).texts()
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +96,9 @@ def clip_folder(tmp_path_factory):
 
 def _our_config(clip_folder=None, variant="tiny", frames=FRAMES, batch=BATCH):
   """Our benchmark's config (configs/dfew.py, the paper recipe), in float32, XLA attention."""
-  c = dfew.get_config(f"variant={variant}")
+  c = config_lib.paper_config("dfew", f"variant={variant}")
   c.clip.dtype, c.clip.attention_impl = "float32", "xla"
-  c.data.num_frames, c.train.batch_size = frames, batch
+  c.model.num_frames, c.train.batch_size = frames, batch
   if clip_folder is not None:
     c.clip.checkpoint = str(clip_folder)
     c.clip.image_size = HF_SIZES["vision"]["image_size"]
@@ -137,12 +137,12 @@ def copy_ours_into_torch(ours: dfer_lib.DFERCLIP, theirs) -> None:
 def pair(clip_folder, tmp_path_factory):
   """Both models from the same folder; ours with its optimizer, torch's with our weights."""
   c = _our_config(clip_folder)
-  ours, spec, groups, _ = state_lib.build_model(c, tmp_path_factory.mktemp("ours"),
-                                                classes_lib.DFEW_CLASSES, rngs=nnx.Rngs(c.seed))
+  ours, spec, groups = state_lib.build_model(c, tmp_path_factory.mktemp("ours"),
+                                                datasets.DFEW_CLASSES, rngs=nnx.Rngs(c.seed))
   optimizer = state_lib.build_optimizer(c, ours, groups, steps_per_epoch=100)
   # The torch model of our model's config (temporal sizes, prompts, logit scale).
   theirs = tstep.build(clip_dir=str(clip_folder), frames=FRAMES, device="cpu", seed=1,
-                       config=spec.dfer)
+                       config=spec.model)
   # It tokenized the same prompts into the same buffers as our model.
   pl = theirs.prompt_learner
   for name in ("token_prefix", "token_suffix"):
@@ -175,7 +175,7 @@ def test_same_features(pair):
   enough: the temporal class token and positions, N(0, 1), dwarf the frame features)."""
   video, _ = _batches(1)[0]
   # Jitted: one compile costs less than running the model op by op.
-  aux = nnx.jit(lambda m, x: m(augment.to_model_input(x), train=True)[1])(
+  aux = nnx.jit(lambda m, x: m(m.preprocess(x), train=True)[1])(
       pair["ours"], jnp.asarray(video))
   theirs = pair["theirs"]
   with torch.no_grad():
@@ -195,7 +195,7 @@ def trained(pair):
   theirs = copy.deepcopy(pair["theirs"])
   graphdef, model_state = nnx.split(ours)
   opt_graphdef, opt_state = nnx.split(optimizer)
-  step = jax.jit(train_lib.make_train_step(graphdef, opt_graphdef, normalize=c.data.normalize,
+  step = jax.jit(train_lib.make_train_step(graphdef, opt_graphdef,
                                            dropout=False))
   torch_step = tstep.make_train_step(theirs, tstep.make_optimizer(theirs), "fp32")
   before = dict(ours_clip=_clip_params(ours_clip=ours.clip),
@@ -263,7 +263,7 @@ def test_same_analytic_flops(pair):
   """The count the torch record reports equals ours for the same model: the loaded folder here;
   the random-init variants in `test_random_init_variants_match_ours`."""
   spec, theirs = pair["spec"], pair["theirs"]
-  assert tstep.flops(theirs, BATCH) == ts.analytic_flops(spec.clip, spec.dfer, BATCH, "train")
+  assert tstep.flops(theirs, BATCH) == ts.analytic_flops(spec.clip, spec.model, BATCH, "train")
   assert tstep.clip_config_of(theirs.clip.config) == spec.clip
 
 
@@ -275,7 +275,8 @@ def _ours_random_init(variant, frames, batch):
   clip_cfg = clip_cfg.replace(
       vision=dataclasses.replace(clip_cfg.vision, image_size=c.clip.image_size),
       text=dataclasses.replace(clip_cfg.text, vocab_size=VOCAB))
-  dfer_cfg, groups, _ = state_lib.dfer_config(c, classes_lib.DFEW_CLASSES)
+  dfer_cfg = state_lib.model_config(c, datasets.DFEW_CLASSES)
+  groups = optim.groups_from_config(c.optim)
   return c, clip_cfg, dfer_cfg, groups
 
 
@@ -287,7 +288,7 @@ def test_random_init_variants_match_ours():
     c, clip_cfg, dfer_cfg, groups = _ours_random_init(variant, 16, 48)
     assert tstep.clip_config_of(tstep.hf_clip_config(variant)) == clip_cfg, variant
     assert tstep.paper_config(16) == dfer_cfg
-  lrs = {g["name"]: g["lr"] for g in groups if g.get("trainable", True)}
+  lrs = {g.name: g.lr for g in groups if g.trainable and g.lr > 0 and g.name != "head"}
   assert lrs == {"temporal": tstep.LR_TEMPORAL, "image": tstep.LR_IMAGE,
                  "prompt": tstep.LR_PROMPT}
   assert (tstep.MOMENTUM, tstep.WEIGHT_DECAY, c.optim.name) == (

@@ -14,11 +14,13 @@ import jax
 import numpy as np
 import pytest
 
+from dfer_clip_jax import evaluate
 from dfer_clip_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from configs import common, demo, dfew, ferv39k, mafw  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import demo, dfew, ferv39k, mafw  # noqa: E402  pylint: disable=g-import-not-at-top
+from dfer_clip_jax import config_lib  # noqa: E402
 
 # Tiny run: 42 synthetic clips of 24 px, 4 frames at 16 px, batch 8, 2 epochs.
 TINY_ARGS = "clips=42,epochs=2,frames=4"
@@ -30,9 +32,7 @@ TINY_OVERRIDES = {"data.synthetic_size": 24, "clip.image_size": 16, "train.batch
 def tiny_config(workdir_synth, **extra):
   c = demo.get_config(TINY_ARGS)
   with c.unlocked():
-    for key, value in {**TINY_OVERRIDES, **extra}.items():
-      section, name = key.split(".")
-      c[section][name] = value
+    config_lib.apply_preset(c, {**TINY_OVERRIDES, **extra})
     c.data.synthetic_dir = str(workdir_synth)
   return c
 
@@ -74,7 +74,7 @@ def test_all_configs_parse_and_typos_fail():
   assert (paper.clip.variant, paper.model.n_ctx, paper.model.temporal_depth) == ("B/32", 8, 1)
   assert paper.model.text_type == "descriptor" and paper.optim.name == "sgd"
   assert tuple(paper.optim.milestones) == (30, 40) and paper.train.batch_size == 48
-  assert paper.train.epochs == 50 and not paper.data.normalize and paper.clip.dtype == "float32"
+  assert paper.train.epochs == 50 and not paper.model.normalize and paper.clip.dtype == "float32"
   with pytest.raises(ValueError, match="unknown config argument 'flod'"):
     dfew.get_config("flod=2")
   with pytest.raises(ValueError, match="folds 1..5"):
@@ -84,7 +84,7 @@ def test_all_configs_parse_and_typos_fail():
   with pytest.raises(ValueError, match="baseline"):
     dfew.get_config("baseline=nope")
   demo.get_config()
-  assert common.parse_arg("a=3,b", a=1, b=False).to_dict() == {"a": 3, "b": True}
+  assert config_lib.parse_arg("a=3,b", a=1, b=False).to_dict() == {"a": 3, "b": True}
 
 
 def test_main_rejects_unknown_override(tmp_path):
@@ -119,7 +119,7 @@ def test_train_and_evaluate_writes_everything(finished_run):
 
 def test_eval_mode_reproduces_final_metrics(finished_run, synth):
   workdir, report = finished_run
-  result = train.evaluate_checkpoint(tiny_config(synth), workdir, "latest")
+  result = evaluate.evaluate_checkpoint(tiny_config(synth), workdir, "latest")
   assert result["uar"] == report["last_test"]["uar"]
   assert result["war"] == report["last_test"]["war"]
   assert result["confusion_matrix"] == report["last_test"]["confusion_matrix"]
@@ -174,7 +174,7 @@ def test_corrupt_latest_checkpoint_falls_back(finished_run, synth, tmp_path):
   for f in latest.rglob("*"):
     if f.is_file() and f.stat().st_size > 1000:
       f.write_bytes(f.read_bytes()[:100])  # truncate the array data
-  result = train.evaluate_checkpoint(tiny_config(synth), workdir, "latest")
+  result = evaluate.evaluate_checkpoint(tiny_config(synth), workdir, "latest")
   assert result["step"] == steps[-2]
 
 
@@ -200,7 +200,7 @@ def test_one_device_and_eight_devices_agree(synth, tmp_path):
 
 
 def test_non_finite_loss_stops_with_step(synth, tmp_path):
-  c = tiny_config(synth, **{"optim.lr_temporal": 1e30, "optim.lr_image": 1e30})
+  c = tiny_config(synth, **{"optim.lr.temporal": 1e30, "optim.lr.image": 1e30})
   with pytest.raises(train.NonFiniteError, match=r"at step \d+"):
     train.train_and_evaluate(c, tmp_path / "nan")
 
@@ -223,7 +223,7 @@ def test_eval_mode_on_converted_reference_checkpoint(synth, tmp_path, reference_
   from dfer_clip_jax.conversion import reference
   imported = reference.load_reference_checkpoint(reference_dir / "tiny_forward.npz")
   export = reference.export_model(imported.model, imported.clip_config, tmp_path / "export")
-  result = train.evaluate_checkpoint(tiny_config(synth), tmp_path / "wd", str(export))
+  result = evaluate.evaluate_checkpoint(tiny_config(synth), tmp_path / "wd", str(export))
   n_test = len((synth / "test.txt").read_text().splitlines())
   assert result["step"] is None and result["counts"]["total"] == n_test
   assert (tmp_path / "wd" / "eval" / "export" / "predictions.csv").is_file()
@@ -239,3 +239,26 @@ def test_cudnn_failures_name_the_setting_that_avoids_them():
     with pytest.raises(type(err)):
       with train_lib._explain_attention_failure(impl):
         raise err
+
+
+def test_custom_dataset_with_a_classes_file_trains_and_evaluates(synth, tmp_path):
+  """A user's own dataset: class names from classes.txt, annotation lists in the reference
+  format (here the synthetic clips under other names), a tiny training run, then --mode=eval."""
+  names = ["calm", "joy", "grief", "rage", "shock", "revulsion", "dread"]
+  classes_file = tmp_path / "classes.txt"
+  classes_file.write_text("# one class per line, in label order\n" + "\n".join(names) + "\n")
+  c = tiny_config(synth, **{"dataset": "custom", "data.source": "folders",
+                            "data.root": str(synth), "data.train_list": "train.txt",
+                            "data.test_list": "test.txt", "data.classes_file": str(classes_file),
+                            "model.text_type": "name_with_context", "train.epochs": 1})
+  report = train.train_and_evaluate(c, tmp_path / "run")
+  assert report["class_names"] == names and len(report["history"]) == 1
+  with open(tmp_path / "run" / "eval/last/predictions.csv") as fh:
+    header = next(csv.reader(fh))
+  assert [h for h in header if h.startswith("prob_")] == [f"prob_{n}" for n in names]
+  result = evaluate.evaluate_checkpoint(c, tmp_path / "run", "latest")
+  assert result["uar"] == report["last_test"]["uar"]
+  with pytest.raises(ValueError, match="data.classes_file"):
+    from dfer_clip_jax.data import sources  # pylint: disable=g-import-not-at-top
+    bad = tiny_config(synth, **{"dataset": "custom"})
+    sources.class_names(bad)

@@ -30,7 +30,6 @@ configuration: the per-core figure, robust to other load) and
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -45,9 +44,12 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
+from dfer_clip_jax import cli
 from dfer_clip_jax.data import annotations as annotations_lib
+from dfer_clip_jax.data import augment
 from dfer_clip_jax.data import packed
 from dfer_clip_jax.data import pipeline
 from dfer_clip_jax.data import synthetic
@@ -209,7 +211,8 @@ def run(*, clips: int, workers: Sequence[int], image_size: int, render_size: int
                     worker_count=num_workers, read_threads=read_threads,
                     fast_decode=fast_decode)
       if kind == 'train':
-        ds = pipeline.make_train_dataset(source, seed=0, augment='synthetic', **common)
+        ds = pipeline.make_train_dataset(source, seed=0, augmentation=augment.Augmentation(),
+                                        **common)
       else:
         ds = pipeline.make_eval_dataset(source, **common)
       result = _throughput(lambda: iter(ds), batch_size, warmup=1 + num_workers,
@@ -314,29 +317,34 @@ class _ConcatSource:
     return self.parts[part][int(index) - start]
 
 
+_PROG = 'python -m dfer_clip_jax.benchmarks.input_pipeline'
+
+
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('json', None, 'where to write the results', required=True,
+                      flag_values=fv)
+  flags.DEFINE_integer('clips', 64, 'distinct synthetic clips', flag_values=fv)
+  flags.DEFINE_string('workers', '0,1,2', 'comma-separated worker counts', flag_values=fv)
+  flags.DEFINE_integer('image_size', 224, 'pipeline output size', flag_values=fv)
+  flags.DEFINE_integer('render_size', 256, 'synthetic frame size', flag_values=fv)
+  flags.DEFINE_integer('batch_size', 8, 'clips per batch', flag_values=fv)
+  flags.DEFINE_float('seconds', 3.0, 'timed seconds per measurement', flag_values=fv)
+  flags.DEFINE_integer('min_batches', 2, 'timed batches at least', flag_values=fv)
+  flags.DEFINE_string('work_dir', None, 'keep the data here (default: temp)', flag_values=fv)
+  flags.DEFINE_boolean('no_extras', False, 'skip the one-thread and fast_decode measurements',
+                       flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m dfer_clip_jax.benchmarks.input_pipeline',
-                                   description=__doc__.split('\n\n')[0])
-  parser.add_argument('--json', required=True, help='where to write the results')
-  parser.add_argument('--clips', type=int, default=64, help='distinct synthetic clips')
-  parser.add_argument('--workers', default='0,1,2', help='comma-separated worker counts')
-  parser.add_argument('--image_size', type=int, default=224, help='pipeline output size')
-  parser.add_argument('--render_size', type=int, default=256, help='synthetic frame size')
-  parser.add_argument('--batch_size', type=int, default=8)
-  parser.add_argument('--seconds', type=float, default=3.0, help='timed seconds per measurement')
-  parser.add_argument('--min_batches', type=int, default=2, help='timed batches at least')
-  parser.add_argument('--work_dir', default=None, help='keep the data here (default: temp)')
-  parser.add_argument('--no_extras', action='store_true',
-                      help='skip the one-thread and fast_decode measurements')
-  args = parser.parse_args(argv)
+  args, _ = cli.parse(_PROG, __doc__, _define, argv)
   try:
     workers = [int(w) for w in args.workers.split(',') if w.strip()]
   except ValueError:
-    parser.error(f'--workers must be comma-separated integers, got {args.workers!r}')
+    cli.fail(_PROG, f'--workers must be comma-separated integers, got {args.workers!r}')
   if not workers or min(workers) < 0:
-    parser.error(f'--workers needs non-negative counts, got {args.workers!r}')
+    cli.fail(_PROG, f'--workers needs non-negative counts, got {args.workers!r}')
   if args.clips < 14:
-    parser.error('--clips must be >= 14 (two per class)')
+    cli.fail(_PROG, '--clips must be >= 14 (two per class)')
   results = run(clips=args.clips, workers=workers, image_size=args.image_size,
                 render_size=args.render_size, batch_size=args.batch_size,
                 seconds=args.seconds, min_batches=args.min_batches, work_dir=args.work_dir,

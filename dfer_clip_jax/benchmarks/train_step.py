@@ -76,14 +76,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfer_clip_jax import config_lib
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
 from dfer_clip_jax import xla_flags
 from dfer_clip_jax.benchmarks import report
-from dfer_clip_jax.data import classes as classes_lib
+from dfer_clip_jax.data import datasets
 from dfer_clip_jax.models import clip as clip_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = ("B/32", "B/16", "L/14", "tiny")
 NUM_BATCHES = 4  # distinct random batches the timed steps cycle through
 
@@ -170,7 +170,7 @@ def analytic_flops(clip_cfg: clip_lib.CLIPConfig, dfer_cfg, batch: int, mode: st
   image = frames * ((2 * patch + 3 * (lin + att + proj)) if train else (patch + lin + att + proj))
   out = {"image": image, "temporal": 0.0, "text": 0.0, "logits": 0.0}
   d = clip_cfg.embed_dim
-  if dfer_cfg.temporal_depth > 0:
+  if dfer_cfg.temporal == "transformer":
     inner = dfer_cfg.temporal_heads * dfer_cfg.temporal_dim_head
     lin, att = transformer_flops(dfer_cfg.num_frames + 1, d, dfer_cfg.temporal_depth,
                              dfer_cfg.temporal_mlp_dim, inner)
@@ -297,15 +297,12 @@ def search_max_batch(trial: Callable[[int], Trial], *, start: int, limit: int, g
 def load_config(variant: str, *, frames: int, batch: int, dtype: str, remat: str,
                 attention: str, microbatches: int = 1):
   """`configs/dfew.py` (the paper recipe) with the benchmark's overrides."""
-  if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-  from configs import dfew  # pylint: disable=g-import-not-at-top
-  c = dfew.get_config(f"variant={variant}")
+  c = config_lib.paper_config("dfew", f"variant={variant}")
   c.clip.dtype = dtype
   c.clip.remat = remat
   c.clip.attention_impl = attention
   c.train.microbatches = microbatches
-  c.data.num_frames = frames
+  c.model.num_frames = frames
   c.train.batch_size = batch
   c.train.eval_batch_size = batch
   return c
@@ -365,9 +362,9 @@ class StepBench:
     c = self.config
     self.mesh = sharding_lib.make_mesh(c.mesh.data, c.mesh.fsdp)
     self.n_dev = self.mesh.devices.size
-    self.class_names = classes_lib.DFEW_CLASSES
-    model, self.spec, groups, _ = state_lib.build_model(c, workdir, self.class_names,
-                                                        rngs=nnx.Rngs(c.seed))
+    self.class_names = datasets.DFEW_CLASSES
+    model, self.spec, groups = state_lib.build_model(c, workdir, self.class_names,
+                                                     rngs=nnx.Rngs(c.seed))
     optimizer = (state_lib.build_optimizer(c, model, groups, steps_per_epoch=100)
                  if self.mode == "train" else None)
     self.graphdef, model_state = nnx.split(model)
@@ -379,26 +376,26 @@ class StepBench:
       self.opt_state, self.opt_shardings = state_lib.shard_state(
           opt_state, self.mesh, c.mesh.fsdp_min_size)
       self.fn = jax.jit(
-          train_lib.make_train_step(self.graphdef, opt_graphdef, normalize=c.data.normalize,
+          train_lib.make_train_step(self.graphdef, opt_graphdef,
                                     dropout=c.model.temporal_dropout > 0,
                                     microbatches=c.train.microbatches),
           donate_argnums=(0, 1), out_shardings=(self.model_shardings, self.opt_shardings, None))
     else:
-      evaluator = evaluate_lib.Evaluator(self.graphdef, self.mesh, normalize=c.data.normalize)
+      evaluator = evaluate_lib.Evaluator(self.graphdef, self.mesh)
       # The evaluator's per-batch function and its once-per-evaluation text features.
       self.fn = evaluator._probs  # pylint: disable=protected-access
-      self.text_features = evaluator._text(self.model_state)  # pylint: disable=protected-access
+      self.text_features = evaluator._constants(self.model_state)  # pylint: disable=protected-access
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
     self.replicated = sharding_lib.replicated(self.mesh)
     self.text_fn = None
-    if optimizer is not None and self.spec.dfer.head == "prompt":
+    if optimizer is not None and self.spec.model.head == "prompt":
       self.text_fn = jax.jit(_text_tower_step(self.graphdef, optimizer.wrt))
     del model, optimizer
 
   def make_batch(self, batch: int, seed: int = 0) -> dict[str, jax.Array]:
     """A random uint8 batch made on the devices, sharded on the batch axis."""
     c = self.config
-    size, frames, classes = c.clip.image_size, c.data.num_frames, len(self.class_names)
+    size, frames, classes = c.clip.image_size, c.model.num_frames, len(self.class_names)
 
     def make(key):
       kv, kl = jax.random.split(key)
@@ -513,7 +510,7 @@ def _versions() -> dict[str, Any]:
 
 
 def _config_record(bench: StepBench, args: argparse.Namespace) -> dict[str, Any]:
-  clip_cfg, dfer_cfg = bench.spec.clip, bench.spec.dfer
+  clip_cfg, dfer_cfg = bench.spec.clip, bench.spec.model
   return {"variant": args.variant, "mode": args.mode, "frames": args.frames, "batch": args.batch,
           "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
           "matmul_precision": args.matmul_precision, "image_size": clip_cfg.vision.image_size,
@@ -641,7 +638,7 @@ def _run(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     record["attention_used"] = clip_lib.resolve_attention_impl(args.attention, args.dtype,
                                                                head_dim)
     record["config"] = _config_record(bench, args)
-    flops = analytic_flops(bench.spec.clip, bench.spec.dfer, args.batch, args.mode)
+    flops = analytic_flops(bench.spec.clip, bench.spec.model, args.batch, args.mode)
     record["analytic_tflops_per_step"] = flops["total"] / 1e12
     record["analytic_tflops_breakdown"] = {k: v / 1e12 for k, v in flops.items()
                                            if k != "total"}

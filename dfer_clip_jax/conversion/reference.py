@@ -43,8 +43,9 @@ from flax import nnx
 from dfer_clip_jax.conversion import clip_weights
 from dfer_clip_jax.conversion.clip_weights import CheckpointMismatchError
 from dfer_clip_jax.models.clip import CLIP, CLIPConfig
-from dfer_clip_jax.models.dfer_clip import DFERCLIP, DFERCLIPConfig, PromptBuffer, PromptBuffers
-from dfer_clip_jax.optim import path_name
+from dfer_clip_jax.data import datasets
+from dfer_clip_jax.models.dfer_clip import DFERCLIP, DFERCLIPConfig
+from dfer_clip_jax.models.prompts import PromptBuffer, PromptBuffers
 from dfer_clip_jax.tokenizer import END_OF_TEXT
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -233,7 +234,7 @@ def infer_reference_config(state: Mapping[str, Any], *, position: str = "end",
                                     f"temporal_dim_head={temporal_dim_head}")
     heads = inner // temporal_dim_head
     mlp_dim = _need(state, f"{_TEMPORAL}0.1.fn.fn.net.0.weight").shape[0]
-  fields = dict(num_classes=num_classes, num_frames=num_frames, temporal_depth=depth,
+  fields = dict(num_frames=num_frames, temporal_depth=depth,
                 temporal_heads=heads, temporal_dim_head=temporal_dim_head,
                 temporal_mlp_dim=mlp_dim, head="prompt", n_ctx=n_ctx,
                 class_specific=class_specific, position=position)
@@ -242,6 +243,11 @@ def infer_reference_config(state: Mapping[str, Any], *, position: str = "end",
     raise ValueError(f"{clash} are inferred from the checkpoint's tensors and cannot be "
                      "overridden")
   fields.update(config_overrides)
+  # The tensors don't name the classes: the emotions in the reference's label order (7 = DFEW /
+  # FERV39k, 11 = MAFW) unless given.
+  names = fields.setdefault("class_names", datasets.MAFW_CLASSES[:num_classes])
+  if len(names) != num_classes:
+    raise ValueError(f"class_names {names} do not match the checkpoint's {num_classes} classes")
   return DFERCLIPConfig(**fields), clip_config, name_lens, warn
 
 
@@ -423,7 +429,7 @@ def build_model(config: DFERCLIPConfig, clip_config: CLIPConfig,
 def model_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
   """All parameters and prompt buffers of a model by dotted path (what an export holds)."""
   state = nnx.state(model, nnx.Any(nnx.Param, PromptBuffer))
-  return {path_name(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
+  return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
 
 def export_model(model: DFERCLIP, clip_config: CLIPConfig, out_dir: str | os.PathLike,

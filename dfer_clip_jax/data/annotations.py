@@ -1,7 +1,7 @@
 """Annotation lists in the reference format and the frame-folder clip source.
 
 An annotation list holds one clip per line, `<frame_dir> <num_frames> <label>`, separated
-by spaces, no header, label 0-based (SPEC section 4). Relative frame folders are joined with
+by spaces, no header, label 0-based (docs/method.md, Data). Relative frame folders are joined with
 a data root, so the reference's lists (absolute paths on the authors' machine) can be
 rewritten once with relative paths and used anywhere.
 

@@ -1,6 +1,7 @@
-"""Frame decoding and spatial augmentation, exactly as the reference computes them (SPEC 3.2).
+"""Frame decoding and spatial augmentation, as the reference computes them
+(docs/method.md, Augmentation).
 
-Train: one random draw per clip, applied to all its frames, in this order:
+Train (`Augmentation`): one random draw per clip, applied to all its frames, in this order:
   1. DFEW: brightness factor ~ U(0.5, 1.5) (PIL `ImageEnhance.Brightness`).
      FERV39k: rotation angle ~ U(-4, 4) degrees (nearest, no expand, black corners).
      MAFW / synthetic: nothing.
@@ -13,7 +14,7 @@ Train: one random draw per clip, applied to all its frames, in this order:
 Test: bilinear resize straight to `size x size` (aspect not kept).
 
 Frames stay uint8 on the host: the output is a `(T, size, size, 3)` uint8 array, and
-`to_model_input` is the one place where pixels become float32 (on the device).
+the model's `preprocess` is the one place where pixels become float32 (on the device).
 
 Speed: every transform is one or two PIL calls per frame (PIL's C code releases the GIL),
 repeated frames of short clips are decoded and transformed once, and the clip is written
@@ -42,25 +43,14 @@ from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageFile
 
-# Mean / std of OpenAI CLIP's preprocessing (RGB, on [0, 1] pixels).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# The extra, dataset-specific train augmentation applied before the crop.
-DATASET_AUGMENTATION: dict[str, str | None] = {
-    'dfew': 'brightness',
-    'ferv39k': 'rotation',
-    'mafw': None,
-    'synthetic': None,
-    'synthetic7': None,
-    'synthetic11': None,
-}
+# The dataset-specific train ops applied before the crop ("" = none; `datasets.Dataset`).
+DATASET_OPS = ('', 'brightness', 'rotation')
 
 _BRIGHTNESS_RANGE = (0.5, 1.5)
 _ROTATION_DEGREES = 4.0
 _CROP_TRIES = 10
 _CROP_AREA_RANGE = (0.08, 1.0)
-DEFAULT_CROP_MIN_AREA = _CROP_AREA_RANGE[0]  # the reference (torchvision) value
 _CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 
 Frame = str | os.PathLike[str] | bytes
@@ -139,31 +129,51 @@ class TrainParams:
   flip: bool
 
 
-def _augmentation_of(dataset: str) -> str | None:
-  try:
-    return DATASET_AUGMENTATION[dataset]
-  except KeyError:
-    raise ValueError(
-        f'unknown augmentation dataset {dataset!r}: expected one of '
-        f'{sorted(DATASET_AUGMENTATION)}') from None
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """The train-time randomness of a clip: one value from the config to the loader.
+
+  The resume fingerprint of the training pipeline is derived from its fields. The ops run in
+  the order of `ops` (the dataset-specific op, the random-sized crop, the flip) from one
+  `TrainParams` draw that both decode paths (PIL exact, OpenCV fast) apply.
+
+  Attributes:
+    op: the dataset-specific op before the crop: '' (none), 'brightness' (DFEW) or 'rotation'
+      (FERV39k).
+    crop_min_area: smallest area fraction of the random-sized crop (the reference's 0.08;
+      larger values crop less aggressively, e.g. for models trained from scratch).
+    fix_short_sampling: spread the train frames of 16..31-frame clips over the whole clip
+      (`sampling.train_indices` fix_short); False is the reference.
+  """
+  op: str = ''
+  crop_min_area: float = _CROP_AREA_RANGE[0]
+  fix_short_sampling: bool = False
+
+  def __post_init__(self):
+    if self.op not in DATASET_OPS:
+      raise ValueError(f'unknown augmentation op {self.op!r}: expected one of {DATASET_OPS}')
+    if not 0.0 < self.crop_min_area <= 1.0:
+      raise ValueError(f'crop_min_area must be in (0, 1], got {self.crop_min_area}')
+
+  @property
+  def ops(self) -> tuple[str, ...]:
+    """The spatial ops in the order they run."""
+    return tuple(o for o in (self.op, 'random_sized_crop', 'flip') if o)
+
+  def fingerprint(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
 def draw_train_params(
-    width: int, height: int, rng: np.random.Generator, *, dataset: str, size: int,
-    crop_min_area: float = _CROP_AREA_RANGE[0],
+    width: int, height: int, rng: np.random.Generator, *, augmentation: Augmentation,
+    size: int,
 ) -> TrainParams:
-  """Draws one clip's augmentation parameters for frames of `width x height` pixels.
-
-  `crop_min_area` is the smallest area fraction of the random-sized crop (the reference's
-  0.08; larger values crop less aggressively, e.g. for models trained from scratch).
-  """
-  if not 0.0 < crop_min_area <= 1.0:
-    raise ValueError(f'crop_min_area must be in (0, 1], got {crop_min_area}')
-  extra = _augmentation_of(dataset)
+  """Draws one clip's augmentation parameters for frames of `width x height` pixels."""
+  crop_min_area = augmentation.crop_min_area
   brightness = angle = None
-  if extra == 'brightness':
+  if augmentation.op == 'brightness':
     brightness = float(rng.uniform(*_BRIGHTNESS_RANGE))
-  elif extra == 'rotation':
+  elif augmentation.op == 'rotation':
     angle = float(rng.uniform(-_ROTATION_DEGREES, _ROTATION_DEGREES))
   crop = fallback = None
   area = width * height
@@ -242,20 +252,19 @@ def _check_same_size(sizes: Sequence[tuple[int, int]], names: Sequence[str]) -> 
 
 
 def train_transform(
-    images: Sequence[Image.Image], rng: np.random.Generator, *, dataset: str, size: int,
-    crop_min_area: float = _CROP_AREA_RANGE[0],
+    images: Sequence[Image.Image], rng: np.random.Generator, *, augmentation: Augmentation,
+    size: int,
 ) -> np.ndarray:
   """Train augmentation of one clip (see the module docstring) -> (T, size, size, 3) uint8.
 
   Args:
     images: the clip's RGB frames (e.g. from `decode_frames`), all the same size.
     rng: the generator of this clip's one random draw.
-    dataset: 'dfew' (adds brightness), 'ferv39k' (adds rotation), 'mafw' or 'synthetic'.
+    augmentation: the ops and their settings.
     size: output height and width.
   """
   _check_same_size([im.size for im in images], [f'frame {t}' for t in range(len(images))])
-  p = draw_train_params(*images[0].size, rng, dataset=dataset, size=size,
-                        crop_min_area=crop_min_area)
+  p = draw_train_params(*images[0].size, rng, augmentation=augmentation, size=size)
   return _stack(images, lambda im: _flip(_apply_exact(im, p, size), p.flip), size)
 
 
@@ -386,14 +395,13 @@ def brightness_lut(factor: float) -> np.ndarray:
       np.uint8)
 
 
-def _load_train_clip_fast(frames, indices, rng, *, dataset, size, crop_min_area,
+def _load_train_clip_fast(frames, indices, rng, *, augmentation, size,
                           out: np.ndarray | None = None) -> np.ndarray:
   """`load_train_clip(..., fast_decode=True)`: OpenCV decode + crop/resize, same draws."""
   _check_indices(len(frames), indices)
   first = int(indices[0])
   width, height = _full_size(frames[first], first)
-  p = draw_train_params(width, height, rng, dataset=dataset, size=size,
-                        crop_min_area=crop_min_area)
+  p = draw_train_params(width, height, rng, augmentation=augmentation, size=size)
   # Rotation (FERV39k) needs every pixel of the full frame: no reduced decode then.
   if p.angle is not None:
     reduce = 1
@@ -456,10 +464,9 @@ def load_train_clip(
     indices: Sequence[int],
     rng: np.random.Generator,
     *,
-    dataset: str,
+    augmentation: Augmentation,
     size: int,
     fast_decode: bool = False,
-    crop_min_area: float = _CROP_AREA_RANGE[0],
     out: np.ndarray | None = None,
 ) -> np.ndarray:
   """Decodes `frames[indices]` and applies the train augmentation -> (T, size, size, 3) uint8.
@@ -475,10 +482,10 @@ def load_train_clip(
   bilinear filter: pixels differ slightly (see `tests/test_data_augment.py` for the bound).
   """
   if not fast_decode:
-    return train_transform(decode_frames(frames, indices), rng, dataset=dataset, size=size,
-                           crop_min_area=crop_min_area)
-  return _load_train_clip_fast(frames, indices, rng, dataset=dataset, size=size,
-                               crop_min_area=crop_min_area, out=out)
+    return train_transform(decode_frames(frames, indices), rng, augmentation=augmentation,
+                           size=size)
+  return _load_train_clip_fast(frames, indices, rng, augmentation=augmentation, size=size,
+                               out=out)
 
 
 def load_test_clip(
@@ -505,26 +512,3 @@ def load_test_clip(
       done[k] = t
       _resize(arrays[k], size, size, dst=out[t])
   return out
-
-
-def to_model_input(video_uint8: Any, *, normalize: bool = False) -> Any:
-  """uint8 pixels -> float32 `x / 255`, optionally CLIP mean/std normalised (channels last).
-
-  The single place where pixels become float: the pipeline ships uint8 (4x fewer bytes) and
-  the trainer calls this on the device. Works on numpy arrays (returns numpy) and on jax
-  arrays / tracers (returns jax). `normalize=False` is the reference (no mean/std).
-  """
-  if isinstance(video_uint8, np.ndarray):
-    xp = np
-  else:
-    import jax.numpy as xp  # pylint: disable=g-import-not-at-top
-  if video_uint8.dtype != np.uint8:
-    raise TypeError(f'expected uint8 pixels, got dtype {video_uint8.dtype}')
-  if video_uint8.shape[-1] != 3:
-    raise ValueError(f'expected channels-last RGB (..., 3), got shape {video_uint8.shape}')
-  x = video_uint8.astype(xp.float32) / xp.float32(255.0)
-  if normalize:
-    mean = xp.asarray(CLIP_MEAN, dtype=xp.float32)
-    std = xp.asarray(CLIP_STD, dtype=xp.float32)
-    x = (x - mean) / std
-  return x

@@ -14,43 +14,50 @@ is written. Read the result with
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import Sequence
 
 import tqdm
+from absl import flags
 
+from dfer_clip_jax import cli
 from dfer_clip_jax.data import tfds_builders
 
 
+_PROG = 'python -m dfer_clip_jax.data.build'
+
+
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_enum('dataset', None, list(tfds_builders.DATASETS), 'dataset to pack',
+                    required=True, flag_values=fv)
+  flags.DEFINE_multi_string('config', None, 'config to build (repeatable; default: all of the '
+                            'dataset)', flag_values=fv)
+  flags.DEFINE_string('manual_dir', None, 'folder with the annotation lists (and frame '
+                      'folders)', required=True, flag_values=fv)
+  flags.DEFINE_string('data_dir', None, 'where the packed dataset is written', required=True,
+                      flag_values=fv)
+  flags.DEFINE_string('data_root', None, 'root of relative frame folders in the lists '
+                      '(default: manual_dir)', flag_values=fv)
+  flags.DEFINE_integer('resize_short_side', 0, 're-encode frames with this short side (0: keep '
+                       'the frames)', flag_values=fv)
+  flags.DEFINE_integer('jpeg_quality', tfds_builders.DEFAULT_JPEG_QUALITY,
+                       'JPEG quality of re-encoded frames', flag_values=fv)
+  flags.DEFINE_integer('workers', None, 'processes encoding frames (default: all cores)',
+                       flag_values=fv)
+  flags.DEFINE_boolean('no_check_images', False, 'validate folders and counts only, without '
+                       'decoding every frame', flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m dfer_clip_jax.data.build',
-                                   description=__doc__.split('\n\n')[0])
-  parser.add_argument('--dataset', required=True, choices=tfds_builders.DATASETS)
-  parser.add_argument('--config', action='append', default=None,
-                      help='config to build (repeatable; default: all of the dataset)')
-  parser.add_argument('--manual_dir', required=True,
-                      help='folder with the annotation lists (and frame folders)')
-  parser.add_argument('--data_dir', required=True, help='where the packed dataset is written')
-  parser.add_argument('--data_root', default=None,
-                      help='root of relative frame folders in the lists (default: manual_dir)')
-  parser.add_argument('--resize_short_side', type=int, default=0,
-                      help='re-encode frames with this short side (0: keep the frames)')
-  parser.add_argument('--jpeg_quality', type=int, default=tfds_builders.DEFAULT_JPEG_QUALITY,
-                      help='JPEG quality of re-encoded frames')
-  parser.add_argument('--workers', type=int, default=None,
-                      help='processes encoding frames (default: all cores)')
-  parser.add_argument('--no_check_images', action='store_true',
-                      help='validate folders and counts only, without decoding every frame')
-  args = parser.parse_args(argv)
+  args, _ = cli.parse(_PROG, __doc__, _define, argv)
 
   configs = args.config or tfds_builders.base_configs(args.dataset)
   known = tfds_builders.base_configs(args.dataset)
   unknown = [c for c in configs if c not in known]
   if unknown:
-    parser.error(f'--config {", ".join(unknown)} is not a config of {args.dataset} '
-                 f'(choose from {", ".join(known)})')
+    cli.fail(_PROG, f'--config {", ".join(unknown)} is not a config of {args.dataset} '
+                    f'(choose from {", ".join(known)})')
   built = []
   start = time.perf_counter()
   for config in tqdm.tqdm(configs, desc=f'{args.dataset} configs', unit='config',

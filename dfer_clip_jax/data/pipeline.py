@@ -18,7 +18,7 @@ Flow (training)::
          'mask': bool (B,)}` numpy batches
     -> `to_global_batch`: global `jax.Array`s sharded on the batch axis over the mesh;
        `prefetch_to_device` keeps the next batches' transfers in flight while a step runs.
-  Pixels stay uint8 until the device: `augment.to_model_input` makes them float there.
+  Pixels stay uint8 until the device: the model's `preprocess` makes them float there.
 
 Every batch is a pure function of (seed, step), so the sequence is reproducible, identical for
 any worker count, and the same global batches are produced for any process count with the
@@ -111,16 +111,13 @@ def clip_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 class _ClipLoader:
   """Turns a clip index into one pipeline element (picklable, for grain worker processes)."""
 
-  def __init__(self, source, *, train: bool, num_frames: int, image_size: int, augment: str,
-               fix_short_sampling: bool, fast_decode: bool,
-               crop_min_area: float = augment_lib.DEFAULT_CROP_MIN_AREA):
+  def __init__(self, source, *, num_frames: int, image_size: int, fast_decode: bool,
+               augmentation: augment_lib.Augmentation | None):
     self.source = source
-    self.crop_min_area = crop_min_area
-    self.train = train
+    self.train = augmentation is not None  # train: sampled and augmented; eval: neither
     self.num_frames = num_frames
     self.image_size = image_size
-    self.augment = augment
-    self.fix_short_sampling = fix_short_sampling
+    self.augmentation = augmentation
     self.fast_decode = fast_decode
 
   def describe(self, index: int) -> tuple[str, str | None]:
@@ -146,10 +143,11 @@ class _ClipLoader:
       if self.train:
         rng = clip_rng(seed, epoch, index)
         indices = sampling.train_indices(count, rng, self.num_frames,
-                                         fix_short=self.fix_short_sampling)
-        video = augment_lib.load_train_clip(frames, indices, rng, dataset=self.augment,
+                                         fix_short=self.augmentation.fix_short_sampling)
+        video = augment_lib.load_train_clip(frames, indices, rng,
+                                            augmentation=self.augmentation,
                                             size=self.image_size, fast_decode=self.fast_decode,
-                                            crop_min_area=self.crop_min_area, out=out)
+                                            out=out)
       else:
         indices = sampling.test_indices(count, self.num_frames)
         video = augment_lib.load_test_clip(frames, indices, size=self.image_size,
@@ -456,9 +454,8 @@ def make_train_dataset(
     seed: int,
     num_frames: int,
     image_size: int,
-    augment: str,
+    augmentation: augment_lib.Augmentation,
     batch_size: int,
-    fix_short_sampling: bool = False,
     process_index: int = 0,
     process_count: int = 1,
     worker_count: int = 0,
@@ -466,7 +463,6 @@ def make_train_dataset(
     num_epochs: int | None = None,
     fast_decode: bool = False,
     read_threads: int = 2,
-    crop_min_area: float = augment_lib.DEFAULT_CROP_MIN_AREA,
 ) -> ClipDataset:
   """The training pipeline (see the module docstring).
 
@@ -475,11 +471,9 @@ def make_train_dataset(
     seed: seeds the per-epoch shuffle and every clip's sampling / augmentation.
     num_frames: frames per clip (temporal segments; 16 in the paper).
     image_size: output height and width (224 in the paper).
-    augment: the dataset's augmentation: 'dfew', 'ferv39k', 'mafw' or 'synthetic'.
+    augmentation: frame sampling and spatial ops of the train clips.
     batch_size: clips per batch *per process*; the global batch is
       batch_size x process_count.
-    fix_short_sampling: whole-clip segments in the train sampler (`sampling.train_indices`
-      fix_short); False is the reference.
     process_index, process_count: this process and the number of processes
       (`jax.process_index()`, `jax.process_count()`).
     worker_count: grain worker processes (0: decode in threads of this process).
@@ -488,7 +482,6 @@ def make_train_dataset(
     fast_decode: reduced-scale JPEG decoding (`augment.load_train_clip`); changes pixels
       slightly, off for the reference behaviour.
     read_threads: threads building batches in each process (main or worker).
-    crop_min_area: smallest area fraction of the random-sized crop (reference: 0.08).
 
   Returns:
     A `ClipDataset`; `iter()` gives batches `{'video': uint8 (B, T, H, W, 3),
@@ -499,9 +492,6 @@ def make_train_dataset(
   _check_process(process_index, process_count)
   if seed < 0:
     raise ValueError(f'seed must be non-negative, got {seed}')
-  if augment not in augment_lib.DATASET_AUGMENTATION:
-    raise ValueError(f'unknown augment {augment!r}: expected one of '
-                     f'{sorted(augment_lib.DATASET_AUGMENTATION)}')
   global_batch = batch_size * process_count
   spe = steps_per_epoch(num_clips, global_batch)
   if spe == 0:
@@ -509,16 +499,15 @@ def make_train_dataset(
                      f'({batch_size} per process x {process_count} processes)')
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f'num_epochs must be positive or None, got {num_epochs}')
-  loader = _ClipLoader(source, train=True, num_frames=num_frames, image_size=image_size,
-                       augment=augment, fix_short_sampling=fix_short_sampling,
-                       fast_decode=fast_decode, crop_min_area=crop_min_area)
+  loader = _ClipLoader(source, num_frames=num_frames, image_size=image_size,
+                       fast_decode=fast_decode, augmentation=augmentation)
   elements = _TrainElements(loader, num_clips=num_clips, seed=seed, batch_size=batch_size,
                             process_index=process_index, process_count=process_count,
                             bad_clip_policy=bad_clip_policy)
   fingerprint = {
       'kind': 'train', 'num_clips': num_clips, 'global_batch': global_batch, 'seed': seed,
-      'num_frames': num_frames, 'image_size': image_size, 'augment': augment,
-      'fix_short_sampling': fix_short_sampling, 'fast_decode': fast_decode,
+      'num_frames': num_frames, 'image_size': image_size, 'fast_decode': fast_decode,
+      **augmentation.fingerprint(),
   }
   return ClipDataset(elements, kind='train',
                      num_steps=None if num_epochs is None else num_epochs * spe,
@@ -549,8 +538,8 @@ def make_eval_dataset(
   num_clips = _check_common(source, batch_size, num_frames, image_size, worker_count,
                             read_threads, bad_clip_policy)
   _check_process(process_index, process_count)
-  loader = _ClipLoader(source, train=False, num_frames=num_frames, image_size=image_size,
-                       augment='', fix_short_sampling=False, fast_decode=fast_decode)
+  loader = _ClipLoader(source, num_frames=num_frames, image_size=image_size,
+                       fast_decode=fast_decode, augmentation=None)
   elements = _EvalElements(loader, num_clips=num_clips, batch_size=batch_size,
                            process_index=process_index, process_count=process_count,
                            bad_clip_policy=bad_clip_policy)

@@ -1,4 +1,5 @@
-"""Temporal sampling: which frames of a clip form its `num_segments` model frames (SPEC 3.1).
+"""Temporal sampling: which frames of a clip form its `num_segments` model frames
+(docs/method.md, Sampling).
 
 Train (reference): `avg = nf // S`; when `avg > 0`, frame i is `i * avg + U{0..avg-1}`
 (one random frame per equal segment; the tail beyond `S * avg` is never used). When

@@ -25,7 +25,8 @@ import jax
 
 from dfer_clip_jax import distributed
 from dfer_clip_jax.data import annotations as annotations_lib
-from dfer_clip_jax.data import classes as classes_lib
+from dfer_clip_jax.data import augment as augment_lib
+from dfer_clip_jax.data import datasets
 from dfer_clip_jax.data import pipeline
 from dfer_clip_jax.data import validate as validate_lib
 
@@ -39,17 +40,21 @@ class Sources:
   skipped: list[str] = dataclasses.field(default_factory=list)  # clips left out by validation
 
 
-def dataset_class_names(dataset: str, num_classes: int | None = None) -> tuple[str, ...]:
-  """Class names in label order; `num_classes` picks 7 or 11 for the synthetic dataset."""
-  if dataset == "synthetic":
-    return classes_lib.class_names("synthetic11" if num_classes == 11 else "synthetic7")
-  names = classes_lib.class_names(dataset)
-  if num_classes and num_classes != len(names):
-    raise ValueError(f"num_classes={num_classes} but {dataset} has {len(names)} classes")
-  return names
+def class_names(config) -> tuple[str, ...]:
+  """The run's class names in label order (the registry's, or the classes file's)."""
+  return datasets.get(config.dataset).classes(config.data.classes_file)
 
 
-def _synthetic_lists(data, workdir: pathlib.Path, num_classes: int, fold: int
+def train_augmentation(config) -> augment_lib.Augmentation:
+  """The run's train augmentation: the dataset's op (or `data.augment`) and its settings."""
+  d = config.data
+  op = datasets.get(config.dataset).augment_op if d.augment == "dataset" else d.augment
+  return augment_lib.Augmentation(op="" if op == "none" else op,
+                                  crop_min_area=d.crop_min_area,
+                                  fix_short_sampling=d.fix_short_sampling)
+
+
+def _synthetic_lists(data, workdir: pathlib.Path, num_classes: int
                      ) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
   from dfer_clip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(data.synthetic_dir) if data.synthetic_dir else workdir / "synthetic"
@@ -68,7 +73,6 @@ def _synthetic_lists(data, workdir: pathlib.Path, num_classes: int, fold: int
   # Every process would race to write the same files: process 0 alone decides and generates,
   # the others wait for it (and fail with its error if it fails).
   distributed.run_on_primary("generating the synthetic dataset", generate_once)
-  del fold
   return root, train, test
 
 
@@ -133,20 +137,21 @@ def check_same_on_all_processes(sources: Sources) -> None:
 
 
 def build_sources(config, workdir: str | pathlib.Path) -> Sources:
-  """The run's sources from `config.data` (see configs/common.py)."""
+  """The run's sources from `config.data` (see `config_lib.base_config`)."""
   data = config.data
   workdir = pathlib.Path(workdir)
-  class_names = dataset_class_names(config.dataset, config.num_classes or None)
+  dataset = datasets.get(config.dataset)
+  dataset.check_fold(config.fold)
+  names = dataset.classes(data.classes_file)
   skipped: list[str] = []
   if data.source == "packed":
     from dfer_clip_jax.data import packed  # pylint: disable=g-import-not-at-top
-    name = data.packed_name.format(fold=config.fold) or (
-        config.dataset if config.dataset == "ferv39k" else f"{config.dataset}/fold{config.fold}")
+    name = data.packed_name.format(fold=config.fold) or dataset.packed(config.fold)
     train = packed.packed_source(data.packed_dir, name, "train")
     test = packed.packed_source(data.packed_dir, name, "test")
   elif data.source in ("folders", "synthetic"):
     if data.source == "synthetic":
-      root, train_list, test_list = _synthetic_lists(data, workdir, len(class_names), config.fold)
+      root, train_list, test_list = _synthetic_lists(data, workdir, len(names))
     else:
       if not data.train_list or not data.test_list:
         raise ValueError("data.source=folders needs data.train_list and data.test_list "
@@ -160,8 +165,8 @@ def build_sources(config, workdir: str | pathlib.Path) -> Sources:
             else root / train_list
         test_list = test_list if test_list.is_absolute() or test_list.exists() \
             else root / test_list
-    train = _folder_source(train_list, root, class_names, data, skipped)
-    test = _folder_source(test_list, root, class_names, data, skipped)
+    train = _folder_source(train_list, root, names, data, skipped)
+    test = _folder_source(test_list, root, names, data, skipped)
   else:
     raise ValueError(f"data.source={data.source!r}: expected folders, packed or synthetic")
   val = None
@@ -169,7 +174,7 @@ def build_sources(config, workdir: str | pathlib.Path) -> Sources:
     train_idx, val_idx = pipeline.split_train_val(list(train.labels), data.val_fraction,
                                                   data.val_seed)
     train, val = pipeline.SubsetSource(train, train_idx), pipeline.SubsetSource(train, val_idx)
-  sources = Sources(train=train, val=val, test=test, class_names=class_names, skipped=skipped)
+  sources = Sources(train=train, val=val, test=test, class_names=names, skipped=skipped)
   if jax.process_count() > 1:
     check_same_on_all_processes(sources)
   if skipped and distributed.is_primary():

@@ -64,7 +64,6 @@ expression.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -77,8 +76,11 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw
 import tqdm
+
+from dfer_clip_jax import cli
 
 NUM_CLASSES_CHOICES = (7, 11)
 DEFAULT_IMAGE_SIZE = 64
@@ -691,23 +693,28 @@ def read_meta(out_dir: str | os.PathLike) -> dict:
   return json.loads(path.read_text())
 
 
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('out', None, 'output folder', required=True, flag_values=fv)
+  flags.DEFINE_enum('classes', '7', [str(n) for n in NUM_CLASSES_CHOICES], 'number of classes',
+                    flag_values=fv)
+  flags.DEFINE_integer('clips', 700, 'clips to render', flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'random seed', flag_values=fv)
+  flags.DEFINE_integer('folds', 0, 'k stratified folds (0: none)', flag_values=fv)
+  flags.DEFINE_integer('size', DEFAULT_IMAGE_SIZE, 'frame size, px', flag_values=fv)
+  flags.DEFINE_float('test_fraction', 0.2, 'fraction of each class in the test list',
+                     flag_values=fv)
+  flags.DEFINE_integer('min_frames', 8, 'shortest clip (frames)', flag_values=fv)
+  flags.DEFINE_integer('max_frames', 120, 'longest clip (frames)', flag_values=fv)
+  flags.DEFINE_integer('processes', None, 'worker processes (default: all cores)',
+                       flag_values=fv)
+  flags.DEFINE_boolean('overwrite', False, 'replace existing frames/', flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m dfer_clip_jax.data.synthetic',
-      description='Render the synthetic dynamic-expression dataset.')
-  parser.add_argument('--out', required=True, help='output folder')
-  parser.add_argument('--classes', type=int, default=7, choices=NUM_CLASSES_CHOICES)
-  parser.add_argument('--clips', type=int, default=700)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--folds', type=int, default=0, help='k stratified folds (0: none)')
-  parser.add_argument('--size', type=int, default=DEFAULT_IMAGE_SIZE, help='frame size, px')
-  parser.add_argument('--test_fraction', type=float, default=0.2)
-  parser.add_argument('--min_frames', type=int, default=8)
-  parser.add_argument('--max_frames', type=int, default=120)
-  parser.add_argument('--processes', type=int, default=None,
-                      help='worker processes (default: all cores)')
-  parser.add_argument('--overwrite', action='store_true', help='replace existing frames/')
-  args = parser.parse_args(argv)
+  """Renders the synthetic dynamic-expression dataset (`python -m dfer_clip_jax.data.synthetic`)."""
+  args, _ = cli.parse('python -m dfer_clip_jax.data.synthetic',
+                      'Render the synthetic dynamic-expression dataset.', _define, argv)
+  args.classes = int(args.classes)
   start = time.perf_counter()
   with tqdm.tqdm(total=args.clips, unit='clip', desc='rendering') as bar:
     paths = generate(args.out, num_classes=args.classes, num_clips=args.clips, seed=args.seed,

@@ -7,7 +7,7 @@ with `python -m dfer_clip_jax.data.build` and read them with
 
 Record features (one record per clip, in annotation-list order):
   frames      Sequence(Scalar(object)): the encoded JPEG bytes of every frame, in order.
-  label       ClassLabel with the class names of `classes.py`.
+  label       ClassLabel with the class names of the dataset registry (`datasets.py`).
   clip_id     Text: the frame folder as written in the annotation list.
   num_frames  int32: the number of frames.
 
@@ -43,7 +43,7 @@ Expected `manual_dir` layout (frame folders are the paths in the lists, relative
                folders. (FERV39k's own `4_setups` csv files are not read: convert them to
                the reference's lists.)
   mafw/foldK   `MAFW_set_K_train.txt`, `MAFW_set_K_test.txt` (or `train_foldK.txt` /
-               `test_foldK.txt`), labels already in the reference's order (classes.py).
+               `test_foldK.txt`), labels already in the reference's order (datasets.py).
   synthetic    the output folder of `python -m dfer_clip_jax.data.synthetic`: `train.txt`,
                `test.txt`, `synthetic.json` and `frames/`; config classes7 / classes11 must
                match the generated class count.
@@ -68,7 +68,7 @@ from PIL import Image
 
 from dfer_clip_jax.data import annotations as annotations_lib
 from dfer_clip_jax.data import augment
-from dfer_clip_jax.data import classes
+from dfer_clip_jax.data import datasets
 from dfer_clip_jax.data import synthetic
 from dfer_clip_jax.data import validate
 
@@ -204,8 +204,8 @@ def _read_dfew_official(csv_path: pathlib.Path, manual_dir: pathlib.Path,
         errors.append(f'{csv_path}:{line_no}: expected integer video_name and label, '
                       f'got {row}')
         continue
-      if not 1 <= label <= len(classes.DFEW_CLASSES):
-        errors.append(f'{csv_path}:{line_no}: label must be 1..{len(classes.DFEW_CLASSES)} '
+      if not 1 <= label <= len(datasets.DFEW_CLASSES):
+        errors.append(f'{csv_path}:{line_no}: label must be 1..{len(datasets.DFEW_CLASSES)} '
                       f'(DFEW single-label), got {label}')
         continue
       folder = clip_root / f'{video:05d}'
@@ -231,7 +231,7 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
-  CLASS_KEY = ''        # key of classes.CLASS_NAMES
+  DATASET: datasets.Dataset | None = None  # the registry entry: class names, list names
   LIST_NAMES: tuple[str, ...] = ()  # annotation-list names ({split}, {fold} filled in)
   HOMEPAGE = ''
   DESCRIPTION = ''
@@ -253,7 +253,7 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
 
   def _class_names(self) -> tuple[str, ...]:
-    return classes.class_names(self.CLASS_KEY)
+    return self.DATASET.classes()
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -353,11 +353,11 @@ class Dfew(_ClipsBuilder):
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_LAYOUT
   BUILDER_CONFIGS = _fold_configs('DFEW')
-  CLASS_KEY = 'dfew'
+  DATASET = datasets.get('dfew')
   HOMEPAGE = 'https://dfew-dataset.github.io/'
   DESCRIPTION = 'DFEW dynamic facial expressions (face-cropped frame folders).'
 
-  LIST_NAMES = ('DFEW_set_{fold}_{split}.txt', '{split}_fold{fold}.txt')
+  LIST_NAMES = DATASET.list_names
 
   def _split_annotations(self, manual_dir, data_root):
     names = self._list_names()
@@ -376,11 +376,11 @@ class Ferv39k(_ClipsBuilder):
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_LAYOUT
   BUILDER_CONFIGS = [ClipsConfig(name='default', description='FERV39k train / test.')]
-  CLASS_KEY = 'ferv39k'
+  DATASET = datasets.get('ferv39k')
   HOMEPAGE = 'https://wangyanckxx.github.io/Proj_CVPR2022_FERV39k.html'
   DESCRIPTION = 'FERV39k dynamic facial expressions (face-cropped frame folders).'
 
-  LIST_NAMES = ('FERV39K_{split}.txt', '{split}.txt')
+  LIST_NAMES = DATASET.list_names
 
 
 class Mafw(_ClipsBuilder):
@@ -388,11 +388,11 @@ class Mafw(_ClipsBuilder):
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_LAYOUT
   BUILDER_CONFIGS = _fold_configs('MAFW')
-  CLASS_KEY = 'mafw'
+  DATASET = datasets.get('mafw')
   HOMEPAGE = 'https://mafw-database.github.io/MAFW/'
   DESCRIPTION = 'MAFW dynamic facial expressions, 11 classes (face-cropped frame folders).'
 
-  LIST_NAMES = ('MAFW_set_{fold}_{split}.txt', '{split}_fold{fold}.txt')
+  LIST_NAMES = DATASET.list_names
 
 
 class Synthetic(_ClipsBuilder):
@@ -407,7 +407,8 @@ class Synthetic(_ClipsBuilder):
   DESCRIPTION = 'Synthetic face-like clips whose expression develops over time.'
 
   def _class_names(self) -> tuple[str, ...]:
-    return classes.class_names(f'synthetic{self.builder_config.num_classes}')
+    name = 'synthetic' if self.builder_config.num_classes == 7 else 'synthetic11'
+    return datasets.get(name).classes()
 
   LIST_NAMES = ('{split}.txt',)
 

@@ -318,11 +318,11 @@ def validate_clips(
 def main(argv: Sequence[str]) -> int:
   """CLI entry point (absl): validates each --annotations file, prints the report."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from dfer_clip_jax.data import classes  # pylint: disable=g-import-not-at-top
+  from dfer_clip_jax.data import datasets  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  class_names = classes.class_names(f.classes) if f.classes else None
+  class_names = datasets.get(f.classes).classes(f.classes_file) if f.classes else None
   any_error = False
   for path in f.annotations:
     report = validate_clips(
@@ -336,14 +336,15 @@ def main(argv: Sequence[str]) -> int:
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from dfer_clip_jax.data import classes  # pylint: disable=g-import-not-at-top
+  from dfer_clip_jax.data import datasets  # pylint: disable=g-import-not-at-top
   flags.DEFINE_multi_string('annotations', None, 'Annotation list(s) to check.',
                             required=True)
   flags.DEFINE_string('data_root', None,
                       'Folder joined with relative frame folders (default: the list\'s folder).')
   flags.DEFINE_integer('num_classes', None, 'Number of classes (labels must be below it).')
-  flags.DEFINE_enum('classes', None, sorted(classes.CLASS_NAMES),
+  flags.DEFINE_enum('classes', None, datasets.names(),
                     'Dataset whose class list labels must index into.')
+  flags.DEFINE_string('classes_file', '', 'The custom dataset\'s class names, one per line.')
   flags.DEFINE_enum('rgb_policy', 'convert', list(RGB_POLICIES),
                     'convert: non-RGB frames are a warning; reject: an error.')
   flags.DEFINE_boolean('check_images', True, 'Decode every frame (slow, thorough).')

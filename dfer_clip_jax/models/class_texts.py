@@ -21,8 +21,6 @@ import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
-from dfer_clip_jax.data.classes import MAFW_CLASSES
-
 TEXT_TYPES = ("class_name", "name_with_context", "descriptor", "template")
 
 # Our descriptions (not the paper's), one per class of the 11-class (MAFW) order; the 7-class
@@ -68,14 +66,6 @@ MANUAL_TEMPLATES: dict[str, str] = {
     "photo": "a photo of {}.",
     "expression": "an expression of {}.",
 }
-
-
-def default_class_names(num_classes: int) -> tuple[str, ...]:
-  """The first `num_classes` names of the 11-class order (7 = DFEW / FERV39k, 11 = MAFW)."""
-  if not 1 <= num_classes <= len(MAFW_CLASSES):
-    raise ValueError(f"no default class names for {num_classes} classes: pass class_names "
-                     f"explicitly (the built-in list has {len(MAFW_CLASSES)})")
-  return MAFW_CLASSES[:num_classes]
 
 
 def class_texts(class_names: Sequence[str], text_type: str, template: str | None = None

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # One PIL text helper for all our plots (confusion matrix, timelines).
-from dfer_clip_jax.metrics import load_font, text_size
+from dfer_clip_jax.plotting import load_font, text_size
 
 # Distinct colours for up to 11 classes (the MAFW label set), then repeated.
 PALETTE = ((31, 119, 180), (214, 39, 40), (127, 127, 127), (255, 127, 14), (44, 160, 44),

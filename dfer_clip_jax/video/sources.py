@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from dfer_clip_jax.data import annotations as annotations_lib
 from dfer_clip_jax.data import augment
@@ -301,7 +300,3 @@ def open_input(item: InputItem, *, fps: float = 25.0) -> FrameReader:
   if item.kind == FRAMES:
     return FrameFolderReader(item.path, fps)
   return VideoFileReader(item.path)
-
-
-def to_pil(rgb: np.ndarray) -> Image.Image:
-  return Image.fromarray(rgb, "RGB")

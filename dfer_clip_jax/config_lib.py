@@ -1,17 +1,60 @@
-"""Shared config pieces: the full key set with defaults, and `parse_arg` for `file.py:k=v,...`.
+"""The config every config file builds on: the full key set with defaults, `parse_arg` for
+`file.py:k=v,...`, and the paper recipe of a dataset (`paper_config`).
 
 Every key the code reads is defined here with its default and a comment; configs are returned
 locked, so a misspelled key (in a config file or a `--config.x=...` override) fails at start-up.
+The config files (`configs/*.py`, outside the package) import this module; nothing in the package
+imports them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from dfer_clip_jax.data import datasets
+from dfer_clip_jax.models import class_texts
+from dfer_clip_jax.models import dfer_clip
 
 # Arguments accepted after the colon in `--config=configs/dfew.py:fold=2,variant=B/16`.
 VARIANTS = ("B/32", "B/16", "L/14", "tiny")
-TEXT_TYPES = ("class_name", "name_with_context", "descriptor", "template")
-BASELINES = ("", "zeroshot", "linear_probe", "finetune", "finetune_tm", "coop")
+
+# The paper's baselines and manual prompts as presets: config key -> value, applied by
+# `baseline=NAME` after the colon. The default (no baseline) is DFER-CLIP itself.
+_NO_TRAINING = {f"optim.lr.{g}": 0.0 for g in ("temporal", "image", "prompt", "head")}
+BASELINES: dict[str, dict[str, object]] = {
+    # CLIP as is: frame mean, "an expression of [class].", CLIP's own learned logit scale (argmax
+    # is scale-free; the scale only matters for probabilities and loss); nothing trained.
+    "zeroshot": {"model.temporal": "mean", "model.n_ctx": 0, "model.text_type": "template",
+                 "model.template": class_texts.MANUAL_TEMPLATES["expression"],
+                 "model.logit_scale": "clip", **_NO_TRAINING},
+    # Frame mean of frozen CLIP image features -> a Linear head; only the head trains.
+    "linear_probe": {"model.head": "linear", "model.temporal": "mean", "optim.lr.image": 0.0},
+    # Frame mean -> a Linear head; head and image tower train.
+    "finetune": {"model.head": "linear", "model.temporal": "mean"},
+    # Temporal transformer -> a Linear head; head, temporal model and image tower train.
+    "finetune_tm": {"model.head": "linear"},
+    # CoOp: context tokens shared by all classes + class names.
+    "coop": {"model.class_specific": False, "model.text_type": "class_name"},
+    # The paper's manual prompts (Table 3), no learnable context; image and temporal train.
+    "manual_photo": {"model.n_ctx": 0, "model.text_type": "template",
+                     "model.template": class_texts.MANUAL_TEMPLATES["photo"]},
+    "manual_expression": {"model.n_ctx": 0, "model.text_type": "template",
+                          "model.template": class_texts.MANUAL_TEMPLATES["expression"]},
+}
+
+
+def apply_preset(c: ml_collections.ConfigDict, preset: dict[str, object]) -> None:
+  """Sets each dotted `section.key` of `preset` in `c` (the key must exist)."""
+  for dotted, value in preset.items():
+    *sections, key = dotted.split(".")
+    node = c
+    for name in sections:
+      node = node[name]
+    if key not in node:
+      raise KeyError(f"preset key {dotted!r} is not a config key")
+    node[key] = value
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -52,12 +95,13 @@ def clip_preset(variant: str) -> dict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every key, with the paper recipe (SPEC section 2) as defaults."""
+  """Every key, with the paper recipe (docs/method.md, Training) as defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 1  # one seed for init, shuffling, augmentation (the reference uses 1)
-  c.dataset = "dfew"  # dfew | ferv39k | mafw | synthetic: class names, augmentation
+  # A registered dataset (`data/datasets.py`: class names, folds, augmentation op, packed name):
+  # dfew | ferv39k | mafw | synthetic (7 classes) | synthetic11 | custom (data.classes_file).
+  c.dataset = "dfew"
   c.fold = 1  # 1..5 for DFEW and MAFW; FERV39k has one split
-  c.num_classes = 0  # 0 = the dataset's (7; MAFW 11); the synthetic dataset takes 7 or 11
 
   c.clip = ml_collections.ConfigDict()
   c.clip.checkpoint = ""  # HF CLIP folder or OpenAI/OpenCLIP file; "" = random init of variant
@@ -74,21 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
   # outputs, recompute the elementwise work between them).
   c.clip.remat = "none"
 
-  c.model = ml_collections.ConfigDict()
-  c.model.baseline = ""  # "" = DFER-CLIP; zeroshot | linear_probe | finetune | finetune_tm | coop
-  c.model.text_type = "descriptor"  # class_name | name_with_context | descriptor | template
-  c.model.template = ""  # for text_type=template, e.g. "a photo of {}."
-  c.model.class_texts_file = ""  # user class texts (JSON or one per line) instead of ours
-  c.model.n_ctx = 8  # learnable context tokens M
-  c.model.class_specific = True  # context per class (C, M, W), else shared (M, W)
-  c.model.position = "end"  # class text position relative to the context: end | middle | front
-  c.model.temporal_depth = 1  # temporal transformer blocks; 0 = mean of frame features
-  c.model.temporal_heads = 8
-  c.model.temporal_dim_head = 64
-  c.model.temporal_mlp_dim = 1024
-  c.model.temporal_dropout = 0.0
-  c.model.logit_scale = "fixed"  # fixed (x100, paper) | clip (CLIP's learned logit_scale)
-  c.model.fixed_logit_scale = 100.0
+  # The model's config: the fields of `DFERCLIPConfig` with its defaults (the paper's model;
+  # each field is documented there), passed in unchanged and stored with every checkpoint. The
+  # class names are not a key: they come from the data.
+  c.model = ml_collections.ConfigDict({
+      f.name: f.default for f in dataclasses.fields(dfer_clip.DFERCLIPConfig)
+      if f.name != "class_names"})
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "folders"  # folders (annotation lists) | packed (TFDS array_record) | synthetic
@@ -101,11 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_clips = 700  # clips generated for the synthetic dataset
   c.data.synthetic_size = 64  # frame side of generated synthetic clips
   c.data.synthetic_max_frames = 120  # longest generated synthetic clip (frames)
-  c.data.num_frames = 16  # frames sampled per clip (T)
-  c.data.augment = "dfew"  # dfew (brightness) | ferv39k (rotation) | mafw | synthetic (none)
+  c.data.classes_file = ""  # the custom dataset's class names, one per line in label order
+  # The op before the crop: dataset (the registry's) | none | brightness | rotation.
+  c.data.augment = "dataset"
   c.data.crop_min_area = 0.08  # smallest area fraction of the random-sized crop (reference)
   c.data.fix_short_sampling = False  # spread train frames over 16..31-frame clips (paper: off)
-  c.data.normalize = False  # CLIP mean/std normalisation (paper: off)
   c.data.fast_decode = False  # JPEG draft-mode downscaling while decoding (changes pixels)
   c.data.bad_clip_policy = "error"  # error | skip (skipped clips are counted and reported)
   c.data.validate = True  # check every clip's frames before training
@@ -118,10 +153,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.name = "sgd"  # sgd (PyTorch-form momentum, coupled weight decay) | adamw
   c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-4  # coupled for sgd (added to the gradient), decoupled for adamw
-  c.optim.lr_temporal = 1e-2  # temporal transformer (and a linear head)
-  c.optim.lr_image = 1e-5  # CLIP image tower
-  c.optim.lr_prompt = 1e-3  # learnable prompt context
-  c.optim.lr_head = 1e-3  # linear head of the classifier baselines
+  # Parameter groups: name -> regex over dotted parameter paths; parameters of no group are
+  # frozen (the text tower, token embedding, CLIP's logit scale).
+  c.optim.groups = ml_collections.ConfigDict(dict(
+      temporal=r"temporal_net\..*", image=r"clip\.visual\..*", prompt=r"prompt_learner\.ctx",
+      head=r"head\..*"))
+  # Base learning rate of each group; 0 freezes it.
+  c.optim.lr = ml_collections.ConfigDict(dict(temporal=1e-2, image=1e-5, prompt=1e-3, head=1e-3))
   c.optim.milestones = (30, 40)  # epochs at which the learning rates are multiplied by gamma
   c.optim.gamma = 0.1
   c.optim.warmup_epochs = 0.0  # linear warm-up (paper: none)
@@ -164,20 +202,21 @@ def apply_args(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> No
   c.fold = a.fold
   c.clip.variant = a.variant
   c.clip.image_size = clip_preset(a.variant)["image_size"]
+  if a.baseline:
+    if a.baseline not in BASELINES:
+      raise ValueError(f"baseline={a.baseline!r}: expected one of {sorted(BASELINES)}")
+    apply_preset(c, BASELINES[a.baseline])
   if a.ctx >= 0:
     c.model.n_ctx = a.ctx
   if a.depth >= 0:
     c.model.temporal_depth = a.depth
   if a.text:
-    if a.text not in TEXT_TYPES:
-      raise ValueError(f"text={a.text!r}: expected one of {TEXT_TYPES}")
+    if a.text not in class_texts.TEXT_TYPES:
+      raise ValueError(f"text={a.text!r}: expected one of {class_texts.TEXT_TYPES}")
     c.model.text_type = a.text
     if a.text == "template":
-      c.model.template = "a photo of {}."
+      c.model.template = class_texts.MANUAL_TEMPLATES["photo"]
       c.model.n_ctx = 0
-  if a.baseline not in BASELINES:
-    raise ValueError(f"baseline={a.baseline!r}: expected one of {BASELINES[1:]}")
-  c.model.baseline = a.baseline
   if a.protocol not in ("val", "paper"):
     raise ValueError(f"protocol={a.protocol!r}: expected val or paper")
   if a.protocol == "paper":
@@ -187,3 +226,14 @@ def apply_args(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> No
 def common_args(arg: str | None, **extra):
   return parse_arg(arg, fold=1, variant="B/32", ctx=-1, depth=-1, text="", baseline="",
                    protocol="val", **extra)
+
+
+def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The paper's recipe on a registered dataset, with the common variant arguments; locked."""
+  a = common_args(arg)
+  c = base_config()
+  c.dataset = dataset
+  apply_args(c, a)
+  datasets.get(dataset).check_fold(c.fold)
+  c.lock()
+  return c

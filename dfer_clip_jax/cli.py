@@ -1,0 +1,45 @@
+"""Flag parsing of the package's command-line tools: absl flags, one library for every CLI.
+
+`main.py` and `folds.py` run under `absl.app` with the global flags (`--config` is a config
+file). The other tools parse into a private `FlagValues` per call, so that their `main(argv)`
+can also be called from Python (tests, notebooks) any number of times.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from absl import flags
+
+
+def fail(prog: str, message: str) -> NoReturn:
+  """A usage error: the message on stderr, exit status 2."""
+  print(f"{prog}: error: {message}", file=sys.stderr)
+  raise SystemExit(2)
+
+
+def parse(prog: str, doc: str, define: Callable[[flags.FlagValues], None],
+          argv: Sequence[str] | None, *, positional: bool = False
+          ) -> tuple[types.SimpleNamespace, list[str]]:
+  """Defines flags with `define(flag_values)` and parses `argv` (default: `sys.argv[1:]`).
+
+  Returns the flag values (as attributes) and the positional arguments, which are refused
+  unless `positional`. `--help` prints `doc` and every flag; a bad or missing flag exits with
+  status 2 and the reason.
+  """
+  fv = flags.FlagValues()
+  define(fv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--help" in argv or "-h" in argv:
+    print(f"usage: {prog} [flags]\n\n{doc.strip()}\n\nflags:\n{fv.get_help()}")
+    raise SystemExit(0)
+  try:
+    rest = fv([prog] + argv)[1:]
+  except flags.Error as e:
+    fail(prog, str(e))
+  if rest and not positional:
+    fail(prog, f"unexpected arguments: {rest}")
+  return types.SimpleNamespace(**fv.flag_values_dict()), rest
