@@ -25,6 +25,10 @@ from jax.experimental import multihost_utils
 # not finish) and not 1 (a failure), so a wrapper or scheduler can tell it apart and requeue.
 PREEMPTED_EXIT_CODE = 42
 
+# Test-only hook: "PROCESS:STEP" makes that process send itself SIGTERM after that step, so a
+# test can preempt one process of a multi-process run at a known point.
+ENV_TEST_SIGNAL = "DFER_TEST_SIGTERM_AT"
+
 
 class Preempted(SystemExit):
   """Raised once the checkpoint at the agreed step is saved; the message says how to resume."""
@@ -78,6 +82,8 @@ class PreemptionWatch:
   def reached(self, step: int) -> bool:
     """Whether every process should save after `step` and stop (collective in multi-process
     runs: call it at every step on every process)."""
+    if os.environ.get(ENV_TEST_SIGNAL) == f"{jax.process_index()}:{step}":
+      os.kill(os.getpid(), signal.SIGTERM)
     if self.multi_process:
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return self._notice.is_set()

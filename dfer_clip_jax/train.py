@@ -37,6 +37,7 @@ from dfer_clip_jax import evaluate as evaluate_lib
 from dfer_clip_jax import metric_writer
 from dfer_clip_jax import metrics as metrics_lib
 from dfer_clip_jax import optim
+from dfer_clip_jax import preemption
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
 from dfer_clip_jax.data import pipeline
@@ -315,11 +316,13 @@ class Trainer:
     """Trains (resuming if a checkpoint exists), evaluates each epoch, writes the report."""
     start_step, data_state = self.restore_latest()
     writer = metric_writer.MetricWriter(self.workdir)
-    if self.trained and start_step < self.total_steps:
-      self._train_loop(start_step, data_state, writer)
-    elif not self.history:
-      self.history.append(self._epoch_eval(0, 0, writer))  # untrained model (zero-shot)
-    writer.close()
+    try:  # a preempted or failed run still flushes what it logged
+      if self.trained and start_step < self.total_steps:
+        self._train_loop(start_step, data_state, writer)
+      elif not self.history:
+        self.history.append(self._epoch_eval(0, 0, writer))  # untrained model (zero-shot)
+    finally:
+      writer.close()
     self.checkpointer.wait()
     return self.report()
 
@@ -373,36 +376,49 @@ class Trainer:
         pending = None
 
     batches = pipeline.prefetch_to_device(it, self.mesh, size=d.device_prefetch)
-    for step in range(start_step, self.total_steps):
-      batch = next(batches)
-      # Only dropout consumes randomness; without it skip the per-step host-side fold_in.
-      rng = jax.random.fold_in(base_key, step) if dropout else base_key
-      with _explain_attention_failure(config.clip.attention_impl):
-        self.model_state, self.opt_state, m = step_fn(self.model_state, self.opt_state, batch,
-                                                      rng)
-      # Metrics of the previous step are fetched after this one is dispatched: no stall.
-      flush()
-      pending = (step + 1, m)  # the metrics belong to the update that made step + 1
-      done = step + 1
-      epoch_end = done % self.steps_per_epoch == 0
-      if done % t.log_every_steps == 0 or epoch_end or done == self.total_steps:
+    with preemption.PreemptionWatch() as watch:
+      for step in range(start_step, self.total_steps):
+        batch = next(batches)
+        # Only dropout consumes randomness; without it skip the per-step host-side fold_in.
+        rng = jax.random.fold_in(base_key, step) if dropout else base_key
+        with _explain_attention_failure(config.clip.attention_impl):
+          self.model_state, self.opt_state, m = step_fn(self.model_state, self.opt_state, batch,
+                                                        rng)
+        # Metrics of the previous step are fetched after this one is dispatched: no stall.
         flush()
-        self._log(done, window, time.perf_counter() - t_window, schedule, writer, progress)
-        window, t_window = [], time.perf_counter()
-      if epoch_end:
-        epoch = done // self.steps_per_epoch
-        flush()
-        entry = None
-        if epoch % t.eval_every_epochs == 0 or done == self.total_steps:
-          entry = self._epoch_eval(epoch, done, writer)
-          self.history.append(entry)
-        self._save(done, it, entry)
-        last_saved = done
-        t_window = time.perf_counter()
-      elif done % t.checkpoint_every_steps == 0:
-        flush()
-        self._save(done, it, None)
-        last_saved = done
+        pending = (step + 1, m)  # the metrics belong to the update that made step + 1
+        done = step + 1
+        epoch_end = done % self.steps_per_epoch == 0
+        if done % t.log_every_steps == 0 or epoch_end or done == self.total_steps:
+          flush()
+          self._log(done, window, time.perf_counter() - t_window, schedule, writer, progress)
+          window, t_window = [], time.perf_counter()
+        if epoch_end:
+          epoch = done // self.steps_per_epoch
+          flush()
+          entry = None
+          if epoch % t.eval_every_epochs == 0 or done == self.total_steps:
+            entry = self._epoch_eval(epoch, done, writer)
+            self.history.append(entry)
+          self._save(done, it, entry)
+          last_saved = done
+          t_window = time.perf_counter()
+        elif done % t.checkpoint_every_steps == 0:
+          flush()
+          self._save(done, it, None)
+          last_saved = done
+        # A preemption notice: every process saves the step they agree on, then stops.
+        if watch.reached(done) and done < self.total_steps:
+          flush()
+          if last_saved != done:
+            self._save(done, it, None)
+            last_saved = done
+          self.checkpointer.wait()
+          message = (f"preempted: checkpoint of step {done} saved in "
+                     f"{self.workdir / 'checkpoints'}; run the same command again to resume")
+          if self.primary:
+            print(message, flush=True)
+          raise preemption.Preempted(message)
     if dataset.skipped and self.primary:
       logging.warning("%d clips were skipped during training (bad_clip_policy=skip): %s",
                       len(dataset.skipped), dataset.skipped[:20])

@@ -145,6 +145,7 @@ echo "${pids[*]}" >"$LOGDIR/pids"
 echo "local.sh: started pids ${pids[*]}; follow with: tail -f $LOGDIR/process_0.log"
 
 declare -a exit_codes=()
+preempted=0
 remaining=$NUM
 start=$SECONDS
 while ((remaining > 0)); do
@@ -156,6 +157,12 @@ while ((remaining > 0)); do
     wait "$pid" || rc=$?
     exit_codes[$i]=$rc
     remaining=$((remaining - 1))
+    if ((rc == 42)); then
+      # Preempted after the checkpoint every process agreed on: the others stop by themselves.
+      echo "local.sh: process $i stopped for preemption after saving a checkpoint"
+      preempted=1
+      continue
+    fi
     if ((rc != 0)); then
       echo "local.sh: process $i (pid $pid) failed with exit status $rc; stopping the others." >&2
       echo "---- last lines of $LOGDIR/process_$i.log ----" >&2
@@ -172,4 +179,8 @@ while ((remaining > 0)); do
   fi
   ((remaining > 0)) && sleep 0.5
 done
+if ((preempted)); then
+  echo "local.sh: preempted; run the same command again to resume (logs in $LOGDIR)"
+  exit 42
+fi
 echo "local.sh: all $NUM process(es) finished; logs in $LOGDIR"

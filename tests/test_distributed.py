@@ -143,11 +143,8 @@ def runs(tmp_path_factory):
   return out
 
 
-def test_two_processes_train_like_one(runs):
-  one, two = runs["one"], runs["two"]
-  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=1e-5)
-  assert len(_losses(two)) == 3  # written once (process 0), not once per process
-  a, b = _restore_numpy(one / "checkpoints" / "3"), _restore_numpy(two / "checkpoints" / "3")
+def _assert_same_state(a, b) -> None:
+  """Two saved train states (numpy trees) hold the same parameters and optimizer state."""
   import jax  # pylint: disable=g-import-not-at-top
   # The same trees (names and shapes) before any leaf is compared.
   assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -162,6 +159,41 @@ def test_two_processes_train_like_one(runs):
     scale = float(np.abs(x).max()) if np.size(x) else 0.0
     np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4 * max(scale, 1.0),
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_two_processes_train_like_one(runs):
+  one, two = runs["one"], runs["two"]
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=1e-5)
+  assert len(_losses(two)) == 3  # written once (process 0), not once per process
+  _assert_same_state(_restore_numpy(one / "checkpoints" / "3"),
+                     _restore_numpy(two / "checkpoints" / "3"))
+
+
+def test_sigterm_to_one_process_saves_an_agreed_step_and_resumes(runs, tmp_path):
+  """SIGTERM to process 1 after step 1 of a 6-step 2-process run: both processes save the step
+  jax's preemption service names, stop with the preemption status, and the rerun of the same
+  command resumes there and ends with the state of an uninterrupted run."""
+  from dfer_clip_jax import preemption  # pylint: disable=g-import-not-at-top
+  args = [*_cli(runs["synth"]), "--config.train.epochs=2"]
+  ref = tmp_path / "uninterrupted"
+  _check(launch(tmp_path / "ref_logs", "--", f"--workdir={ref}", *args, n=1, devices=8),
+         tmp_path / "ref_logs")
+  workdir, logdir = tmp_path / "preempted", tmp_path / "preempted_logs"
+  result = launch(logdir, "--", f"--workdir={workdir}", *args, n=2, devices=4,
+                  env={preemption.ENV_TEST_SIGNAL: "1:1"})
+  assert result.returncode == preemption.PREEMPTED_EXIT_CODE, result.stdout[-3000:]
+  log0 = (logdir / "process_0.log").read_text()
+  saved = re.search(r"preempted: checkpoint of step (\d+) saved", log0)
+  assert saved, log0[-3000:]
+  step = int(saved.group(1))
+  assert 1 < step < 6  # the step both reached after the notice, before the end
+  assert (workdir / "checkpoints" / str(step) / "commit_success.txt").is_file()
+  assert not (workdir / "report.json").exists()
+  logdir = tmp_path / "resume_logs"
+  _check(launch(logdir, "--", f"--workdir={workdir}", *args, n=2, devices=4), logdir)
+  assert f"Resumed from checkpoint step {step}" in (logdir / "process_0.log").read_text()
+  _assert_same_state(_restore_numpy(ref / "checkpoints" / "6"),
+                     _restore_numpy(workdir / "checkpoints" / "6"))
 
 
 def test_two_processes_evaluate_like_one(runs):

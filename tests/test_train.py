@@ -125,10 +125,20 @@ def test_eval_mode_reproduces_final_metrics(finished_run, synth):
   assert result["confusion_matrix"] == report["last_test"]["confusion_matrix"]
 
 
-def test_rerun_of_finished_run_does_not_train_again(finished_run, synth):
+def test_rerun_of_finished_run_does_not_train_again(finished_run, synth, monkeypatch):
+  """No step runs: no new checkpoint, no new metrics line, the train step never called."""
   workdir, report = finished_run
+  steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  metrics = (workdir / "metrics.jsonl").read_text()
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished run built its train step again")
+
+  monkeypatch.setattr(train, "make_train_step", no_training)
   again = train.train_and_evaluate(tiny_config(synth), workdir)
   assert again["rows"] == report["rows"]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
+  assert (workdir / "metrics.jsonl").read_text() == metrics
 
 
 def test_kill_and_resume_is_bit_identical(finished_run, synth, tmp_path):
@@ -199,10 +209,23 @@ def test_one_device_and_eight_devices_agree(synth, tmp_path):
   np.testing.assert_allclose(losses["fsdp"], losses["1"], rtol=1e-5, atol=1e-5)
 
 
-def test_non_finite_loss_stops_with_step(synth, tmp_path):
-  c = tiny_config(synth, **{"optim.lr.temporal": 1e30, "optim.lr.image": 1e30})
-  with pytest.raises(train.NonFiniteError, match=r"at step \d+"):
-    train.train_and_evaluate(c, tmp_path / "nan")
+def test_non_finite_loss_stops_with_step_and_keeps_the_last_good_checkpoint(synth, tmp_path,
+                                                                             monkeypatch):
+  """The learning rates become infinite after step 2 (saved): the run stops naming the first
+  non-finite step, 3, before the epoch-end save, and the kept step 2, which evaluates."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from dfer_clip_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(state_lib, "make_schedule", lambda config, steps_per_epoch: (
+      optax.piecewise_constant_schedule(1.0, {2: float("inf")})))
+  workdir = tmp_path / "nan"
+  with pytest.raises(train.NonFiniteError,
+                     match=r"at step 3 .*last good checkpoint \(step 2\) is kept") as info:
+    train.train_and_evaluate(tiny_config(synth), workdir)
+  assert "non-finite" in str(info.value)
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2]
+  result = evaluate.evaluate_checkpoint(tiny_config(synth), workdir, "2")
+  assert result["step"] == 2 and np.isfinite(result["uar"])
 
 
 def test_folds_summary_reuses_finished_folds(finished_run, synth, tmp_path, capsys):
@@ -262,3 +285,23 @@ def test_custom_dataset_with_a_classes_file_trains_and_evaluates(synth, tmp_path
     from dfer_clip_jax.data import sources  # pylint: disable=g-import-not-at-top
     bad = tiny_config(synth, **{"dataset": "custom"})
     sources.class_names(bad)
+
+
+def test_preemption_saves_the_step_and_resumes_to_the_same_result(finished_run, synth, tmp_path,
+                                                                    monkeypatch):
+  """A SIGTERM after step 1 (not a checkpoint step): the run saves step 1, stops with the
+  preemption exit status and says how to resume; the rerun resumes there and ends with the
+  uninterrupted run's predictions. (Two processes agreeing on the step: test_distributed.)"""
+  from dfer_clip_jax import preemption  # pylint: disable=g-import-not-at-top
+  ref_dir, _ = finished_run
+  workdir = tmp_path / "preempted"
+  monkeypatch.setenv(preemption.ENV_TEST_SIGNAL, "0:1")
+  with pytest.raises(preemption.Preempted, match="checkpoint of step 1 saved") as info:
+    train.train_and_evaluate(tiny_config(synth), workdir)
+  assert info.value.code == preemption.PREEMPTED_EXIT_CODE
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [1] and not (workdir / "report.json").exists()
+  monkeypatch.delenv(preemption.ENV_TEST_SIGNAL)
+  train.train_and_evaluate(tiny_config(synth), workdir)
+  assert ((workdir / "eval/last/predictions.csv").read_text()
+          == (ref_dir / "eval/last/predictions.csv").read_text())
