@@ -79,7 +79,8 @@ def resolve_checkpoint(path: str | os.PathLike, which: str | int = "latest") -> 
     ValueError: `which` is not "latest", "best" or a step number, or the step is unusable.
   """
   given = str(path)
-  p = pathlib.Path(path)
+  # Absolute from here on: Orbax refuses relative paths (`--workdir=runs/demo` must work).
+  p = pathlib.Path(os.path.abspath(os.path.expanduser(path)))
   if not p.exists():
     raise FileNotFoundError(f"checkpoint path {p} does not exist")
   if p.is_file():

@@ -141,6 +141,14 @@ def test_rerun_of_finished_run_does_not_train_again(finished_run, synth, monkeyp
   assert (workdir / "metrics.jsonl").read_text() == metrics
 
 
+def test_eval_mode_with_a_relative_workdir(finished_run, synth, monkeypatch):
+  """`--workdir=runs/demo` as the README types it: a path relative to the current folder."""
+  workdir, _ = finished_run
+  monkeypatch.chdir(workdir.parent)
+  result = evaluate.evaluate_checkpoint(tiny_config(synth), workdir.name, "latest")
+  assert result["step"] is not None
+
+
 def test_kill_and_resume_is_bit_identical(finished_run, synth, tmp_path):
   """SIGKILL a run mid-training, rerun the same command: same predictions as an uninterrupted
   run (same devices, CPU)."""
