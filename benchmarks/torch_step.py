@@ -82,7 +82,9 @@ from collections.abc import Sequence
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python benchmarks/torch_step.py` puts benchmarks/ first, not the root
+if (
+  str(REPO) not in sys.path
+):  # `python benchmarks/torch_step.py` puts benchmarks/ first, not the root
   sys.path.insert(0, str(REPO))
 if "jax" not in sys.modules:
   # We import our package only for its configs, tokenizer and FLOP count, which need no
@@ -112,8 +114,12 @@ NUM_BATCHES = 4  # distinct random batches the timed steps cycle through (as tra
 LR_TEMPORAL, LR_IMAGE, LR_PROMPT = 1e-2, 1e-5, 1e-3
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4
 # HF `hidden_act` -> our activation names (only the FLOP count's config needs them).
-_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-         "gelu_pytorch_tanh": "gelu_tanh"}
+_ACTS = {
+  "quick_gelu": "quick_gelu",
+  "gelu": "gelu",
+  "gelu_new": "gelu_tanh",
+  "gelu_pytorch_tanh": "gelu_tanh",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,36 +132,67 @@ def hf_clip_config(variant: str) -> transformers.CLIPConfig:
   c = clip_lib.preset(variant)
   v, t = c.vision, c.text
   vocab = state_lib.DEMO_VOCAB
-  text = dict(vocab_size=vocab, hidden_size=t.width, intermediate_size=t.mlp_dim,
-              num_hidden_layers=t.layers, num_attention_heads=t.heads,
-              max_position_embeddings=t.context_length, hidden_act=t.act, layer_norm_eps=t.eps,
-              # The demo tokenizer's special ids (its last two): HF's own text forward then pools
-              # where ours does, which `check_text_path` relies on.
-              bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
-  vision = dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.layers,
-                num_attention_heads=v.heads, patch_size=v.patch_size, image_size=v.image_size,
-                hidden_act=v.act, layer_norm_eps=v.eps)
-  return transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                 projection_dim=c.embed_dim,
-                                 logit_scale_init_value=c.logit_scale_init,
-                                 attn_implementation="sdpa")
+  text = dict(
+    vocab_size=vocab,
+    hidden_size=t.width,
+    intermediate_size=t.mlp_dim,
+    num_hidden_layers=t.layers,
+    num_attention_heads=t.heads,
+    max_position_embeddings=t.context_length,
+    hidden_act=t.act,
+    layer_norm_eps=t.eps,
+    # The demo tokenizer's special ids (its last two): HF's own text forward then pools
+    # where ours does, which `check_text_path` relies on.
+    bos_token_id=vocab - 2,
+    eos_token_id=vocab - 1,
+    pad_token_id=vocab - 1,
+  )
+  vision = dict(
+    hidden_size=v.width,
+    intermediate_size=v.mlp_dim,
+    num_hidden_layers=v.layers,
+    num_attention_heads=v.heads,
+    patch_size=v.patch_size,
+    image_size=v.image_size,
+    hidden_act=v.act,
+    layer_norm_eps=v.eps,
+  )
+  return transformers.CLIPConfig(
+    text_config=text,
+    vision_config=vision,
+    projection_dim=c.embed_dim,
+    logit_scale_init_value=c.logit_scale_init,
+    attn_implementation="sdpa",
+  )
 
 
 def clip_config_of(hf_config: transformers.CLIPConfig) -> clip_lib.CLIPConfig:
   """Our CLIPConfig describing a transformers CLIP (for the shared analytic FLOP count)."""
   v, t = hf_config.vision_config, hf_config.text_config
   return clip_lib.CLIPConfig(
-      vision=clip_lib.CLIPVisionConfig(
-          width=v.hidden_size, layers=v.num_hidden_layers, heads=v.num_attention_heads,
-          mlp_dim=v.intermediate_size, patch_size=v.patch_size, image_size=v.image_size,
-          act=_ACTS.get(v.hidden_act, v.hidden_act), eps=v.layer_norm_eps),
-      text=clip_lib.CLIPTextConfig(
-          width=t.hidden_size, layers=t.num_hidden_layers, heads=t.num_attention_heads,
-          mlp_dim=t.intermediate_size, context_length=t.max_position_embeddings,
-          vocab_size=t.vocab_size, act=_ACTS.get(t.hidden_act, t.hidden_act),
-          eps=t.layer_norm_eps),
-      embed_dim=hf_config.projection_dim,
-      logit_scale_init=float(hf_config.logit_scale_init_value))
+    vision=clip_lib.CLIPVisionConfig(
+      width=v.hidden_size,
+      layers=v.num_hidden_layers,
+      heads=v.num_attention_heads,
+      mlp_dim=v.intermediate_size,
+      patch_size=v.patch_size,
+      image_size=v.image_size,
+      act=_ACTS.get(v.hidden_act, v.hidden_act),
+      eps=v.layer_norm_eps,
+    ),
+    text=clip_lib.CLIPTextConfig(
+      width=t.hidden_size,
+      layers=t.num_hidden_layers,
+      heads=t.num_attention_heads,
+      mlp_dim=t.intermediate_size,
+      context_length=t.max_position_embeddings,
+      vocab_size=t.vocab_size,
+      act=_ACTS.get(t.hidden_act, t.hidden_act),
+      eps=t.layer_norm_eps,
+    ),
+    embed_dim=hf_config.projection_dim,
+    logit_scale_init=float(hf_config.logit_scale_init_value),
+  )
 
 
 def load_clip(variant: str, clip_dir: str | None, device: torch.device) -> transformers.CLIPModel:
@@ -216,8 +253,9 @@ class TemporalBlock(nn.Module):
 class TemporalEncoder(nn.Module):
   def __init__(self, width: int, depth: int, heads: int, dim_head: int, mlp_dim: int):
     super().__init__()
-    self.layers = nn.ModuleList([TemporalBlock(width, heads, dim_head, mlp_dim)
-                                 for _ in range(depth)])
+    self.layers = nn.ModuleList(
+      [TemporalBlock(width, heads, dim_head, mlp_dim) for _ in range(depth)]
+    )
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     for layer in self.layers:
@@ -230,8 +268,9 @@ class TemporalTransformer(nn.Module):
   Parameter names follow ours (`temporal_net.{cls_token, pos_embedding, temporal_transformer.
   layers.{i}.{attn, ff}.*}`), so copying weights between the two is renaming plus transposes."""
 
-  def __init__(self, width: int, num_frames: int, depth: int, heads: int, dim_head: int,
-               mlp_dim: int):
+  def __init__(
+    self, width: int, num_frames: int, depth: int, heads: int, dim_head: int, mlp_dim: int
+  ):
     super().__init__()
     self.num_frames = num_frames
     # N(0, 1) as the reference's torch.randn.
@@ -249,15 +288,21 @@ class PromptLearner(nn.Module):
   """Class-specific learnable context (C, M, W) between the start token's embedding and the
   embeddings of the class text, end token and padding (constant buffers, as ours)."""
 
-  def __init__(self, token_embeds_CxLxW: torch.Tensor, name_lens_C: Sequence[int], n_ctx: int,
-               init_std: float = 0.02):
+  def __init__(
+    self,
+    token_embeds_CxLxW: torch.Tensor,
+    name_lens_C: Sequence[int],
+    n_ctx: int,
+    init_std: float = 0.02,
+  ):
     super().__init__()
     c, _, width = token_embeds_CxLxW.shape
     self.n_ctx = n_ctx
-    self.ctx = nn.Parameter(init_std * torch.randn(c, n_ctx, width,
-                                                   device=token_embeds_CxLxW.device))
+    self.ctx = nn.Parameter(
+      init_std * torch.randn(c, n_ctx, width, device=token_embeds_CxLxW.device)
+    )
     self.register_buffer("token_prefix", token_embeds_CxLxW[:, :1].detach().clone())
-    self.register_buffer("token_suffix", token_embeds_CxLxW[:, 1 + n_ctx:].detach().clone())
+    self.register_buffer("token_suffix", token_embeds_CxLxW[:, 1 + n_ctx :].detach().clone())
     eot = 1 + n_ctx + torch.as_tensor(np.asarray(name_lens_C), dtype=torch.long)
     self.register_buffer("eot", eot.to(token_embeds_CxLxW.device))  # end-of-text row per prompt
     self.register_buffer("rows", torch.arange(c, device=token_embeds_CxLxW.device))
@@ -270,17 +315,29 @@ class DFERCLIP(nn.Module):
   """transformers' CLIP towers + temporal transformer + prompt learner; `forward(video uint8)`
   gives float32 logits (B, C)."""
 
-  def __init__(self, clip: transformers.CLIPModel, prompt_ids_CxL: np.ndarray,
-               name_lens_C: np.ndarray, config: dfer_lib.DFERCLIPConfig, *,
-               normalize: bool = False):
+  def __init__(
+    self,
+    clip: transformers.CLIPModel,
+    prompt_ids_CxL: np.ndarray,
+    name_lens_C: np.ndarray,
+    config: dfer_lib.DFERCLIPConfig,
+    *,
+    normalize: bool = False,
+  ):
     """`config` is our model config (what our DFERCLIP is built from): the sizes of the temporal
     transformer and the prompts, the fixed logit scale. Only the paper's model is built here:
     temporal depth >= 1, class-specific context at the end of the prompt, fixed scale, no
     dropout."""
     super().__init__()
-    if (config.temporal != "transformer" or config.head != "prompt" or config.n_ctx < 1
-        or not config.class_specific or config.position != "end"
-        or config.logit_scale != "fixed" or config.temporal_dropout):
+    if (
+      config.temporal != "transformer"
+      or config.head != "prompt"
+      or config.n_ctx < 1
+      or not config.class_specific
+      or config.position != "end"
+      or config.logit_scale != "fixed"
+      or config.temporal_dropout
+    ):
       raise ValueError(f"the torch step builds only the paper's DFER-CLIP, got {config}")
     self.clip = clip
     self.dfer_config = config
@@ -289,13 +346,19 @@ class DFERCLIP(nn.Module):
     for p in [*clip.text_model.parameters(), *clip.text_projection.parameters(), clip.logit_scale]:
       p.requires_grad_(False)
     self.temporal_net = TemporalTransformer(
-        clip.visual_projection.out_features, config.num_frames, config.temporal_depth,
-        config.temporal_heads, config.temporal_dim_head, config.temporal_mlp_dim).to(device)
+      clip.visual_projection.out_features,
+      config.num_frames,
+      config.temporal_depth,
+      config.temporal_heads,
+      config.temporal_dim_head,
+      config.temporal_mlp_dim,
+    ).to(device)
     with torch.no_grad():
       ids = torch.as_tensor(np.asarray(prompt_ids_CxL), dtype=torch.long, device=device)
       token_embeds = clip.text_model.embeddings.token_embedding(ids)
-    self.prompt_learner = PromptLearner(token_embeds, name_lens_C, config.n_ctx,
-                                        config.ctx_init_std)
+    self.prompt_learner = PromptLearner(
+      token_embeds, name_lens_C, config.n_ctx, config.ctx_init_std
+    )
     self.register_buffer("prompt_ids", ids)  # for `check_text_path`
     self.logit_scale = config.fixed_logit_scale
     self.normalize = normalize
@@ -342,20 +405,23 @@ class DFERCLIP(nn.Module):
       text = text / text.norm(dim=-1, keepdim=True)
       return video @ text.T * self.logit_scale
 
-  def param_groups(self, lr_temporal: float = LR_TEMPORAL, lr_image: float = LR_IMAGE,
-                   lr_prompt: float = LR_PROMPT) -> list[dict[str, Any]]:
+  def param_groups(
+    self, lr_temporal: float = LR_TEMPORAL, lr_image: float = LR_IMAGE, lr_prompt: float = LR_PROMPT
+  ) -> list[dict[str, Any]]:
     """The reference's three SGD groups; everything else is frozen (not given to SGD)."""
     image = [*self.clip.vision_model.parameters(), *self.clip.visual_projection.parameters()]
-    return [{"name": "temporal", "params": list(self.temporal_net.parameters()),
-             "lr": lr_temporal},
-            {"name": "image", "params": image, "lr": lr_image},
-            {"name": "prompt", "params": [self.prompt_learner.ctx], "lr": lr_prompt}]
+    return [
+      {"name": "temporal", "params": list(self.temporal_net.parameters()), "lr": lr_temporal},
+      {"name": "image", "params": image, "lr": lr_image},
+      {"name": "prompt", "params": [self.prompt_learner.ctx], "lr": lr_prompt},
+    ]
 
 
 def make_optimizer(model: DFERCLIP, **lrs) -> torch.optim.SGD:
   # PyTorch SGD: coupled weight decay (g + wd * p), momentum buffer starting at the first g.
-  return torch.optim.SGD(model.param_groups(**lrs), lr=LR_IMAGE, momentum=MOMENTUM,
-                         weight_decay=WEIGHT_DECAY)
+  return torch.optim.SGD(
+    model.param_groups(**lrs), lr=LR_IMAGE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+  )
 
 
 def check_text_path(model: DFERCLIP) -> float | None:
@@ -374,8 +440,9 @@ def check_text_path(model: DFERCLIP) -> float | None:
     return float((ours - theirs.float()).abs().max())
 
 
-def prompt_tokens(clip_dir: str | None, workdir: pathlib.Path, texts: Sequence[str], n_ctx: int,
-                  context_length: int) -> tuple[np.ndarray, np.ndarray]:
+def prompt_tokens(
+  clip_dir: str | None, workdir: pathlib.Path, texts: Sequence[str], n_ctx: int, context_length: int
+) -> tuple[np.ndarray, np.ndarray]:
   """(ids (C, L), name_lens (C,)) of the prompts "X X ... X <class text>", tokenized as our
   `state.build_model` tokenizes them: the folder's vocabulary, or the offline demo tokenizer
   trained on the class texts for a random-init CLIP."""
@@ -383,6 +450,7 @@ def prompt_tokens(clip_dir: str | None, workdir: pathlib.Path, texts: Sequence[s
     tok = tokenizer_lib.load_tokenizer(clip_dir)
   else:
     from dfer_clip_jax import demo_tokenizer  # pylint: disable=g-import-not-at-top
+
     folder = workdir / "tokenizer"
     if not (folder / "vocab.json").is_file():
       demo_tokenizer.build_demo_tokenizer(folder, list(texts), vocab_size=state_lib.DEMO_VOCAB)
@@ -398,9 +466,16 @@ def paper_config(frames: int = 16) -> dfer_lib.DFERCLIPConfig:
   return dfer_lib.DFERCLIPConfig(class_names=datasets.DFEW_CLASSES, num_frames=frames)
 
 
-def build(*, variant: str = "B/32", clip_dir: str | None = None, frames: int = 16,
-          device: torch.device | str = "cpu", workdir: str | os.PathLike | None = None,
-          seed: int = 0, config: dfer_lib.DFERCLIPConfig | None = None) -> DFERCLIP:
+def build(
+  *,
+  variant: str = "B/32",
+  clip_dir: str | None = None,
+  frames: int = 16,
+  device: torch.device | str = "cpu",
+  workdir: str | os.PathLike | None = None,
+  seed: int = 0,
+  config: dfer_lib.DFERCLIPConfig | None = None,
+) -> DFERCLIP:
   """The torch DFER-CLIP model on `device`: `config` (default `paper_config(frames)`) around
   a random-init CLIP of `variant` or the HF folder `clip_dir`."""
   device = torch.device(device)
@@ -408,8 +483,13 @@ def build(*, variant: str = "B/32", clip_dir: str | None = None, frames: int = 1
   torch.manual_seed(seed)
   clip = load_clip(variant, clip_dir, device).train()
   with tempfile.TemporaryDirectory(prefix="torch_step_") as tmp:
-    ids, name_lens = prompt_tokens(clip_dir, pathlib.Path(workdir or tmp), config.texts(),
-                                   config.n_ctx, clip.config.text_config.max_position_embeddings)
+    ids, name_lens = prompt_tokens(
+      clip_dir,
+      pathlib.Path(workdir or tmp),
+      config.texts(),
+      config.n_ctx,
+      clip.config.text_config.max_position_embeddings,
+    )
   return DFERCLIP(clip, ids, name_lens, config).to(device).train()
 
 
@@ -422,8 +502,9 @@ def flops(model: DFERCLIP, batch: int) -> dict[str, float]:
 # The step
 
 
-def make_train_step(model: DFERCLIP, optimizer: torch.optim.Optimizer, impl: str,
-                    compile_mode: str = "default"):
+def make_train_step(
+  model: DFERCLIP, optimizer: torch.optim.Optimizer, impl: str, compile_mode: str = "default"
+):
   """step(video uint8 (B, T, H, W, 3), labels (B,)) -> (loss, accuracy), both device tensors;
   updates the model in place. No host synchronisation inside."""
   if impl not in IMPLS:
@@ -462,10 +543,12 @@ def set_precision(impl: str) -> dict[str, Any]:
   # Usual in training scripts (the reference's too): cuDNN picks the patch convolution's fastest
   # algorithm for the fixed input shape.
   torch.backends.cudnn.benchmark = True
-  return {"allow_tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
-          "allow_tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
-          "float32_matmul_precision": torch.get_float32_matmul_precision(),
-          "cudnn_benchmark": True}
+  return {
+    "allow_tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+    "allow_tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+    "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    "cudnn_benchmark": True,
+  }
 
 
 def _sync(device: torch.device) -> None:
@@ -473,8 +556,9 @@ def _sync(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-def make_batches(model: DFERCLIP, batch: int, device: torch.device
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(
+  model: DFERCLIP, batch: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
   """`NUM_BATCHES` random uint8 batches and labels, made on the device (no host transfer is
   timed); different batches because a step on one repeated batch soon saturates."""
   size = model.clip.config.vision_config.image_size
@@ -482,8 +566,9 @@ def make_batches(model: DFERCLIP, batch: int, device: torch.device
   out = []
   for i in range(NUM_BATCHES):
     g = torch.Generator(device=device).manual_seed(i)
-    video = torch.randint(0, 256, (batch, frames, size, size, 3), dtype=torch.uint8,
-                          device=device, generator=g)
+    video = torch.randint(
+      0, 256, (batch, frames, size, size, 3), dtype=torch.uint8, device=device, generator=g
+    )
     labels = torch.randint(0, classes, (batch,), device=device, generator=g)
     out.append((video, labels))
   return out
@@ -513,9 +598,15 @@ def time_steps(step, batches, device: torch.device, warmup: int, steps: int) -> 
   _sync(device)
   pipelined = (time.perf_counter() - t) / steps
   ms = np.asarray(times) * 1e3
-  out.update({"step_ms_p50": float(np.percentile(ms, 50)),
-              "step_ms_p90": float(np.percentile(ms, 90)), "step_ms_min": float(ms.min()),
-              "step_ms_mean": float(ms.mean()), "step_ms_pipelined": pipelined * 1e3})
+  out.update(
+    {
+      "step_ms_p50": float(np.percentile(ms, 50)),
+      "step_ms_p90": float(np.percentile(ms, 90)),
+      "step_ms_min": float(ms.min()),
+      "step_ms_mean": float(ms.mean()),
+      "step_ms_pipelined": pipelined * 1e3,
+    }
+  )
   metrics = {"loss": float(loss), "accuracy": float(accuracy)}
   out["last_metrics"] = metrics
   if not all(math.isfinite(v) for v in metrics.values()):
@@ -536,31 +627,55 @@ def _version(name: str) -> str | None:
 
 def _versions() -> dict[str, Any]:
   cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-  return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
-          "triton_version": _version("triton"), "cuda_version": torch.version.cuda,
-          "cudnn_version": cudnn, "python_version": platform.python_version()}
+  return {
+    "torch_version": torch.__version__,
+    "transformers_version": transformers.__version__,
+    "triton_version": _version("triton"),
+    "cuda_version": torch.version.cuda,
+    "cudnn_version": cudnn,
+    "python_version": platform.python_version(),
+  }
 
 
 def _memory(device: torch.device) -> dict[str, float | None]:
   if device.type != "cuda":
     return {"peak_memory_gb": None, "peak_memory_reserved_gb": None}
-  return {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9,
-          "peak_memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9}
+  return {
+    "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+    "peak_memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9,
+  }
 
 
-def _config_record(model: DFERCLIP, args: argparse.Namespace, dtype: str,
-                   precision: str) -> dict[str, Any]:
+def _config_record(
+  model: DFERCLIP, args: argparse.Namespace, dtype: str, precision: str
+) -> dict[str, Any]:
   """The keys of train_step's `config`, for the same comparison table."""
   c, d = clip_config_of(model.clip.config), model.dfer_config
-  return {"variant": args.variant, "mode": "train", "frames": args.frames, "batch": args.batch,
-          "dtype": dtype, "remat": "none", "attention": "sdpa", "matmul_precision": precision,
-          "image_size": c.vision.image_size, "patch_size": c.vision.patch_size,
-          "vision_width": c.vision.width, "vision_layers": c.vision.layers,
-          "text_width": c.text.width, "text_layers": c.text.layers, "embed_dim": c.embed_dim,
-          "num_classes": d.num_classes, "n_ctx": d.n_ctx, "temporal_depth": d.temporal_depth,
-          "optimizer": "sgd", "framework": "torch", "impl": args.impl,
-          "clip_dir": args.clip_dir or None,
-          "attn_implementation": getattr(model.clip.config, "_attn_implementation", None)}
+  return {
+    "variant": args.variant,
+    "mode": "train",
+    "frames": args.frames,
+    "batch": args.batch,
+    "dtype": dtype,
+    "remat": "none",
+    "attention": "sdpa",
+    "matmul_precision": precision,
+    "image_size": c.vision.image_size,
+    "patch_size": c.vision.patch_size,
+    "vision_width": c.vision.width,
+    "vision_layers": c.vision.layers,
+    "text_width": c.text.width,
+    "text_layers": c.text.layers,
+    "embed_dim": c.embed_dim,
+    "num_classes": d.num_classes,
+    "n_ctx": d.n_ctx,
+    "temporal_depth": d.temporal_depth,
+    "optimizer": "sgd",
+    "framework": "torch",
+    "impl": args.impl,
+    "clip_dir": args.clip_dir or None,
+    "attn_implementation": getattr(model.clip.config, "_attn_implementation", None),
+  }
 
 
 def _device(name: str) -> torch.device:
@@ -580,16 +695,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   arithmetic = arithmetic_of(dtype, precision, platform_name)
   chip, peak = peak_tflops(kind, arithmetic)
   record: dict[str, Any] = {
-      "benchmark": "benchmarks/torch_step.py", "framework": "torch", "impl": args.impl,
-      "status": "ok", "device_kind": kind, "device_count": 1, "platform": platform_name,
-      **_versions(), "arithmetic": arithmetic, "tf32": False, "peak_chip": chip,
-      "peak_tflops": peak, "variant": args.variant if not args.clip_dir else "custom",
-      "mode": "train", "frames": args.frames, "batch": args.batch, "dtype": dtype,
-      "remat": "none", "attention": "sdpa", "attention_used": "sdpa",
-      "matmul_precision": precision, "batch_per_device": args.batch, "microbatches": 1,
-      "compile_mode": args.compile_mode if args.impl == "bf16-compile" else None,
-      # XLA's own counts have no torch counterpart (the table shows "-").
-      "xla_tflops_per_step": None, "xla_over_analytic": None,
+    "benchmark": "benchmarks/torch_step.py",
+    "framework": "torch",
+    "impl": args.impl,
+    "status": "ok",
+    "device_kind": kind,
+    "device_count": 1,
+    "platform": platform_name,
+    **_versions(),
+    "arithmetic": arithmetic,
+    "tf32": False,
+    "peak_chip": chip,
+    "peak_tflops": peak,
+    "variant": args.variant if not args.clip_dir else "custom",
+    "mode": "train",
+    "frames": args.frames,
+    "batch": args.batch,
+    "dtype": dtype,
+    "remat": "none",
+    "attention": "sdpa",
+    "attention_used": "sdpa",
+    "matmul_precision": precision,
+    "batch_per_device": args.batch,
+    "microbatches": 1,
+    "compile_mode": args.compile_mode if args.impl == "bf16-compile" else None,
+    # XLA's own counts have no torch counterpart (the table shows "-").
+    "xla_tflops_per_step": None,
+    "xla_over_analytic": None,
   }
   model = optimizer = batches = None
   try:
@@ -600,18 +732,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
       record["bytes_limit_gb"] = None
     t = time.perf_counter()
-    model = build(variant=args.variant, clip_dir=args.clip_dir or None, frames=args.frames,
-                  device=device, workdir=args.workdir or None, seed=args.seed)
+    model = build(
+      variant=args.variant,
+      clip_dir=args.clip_dir or None,
+      frames=args.frames,
+      device=device,
+      workdir=args.workdir or None,
+      seed=args.seed,
+    )
     record["build_s"] = time.perf_counter() - t
     record["config"] = _config_record(model, args, dtype, precision)
     err = record["text_path_check_max_abs_err"] = check_text_path(model)
     if err is not None and err > 1e-3:  # features are O(1): this is a different computation
-      raise ValueError(f"the prompt path disagrees with transformers' own text tower by {err} "
-                       f"(transformers {transformers.__version__}): see `encode_prompts`")
+      raise ValueError(
+        f"the prompt path disagrees with transformers' own text tower by {err} "
+        f"(transformers {transformers.__version__}): see `encode_prompts`"
+      )
     counts = flops(model, args.batch)
     record["analytic_tflops_per_step"] = counts["total"] / 1e12
-    record["analytic_tflops_breakdown"] = {k: v / 1e12 for k, v in counts.items()
-                                           if k != "total"}
+    record["analytic_tflops_breakdown"] = {k: v / 1e12 for k, v in counts.items() if k != "total"}
     record["model_tflops_per_step"] = counts["total"] / 1e12
     record["params_trained"] = sum(p.numel() for g in model.param_groups() for p in g["params"])
     optimizer = make_optimizer(model)
@@ -638,27 +777,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--variant", default="B/32", choices=VARIANTS, help="CLIP size (random init)")
-  p.add_argument("--clip_dir", default="",
-                 help="a local Hugging Face CLIP folder instead of a random-init --variant")
+  p.add_argument(
+    "--clip_dir",
+    default="",
+    help="a local Hugging Face CLIP folder instead of a random-init --variant",
+  )
   p.add_argument("--frames", type=int, default=16, help="frames per clip (T)")
   p.add_argument("--batch", type=int, default=48, help="batch of clips")
-  p.add_argument("--impl", default="fp32", choices=IMPLS,
-                 help="fp32 (the authors': float32, eager, TF32 off), bf16 (autocast), "
-                      "bf16-compile (autocast under torch.compile)")
-  p.add_argument("--compile_mode", default="default",
-                 choices=("default", "reduce-overhead", "max-autotune"),
-                 help="torch.compile mode of --impl=bf16-compile")
+  p.add_argument(
+    "--impl",
+    default="fp32",
+    choices=IMPLS,
+    help="fp32 (the authors': float32, eager, TF32 off), bf16 (autocast), "
+    "bf16-compile (autocast under torch.compile)",
+  )
+  p.add_argument(
+    "--compile_mode",
+    default="default",
+    choices=("default", "reduce-overhead", "max-autotune"),
+    help="torch.compile mode of --impl=bf16-compile",
+  )
   p.add_argument("--steps", type=int, default=20, help="timed steps (each of the two loops)")
-  p.add_argument("--warmup", type=int, default=3,
-                 help="untimed steps, the first (compile_s) included")
+  p.add_argument(
+    "--warmup", type=int, default=3, help="untimed steps, the first (compile_s) included"
+  )
   p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="", help="write the record here")
-  p.add_argument("--workdir", default="",
-                 help="folder for the demo tokenizer (reused across runs); default: a temp dir")
+  p.add_argument(
+    "--workdir",
+    default="",
+    help="folder for the demo tokenizer (reused across runs); default: a temp dir",
+  )
   return p
 
 

@@ -89,8 +89,9 @@ def _step_dirs(directory: pathlib.Path) -> list[int]:
   """Steps with a folder in `directory`, ascending (whether or not they are usable)."""
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir()
-                if p.is_dir() and _STEP_NAME.fullmatch(p.name))
+  return sorted(
+    int(p.name) for p in directory.iterdir() if p.is_dir() and _STEP_NAME.fullmatch(p.name)
+  )
 
 
 def verify_checkpoint(step_dir: str | os.PathLike) -> str | None:
@@ -145,8 +146,9 @@ def latest_valid_step(directory: str | os.PathLike) -> int | None:
     reason = verify_checkpoint(directory / str(step))
     if reason is None:
       return step
-    logging.warning("checkpoint %s is unusable because %s; trying the previous one",
-                    directory / str(step), reason)
+    logging.warning(
+      "checkpoint %s is unusable because %s; trying the previous one", directory / str(step), reason
+    )
   return None
 
 
@@ -175,8 +177,9 @@ def best_step(directory: str | os.PathLike, metric: str, mode: str = "max") -> i
   return None if best is None else best[1]
 
 
-def step_dir(directory: str | os.PathLike, which: str | int | os.PathLike, *, metric: str,
-             mode: str = "max") -> pathlib.Path:
+def step_dir(
+  directory: str | os.PathLike, which: str | int | os.PathLike, *, metric: str, mode: str = "max"
+) -> pathlib.Path:
   """The usable checkpoint folder that `which` names in `directory`: "latest", "best" (by
   `metric`, see `best_step`), a step (int or digit string), or the path of a checkpoint folder.
 
@@ -193,14 +196,17 @@ def step_dir(directory: str | os.PathLike, which: str | int | os.PathLike, *, me
   elif isinstance(which, str) and which == "best":
     step = best_step(directory, metric, mode)
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory} was saved with evaluation metrics "
-                              f"({metric!r}): there is no best step")
+      raise FileNotFoundError(
+        f"no checkpoint in {directory} was saved with evaluation metrics "
+        f"({metric!r}): there is no best step"
+      )
     path = directory / str(step)
   elif isinstance(which, int) or (isinstance(which, str) and _STEP_NAME.fullmatch(which)):
     path = directory / str(int(which))
     if not path.is_dir():
-      raise FileNotFoundError(f"no checkpoint step {int(which)} in {directory}; steps "
-                              f"there: {_step_dirs(directory)}")
+      raise FileNotFoundError(
+        f"no checkpoint step {int(which)} in {directory}; steps there: {_step_dirs(directory)}"
+      )
   else:
     path = pathlib.Path(which)
     if not path.is_dir():
@@ -224,8 +230,9 @@ def write_integrity_record(step_dir: str | os.PathLike) -> None:
       if rel != INTEGRITY_FILE and not rel.startswith(INTEGRITY_FILE):
         files[rel] = f.stat().st_size
   tmp = path / (INTEGRITY_FILE + ".tmp")
-  tmp.write_text(json.dumps({"format": 1, "files": dict(sorted(files.items()))}, indent=1),
-                 encoding="utf-8")
+  tmp.write_text(
+    json.dumps({"format": 1, "files": dict(sorted(files.items()))}, indent=1), encoding="utf-8"
+  )
   os.replace(tmp, path / INTEGRITY_FILE)
 
 
@@ -236,8 +243,9 @@ def _step_of(path: pathlib.Path, checkpointer: ocp.Checkpointer) -> int | None:
   return int(path.name) if _STEP_NAME.fullmatch(path.name) else None
 
 
-def _restore_dir(path: pathlib.Path, abstract_state: Any
-                 ) -> tuple[int | None, Any, dict | None, dict | None, dict | None]:
+def _restore_dir(
+  path: pathlib.Path, abstract_state: Any
+) -> tuple[int | None, Any, dict | None, dict | None, dict | None]:
   """Reads one checkpoint folder; the state lands on `abstract_state`'s shardings."""
   args = {STATE: ocp.args.StandardRestore(abstract_state)}
   for item in (DATA_STATE, CONFIG):
@@ -251,15 +259,20 @@ def _restore_dir(path: pathlib.Path, abstract_state: Any
     checkpointer.close()
   metrics = None
   if (path / METRICS).is_dir():
-    metrics = dict(ocp.JsonCheckpointHandler(filename=METRICS).restore(
-        epath.Path(path / METRICS)))
+    metrics = dict(ocp.JsonCheckpointHandler(filename=METRICS).restore(epath.Path(path / METRICS)))
   data_state = restored[DATA_STATE] if DATA_STATE in args else None
   config = restored[CONFIG] if CONFIG in args else None
   return step, restored[STATE], data_state, config, metrics
 
 
-def save_checkpoint_dir(path: str | os.PathLike, *, state: Any, config: Mapping[str, Any],
-                        step: int = 0, data_state: Mapping[str, Any] | None = None) -> None:
+def save_checkpoint_dir(
+  path: str | os.PathLike,
+  *,
+  state: Any,
+  config: Mapping[str, Any],
+  step: int = 0,
+  data_state: Mapping[str, Any] | None = None,
+) -> None:
   """Writes one standalone checkpoint folder (e.g. from a weight-conversion tool), synchronously.
 
   The folder has the same layout as a managed step, so `Checkpointer.restore(path, ...)` and
@@ -293,8 +306,9 @@ def read_config(workdir_or_ckpt: str | os.PathLike) -> dict[str, Any]:
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     step = latest_valid_step(directory)
     if step is None:
-      raise FileNotFoundError(f"no usable checkpoint in {directory} (looked for step folders "
-                              f"holding {CONFIG}/)")
+      raise FileNotFoundError(
+        f"no usable checkpoint in {directory} (looked for step folders holding {CONFIG}/)"
+      )
     step_dir = directory / str(step)
   try:
     return dict(ocp.JsonCheckpointHandler().restore(epath.Path(step_dir / CONFIG)))
@@ -305,9 +319,17 @@ def read_config(workdir_or_ckpt: str | os.PathLike) -> dict[str, Any]:
 class Checkpointer:
   """Asynchronous Orbax checkpoints of one run: keeps the last K plus the best by a metric."""
 
-  def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3, keep_best: bool = True,
-               best_metric: str = "uar", best_mode: str = "max", async_save: bool = True,
-               save_interval_steps: int = 1):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    keep_last: int = 3,
+    keep_best: bool = True,
+    best_metric: str = "uar",
+    best_mode: str = "max",
+    async_save: bool = True,
+    save_interval_steps: int = 1,
+  ):
     """Opens (creates) `directory`.
 
     Args:
@@ -336,24 +358,33 @@ class Checkpointer:
           logging.warning("removing %s: a partial save from an interrupted run", p)
     policies: list[Any] = [checkpoint_managers.LatestN(n=keep_last)]
     if keep_best:
-      policies.append(checkpoint_managers.BestN(
-          get_metric_fn=self._metric_value, reverse=best_mode == "min", n=1,
-          keep_checkpoints_without_metrics=False))
+      policies.append(
+        checkpoint_managers.BestN(
+          get_metric_fn=self._metric_value,
+          reverse=best_mode == "min",
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
     options = ocp.CheckpointManagerOptions(
-        # Orbax's default policy also saves the first step whatever its number; we don't.
-        save_decision_policy=checkpoint_managers.AnySavePolicy([
-            checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
-            checkpoint_managers.PreemptionCheckpointingPolicy()]),
-        # `best_fn` makes Orbax store the metrics and answer `best_step`; retention is the policy.
-        best_fn=self._metric_value,
-        best_mode=best_mode,
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
+      # Orbax's default policy also saves the first step whatever its number; we don't.
+      save_decision_policy=checkpoint_managers.AnySavePolicy(
+        [
+          checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+          checkpoint_managers.PreemptionCheckpointingPolicy(),
+        ]
+      ),
+      # `best_fn` makes Orbax store the metrics and answer `best_step`; retention is the policy.
+      best_fn=self._metric_value,
+      best_mode=best_mode,
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      create=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(STATE, DATA_STATE, CONFIG))
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=(STATE, DATA_STATE, CONFIG)
+    )
     self._unrecorded: list[int] = []  # saved steps whose integrity record is not written yet
 
   def _metric_value(self, metrics: Mapping[str, Any]) -> float:
@@ -363,9 +394,16 @@ class Checkpointer:
       return -math.inf if self.best_mode == "max" else math.inf
     return float(value)
 
-  def save(self, step: int, *, state: Any, data_state: Mapping[str, Any],
-           config: Mapping[str, Any], metrics: Mapping[str, Any] | None = None,
-           force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    *,
+    state: Any,
+    data_state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None = None,
+    force: bool = False,
+  ) -> bool:
     """Starts saving `step`; returns whether a save was started.
 
     Without `force`, only steps that are multiples of `save_interval_steps` are saved. A step
@@ -388,24 +426,31 @@ class Checkpointer:
     if metrics is not None:
       _check_json(METRICS, metrics)
       value = metrics.get(self.best_metric)
-      if (isinstance(value, bool) or not isinstance(value, (int, float))
-          or not math.isfinite(value)):
-        raise ValueError(f"metrics must hold a finite number under {self.best_metric!r} (the "
-                         f"best_metric), got {value!r}")
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(
+          f"metrics must hold a finite number under {self.best_metric!r} (the "
+          f"best_metric), got {value!r}"
+        )
     # Orbax waits here for the previous save anyway; waiting first lets us record it.
     self._finish_pending()
     if step in self._manager.all_steps():
-      logging.warning("checkpoint step %d already exists in %s: not saving it again", step,
-                      self.directory)
+      logging.warning(
+        "checkpoint step %d already exists in %s: not saving it again", step, self.directory
+      )
       return False
     saved = self._manager.save(
-        step,
-        args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                   DATA_STATE: ocp.args.JsonSave(dict(data_state)),
-                                   CONFIG: ocp.args.JsonSave(dict(config))}),
-        metrics=dict(metrics) if metrics is not None else None,
-        force=force,
-        custom_metadata={"step": step})
+      step,
+      args=ocp.args.Composite(
+        **{
+          STATE: ocp.args.StandardSave(state),
+          DATA_STATE: ocp.args.JsonSave(dict(data_state)),
+          CONFIG: ocp.args.JsonSave(dict(config)),
+        }
+      ),
+      metrics=dict(metrics) if metrics is not None else None,
+      force=force,
+      custom_metadata={"step": step},
+    )
     if saved:
       self._unrecorded.append(step)
     return saved
@@ -448,8 +493,9 @@ class Checkpointer:
     self.wait()
     return latest_valid_step(self.directory)
 
-  def restore(self, which: str | int | os.PathLike = "latest", *, abstract_state: Any
-              ) -> tuple[int | None, Any, dict | None, dict | None, dict | None]:
+  def restore(
+    self, which: str | int | os.PathLike = "latest", *, abstract_state: Any
+  ) -> tuple[int | None, Any, dict | None, dict | None, dict | None]:
     """Restores a checkpoint onto `abstract_state`'s shardings (any device count).
 
     Args:
@@ -485,13 +531,14 @@ class Checkpointer:
           reason = f"reading it failed ({_brief(e)})"
       if reason is None:
         break
-      logging.warning("checkpoint %s is unusable because %s; trying the previous one", path,
-                      reason)
+      logging.warning("checkpoint %s is unusable because %s; trying the previous one", path, reason)
       broken.append(step)
     if result is None:
-      raise ValueError(f"no usable checkpoint in {self.directory}: all of steps {steps} are "
-                       "broken (see the warnings above); if they all fail to read, the "
-                       "abstract_state may not match what was saved")
+      raise ValueError(
+        f"no usable checkpoint in {self.directory}: all of steps {steps} are "
+        "broken (see the warnings above); if they all fail to read, the "
+        "abstract_state may not match what was saved"
+      )
     self._set_aside(broken)
     return result
 
@@ -537,9 +584,11 @@ def agreed_latest_step(ckptr: Checkpointer) -> int | None:
       chosen = steps[i]
       break
     if distributed.is_primary():
-      logging.warning("checkpoint %s is unusable (%s); trying the previous one",
-                      ckptr.directory / str(steps[i]),
-                      "; ".join(f"process {p}: {r}" for p, r in why))
+      logging.warning(
+        "checkpoint %s is unusable (%s); trying the previous one",
+        ckptr.directory / str(steps[i]),
+        "; ".join(f"process {p}: {r}" for p, r in why),
+      )
     broken.append(steps[i])
   if broken and chosen is not None:
     # So that the resumed run can save those steps again (every process must call it).

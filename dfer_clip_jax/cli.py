@@ -21,9 +21,14 @@ def fail(prog: str, message: str) -> NoReturn:
   raise SystemExit(2)
 
 
-def parse(prog: str, doc: str, define: Callable[[flags.FlagValues], None],
-          argv: Sequence[str] | None, *, positional: bool = False
-          ) -> tuple[types.SimpleNamespace, list[str]]:
+def parse(
+  prog: str,
+  doc: str,
+  define: Callable[[flags.FlagValues], None],
+  argv: Sequence[str] | None,
+  *,
+  positional: bool = False,
+) -> tuple[types.SimpleNamespace, list[str]]:
   """Defines flags with `define(flag_values)` and parses `argv` (default: `sys.argv[1:]`).
 
   Returns the flag values (as attributes) and the positional arguments, which are refused

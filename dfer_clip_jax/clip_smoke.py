@@ -28,15 +28,18 @@ def main() -> None:
     load_s = time.perf_counter() - t0
   if loaded != config:
     raise SystemExit(f"config round trip failed: {loaded} != {config}")
-  pixels = jax.random.uniform(jax.random.key(0), (4, config.vision.image_size,
-                                                  config.vision.image_size, 3))
+  pixels = jax.random.uniform(
+    jax.random.key(0), (4, config.vision.image_size, config.vision.image_size, 3)
+  )
   ids = jnp.asarray(np.r_[[1, 5, 9, config.text.vocab_size - 1], np.zeros(73, int)][None])
   img = jax.jit(lambda m, x: m.encode_image(x))(model, pixels)
   txt = jax.jit(lambda m, x: m.encode_text(x))(model, ids)
   same = np.allclose(np.asarray(img), np.asarray(source.encode_image(pixels)), atol=1e-5)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; loaded in {load_s:.2f}s")
-  print(f"image features {img.shape}, text features {txt.shape}, "
-        f"round trip {'exact' if same else 'MISMATCH'}")
+  print(
+    f"image features {img.shape}, text features {txt.shape}, "
+    f"round trip {'exact' if same else 'MISMATCH'}"
+  )
   if not same:
     raise SystemExit(1)
 

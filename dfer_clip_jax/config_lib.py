@@ -14,8 +14,7 @@ import dataclasses
 import ml_collections
 
 from dfer_clip_jax.data import datasets
-from dfer_clip_jax.models import class_texts
-from dfer_clip_jax.models import dfer_clip
+from dfer_clip_jax.models import class_texts, dfer_clip
 
 # Arguments accepted after the colon in `--config=configs/dfew.py:fold=2,variant=B/16`.
 VARIANTS = ("B/32", "B/16", "L/14", "tiny")
@@ -24,24 +23,35 @@ VARIANTS = ("B/32", "B/16", "L/14", "tiny")
 # `baseline=NAME` after the colon. The default (no baseline) is DFER-CLIP itself.
 _NO_TRAINING = {f"optim.lr.{g}": 0.0 for g in ("temporal", "image", "prompt", "head")}
 BASELINES: dict[str, dict[str, object]] = {
-    # CLIP as is: frame mean, "an expression of [class].", CLIP's own learned logit scale (argmax
-    # is scale-free; the scale only matters for probabilities and loss); nothing trained.
-    "zeroshot": {"model.temporal": "mean", "model.n_ctx": 0, "model.text_type": "template",
-                 "model.template": class_texts.MANUAL_TEMPLATES["expression"],
-                 "model.logit_scale": "clip", **_NO_TRAINING},
-    # Frame mean of frozen CLIP image features -> a Linear head; only the head trains.
-    "linear_probe": {"model.head": "linear", "model.temporal": "mean", "optim.lr.image": 0.0},
-    # Frame mean -> a Linear head; head and image tower train.
-    "finetune": {"model.head": "linear", "model.temporal": "mean"},
-    # Temporal transformer -> a Linear head; head, temporal model and image tower train.
-    "finetune_tm": {"model.head": "linear"},
-    # CoOp: context tokens shared by all classes + class names.
-    "coop": {"model.class_specific": False, "model.text_type": "class_name"},
-    # The paper's manual prompts (Table 3), no learnable context; image and temporal train.
-    "manual_photo": {"model.n_ctx": 0, "model.text_type": "template",
-                     "model.template": class_texts.MANUAL_TEMPLATES["photo"]},
-    "manual_expression": {"model.n_ctx": 0, "model.text_type": "template",
-                          "model.template": class_texts.MANUAL_TEMPLATES["expression"]},
+  # CLIP as is: frame mean, "an expression of [class].", CLIP's own learned logit scale (argmax
+  # is scale-free; the scale only matters for probabilities and loss); nothing trained.
+  "zeroshot": {
+    "model.temporal": "mean",
+    "model.n_ctx": 0,
+    "model.text_type": "template",
+    "model.template": class_texts.MANUAL_TEMPLATES["expression"],
+    "model.logit_scale": "clip",
+    **_NO_TRAINING,
+  },
+  # Frame mean of frozen CLIP image features -> a Linear head; only the head trains.
+  "linear_probe": {"model.head": "linear", "model.temporal": "mean", "optim.lr.image": 0.0},
+  # Frame mean -> a Linear head; head and image tower train.
+  "finetune": {"model.head": "linear", "model.temporal": "mean"},
+  # Temporal transformer -> a Linear head; head, temporal model and image tower train.
+  "finetune_tm": {"model.head": "linear"},
+  # CoOp: context tokens shared by all classes + class names.
+  "coop": {"model.class_specific": False, "model.text_type": "class_name"},
+  # The paper's manual prompts (Table 3), no learnable context; image and temporal train.
+  "manual_photo": {
+    "model.n_ctx": 0,
+    "model.text_type": "template",
+    "model.template": class_texts.MANUAL_TEMPLATES["photo"],
+  },
+  "manual_expression": {
+    "model.n_ctx": 0,
+    "model.text_type": "template",
+    "model.template": class_texts.MANUAL_TEMPLATES["expression"],
+  },
 }
 
 
@@ -81,8 +91,9 @@ def parse_arg(arg: str | None, **defaults):
       try:
         out[key] = type(default)(value)
       except ValueError as e:
-        raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__}") \
-            from e
+        raise ValueError(
+          f"config argument {key}={value!r}: expected {type(default).__name__}"
+        ) from e
   return out
 
 
@@ -90,8 +101,12 @@ def clip_preset(variant: str) -> dict:
   """Image size and patch of the CLIP sizes we name; used for random init and benchmarks."""
   if variant not in VARIANTS:
     raise ValueError(f"unknown CLIP variant {variant!r}; expected one of {VARIANTS}")
-  return {"B/32": dict(image_size=224), "B/16": dict(image_size=224),
-          "L/14": dict(image_size=224), "tiny": dict(image_size=32)}[variant]
+  return {
+    "B/32": dict(image_size=224),
+    "B/16": dict(image_size=224),
+    "L/14": dict(image_size=224),
+    "tiny": dict(image_size=32),
+  }[variant]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -121,9 +136,13 @@ def base_config() -> ml_collections.ConfigDict:
   # The model's config: the fields of `DFERCLIPConfig` with its defaults (the paper's model;
   # each field is documented there), passed in unchanged and stored with every checkpoint. The
   # class names are not a key: they come from the data.
-  c.model = ml_collections.ConfigDict({
-      f.name: f.default for f in dataclasses.fields(dfer_clip.DFERCLIPConfig)
-      if f.name != "class_names"})
+  c.model = ml_collections.ConfigDict(
+    {
+      f.name: f.default
+      for f in dataclasses.fields(dfer_clip.DFERCLIPConfig)
+      if f.name != "class_names"
+    }
+  )
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "folders"  # folders (annotation lists) | packed (TFDS array_record) | synthetic
@@ -155,9 +174,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-4  # coupled for sgd (added to the gradient), decoupled for adamw
   # Parameter groups: name -> regex over dotted parameter paths; parameters of no group are
   # frozen (the text tower, token embedding, CLIP's logit scale).
-  c.optim.groups = ml_collections.ConfigDict(dict(
-      temporal=r"temporal_net\..*", image=r"clip\.visual\..*", prompt=r"prompt_learner\.ctx",
-      head=r"head\..*"))
+  c.optim.groups = ml_collections.ConfigDict(
+    dict(
+      temporal=r"temporal_net\..*",
+      image=r"clip\.visual\..*",
+      prompt=r"prompt_learner\.ctx",
+      head=r"head\..*",
+    )
+  )
   # Base learning rate of each group; 0 freezes it.
   c.optim.lr = ml_collections.ConfigDict(dict(temporal=1e-2, image=1e-5, prompt=1e-3, head=1e-3))
   c.optim.milestones = (30, 40)  # epochs at which the learning rates are multiplied by gamma
@@ -184,7 +208,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size (-1 = the remaining devices)
   c.mesh.fsdp = 1  # parameter-sharding axis size
-  c.mesh.fsdp_min_size = 2 ** 18  # parameters with fewer elements stay replicated
+  c.mesh.fsdp_min_size = 2**18  # parameters with fewer elements stay replicated
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # call jax.distributed.initialize (auto-detects TPU/SLURM/MPI)
@@ -224,8 +248,9 @@ def apply_args(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> No
 
 
 def common_args(arg: str | None, **extra):
-  return parse_arg(arg, fold=1, variant="B/32", ctx=-1, depth=-1, text="", baseline="",
-                   protocol="val", **extra)
+  return parse_arg(
+    arg, fold=1, variant="B/32", ctx=-1, depth=-1, text="", baseline="", protocol="val", **extra
+  )
 
 
 def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -20,43 +20,82 @@ from dfer_clip_jax.conversion import reference
 
 
 def _define(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("reference", None, "reference checkpoint: .pth/.pt as the reference saves "
-                      "it, a plain state dict (.pth, .safetensors, .npz)", required=True,
-                      flag_values=fv)
-  flags.DEFINE_string("out", None, "output folder for the export", required=True,
-                      flag_values=fv)
-  flags.DEFINE_enum("position", "end", ["end", "middle", "front"], "class-text position the "
-                    "reference was trained with (not in the tensors)", flag_values=fv)
-  flags.DEFINE_string("token_ids", None, "optional .npy of the reference's (C, 77) prompt token "
-                      "ids; by default end-of-text positions are found in the stored suffix "
-                      "embeddings", flag_values=fv)
-  flags.DEFINE_enum("text_type", "descriptor", ["class_name", "name_with_context", "descriptor"],
-                    "recorded in the config only: the prompts come from the checkpoint",
-                    flag_values=fv)
-  flags.DEFINE_integer("temporal_dim_head", 64, "head width of the temporal attention (the "
-                       "reference: 64)", flag_values=fv)
-  flags.DEFINE_enum("clip_act", "quick_gelu", ["quick_gelu", "gelu"], "activation of the CLIP "
-                    "towers (OpenAI CLIP: quick_gelu)", flag_values=fv)
+  flags.DEFINE_string(
+    "reference",
+    None,
+    "reference checkpoint: .pth/.pt as the reference saves "
+    "it, a plain state dict (.pth, .safetensors, .npz)",
+    required=True,
+    flag_values=fv,
+  )
+  flags.DEFINE_string("out", None, "output folder for the export", required=True, flag_values=fv)
+  flags.DEFINE_enum(
+    "position",
+    "end",
+    ["end", "middle", "front"],
+    "class-text position the reference was trained with (not in the tensors)",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "token_ids",
+    None,
+    "optional .npy of the reference's (C, 77) prompt token "
+    "ids; by default end-of-text positions are found in the stored suffix "
+    "embeddings",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "text_type",
+    "descriptor",
+    ["class_name", "name_with_context", "descriptor"],
+    "recorded in the config only: the prompts come from the checkpoint",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "temporal_dim_head",
+    64,
+    "head width of the temporal attention (the reference: 64)",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "clip_act",
+    "quick_gelu",
+    ["quick_gelu", "gelu"],
+    "activation of the CLIP towers (OpenAI CLIP: quick_gelu)",
+    flag_values=fv,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args, _ = cli.parse("python -m dfer_clip_jax.convert", __doc__, _define, argv)
   token_ids = np.load(args.token_ids, allow_pickle=False) if args.token_ids else None
   imported = reference.load_reference_checkpoint(
-      args.reference, position=args.position, token_ids=token_ids,
-      temporal_dim_head=args.temporal_dim_head, clip_act=args.clip_act,
-      text_type=args.text_type)
+    args.reference,
+    position=args.position,
+    token_ids=token_ids,
+    temporal_dim_head=args.temporal_dim_head,
+    clip_act=args.clip_act,
+    text_type=args.text_type,
+  )
   cfg, report = imported.config, imported.report
-  out = reference.export_model(imported.model, imported.clip_config, args.out,
-                               extra={"source": report.source, "metadata": report.metadata})
+  out = reference.export_model(
+    imported.model,
+    imported.clip_config,
+    args.out,
+    extra={"source": report.source, "metadata": report.metadata},
+  )
   v, t = imported.clip_config.vision, imported.clip_config.text
   print(f"read {report.source}")
-  print(f"  classes {cfg.num_classes}, context tokens {cfg.n_ctx} "
-        f"({'class-specific' if cfg.class_specific else 'shared'}), position {cfg.position}, "
-        f"temporal depth {cfg.temporal_depth} ({cfg.temporal_heads}x{cfg.temporal_dim_head} heads, "
-        f"MLP {cfg.temporal_mlp_dim}), {cfg.num_frames} frames")
-  print(f"  CLIP: image {v.image_size}px patch {v.patch_size} width {v.width} x {v.layers} layers;"
-        f" text width {t.width} x {t.layers} layers; embedding {imported.clip_config.embed_dim}")
+  print(
+    f"  classes {cfg.num_classes}, context tokens {cfg.n_ctx} "
+    f"({'class-specific' if cfg.class_specific else 'shared'}), position {cfg.position}, "
+    f"temporal depth {cfg.temporal_depth} ({cfg.temporal_heads}x{cfg.temporal_dim_head} heads, "
+    f"MLP {cfg.temporal_mlp_dim}), {cfg.num_frames} frames"
+  )
+  print(
+    f"  CLIP: image {v.image_size}px patch {v.patch_size} width {v.width} x {v.layers} layers;"
+    f" text width {t.width} x {t.layers} layers; embedding {imported.clip_config.embed_dim}"
+  )
   if report.metadata:
     print(f"  metadata: {report.metadata}")
   if report.stubbed_classes:

@@ -85,8 +85,11 @@ def bytes_to_unicode() -> dict[int, str]:
   Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, ...) map to
   chr(256 + k) in byte order. Insertion order is the order of the vocabulary's first 256 ids.
   """
-  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-               + list(range(ord("®"), ord("ÿ") + 1)))
+  printable = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+  )
   mapping = {b: chr(b) for b in printable}
   extra = 0
   for b in range(256):
@@ -106,6 +109,7 @@ def _base_vocab() -> dict[str, int]:
 def _word_counts(texts: Iterable[str], weight: int, counts: collections.Counter) -> None:
   """Adds the byte-level words of `texts`, split exactly as `CLIPTokenizer` splits them."""
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+
   vocab = _base_vocab()
   vocab.update({START_OF_TEXT: len(vocab), END_OF_TEXT: len(vocab) + 1})
   backend = CLIPTokenizer(vocab=vocab, merges=[]).backend_tokenizer
@@ -149,8 +153,10 @@ def train_merges(word_counts: dict[str, int], num_tokens: int) -> list[tuple[str
   while new_tokens < num_tokens:
     pair_counts = +pair_counts  # drop pairs whose count fell to 0
     if not pair_counts:
-      raise ValueError(f"the texts allow only {new_tokens} new tokens, {num_tokens} were asked "
-                       f"for: lower vocab_size to at most {NUM_BASE_TOKENS + new_tokens + 2}")
+      raise ValueError(
+        f"the texts allow only {new_tokens} new tokens, {num_tokens} were asked "
+        f"for: lower vocab_size to at most {NUM_BASE_TOKENS + new_tokens + 2}"
+      )
     best = min(pair_counts, key=lambda p: (-pair_counts[p], p))
     # A pair can reappear when two merge paths build the same token: apply it again, list it once.
     if best not in merged_pairs:
@@ -174,12 +180,15 @@ def train_merges(word_counts: dict[str, int], num_tokens: int) -> list[tuple[str
   return merges
 
 
-def build_vocab(texts: Sequence[str], vocab_size: int = 1000
-                ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def build_vocab(
+  texts: Sequence[str], vocab_size: int = 1000
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
   """Trains on `texts` (weighted TEXT_WEIGHT) + BUILTIN_CORPUS: (vocab token -> id, merges)."""
   if vocab_size < NUM_BASE_TOKENS + 3:
-    raise ValueError(f"vocab_size must be at least {NUM_BASE_TOKENS + 3} (256 bytes, 256 "
-                     f"end-of-word bytes, one merge, two special tokens), got {vocab_size}")
+    raise ValueError(
+      f"vocab_size must be at least {NUM_BASE_TOKENS + 3} (256 bytes, 256 "
+      f"end-of-word bytes, one merge, two special tokens), got {vocab_size}"
+    )
   counts: collections.Counter = collections.Counter()
   _word_counts([BUILTIN_CORPUS], 1, counts)
   _word_counts(texts, TEXT_WEIGHT, counts)
@@ -199,8 +208,9 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def build_demo_tokenizer(out_dir: str | os.PathLike, texts: Sequence[str],
-                         vocab_size: int = 1000) -> pathlib.Path:
+def build_demo_tokenizer(
+  out_dir: str | os.PathLike, texts: Sequence[str], vocab_size: int = 1000
+) -> pathlib.Path:
   """Trains the vocabulary and writes `vocab.json` + `merges.txt` into `out_dir`.
 
   Args:
@@ -218,6 +228,5 @@ def build_demo_tokenizer(out_dir: str | os.PathLike, texts: Sequence[str],
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   _write_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-  _write_atomic(out / "merges.txt",
-                "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  _write_atomic(out / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
   return out

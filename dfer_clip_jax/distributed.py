@@ -36,8 +36,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from absl import logging
 import jax
+from absl import logging
 
 ENV_ADDRESS = "DFER_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "DFER_NUM_PROCESSES"
@@ -75,16 +75,19 @@ def resolve(cfg, environ: Mapping[str, str] | None = None) -> dict[str, Any] | N
   if not (cfg.initialize or address):
     if num > 1 or pid >= 0:
       raise ValueError(
-          f"num_processes={num} / process_id={pid} are set but neither "
-          f"distributed.initialize nor a coordinator address ({ENV_ADDRESS} or "
-          "--config.distributed.coordinator_address=host:port) is: the processes would not "
-          "know each other")
+        f"num_processes={num} / process_id={pid} are set but neither "
+        f"distributed.initialize nor a coordinator address ({ENV_ADDRESS} or "
+        "--config.distributed.coordinator_address=host:port) is: the processes would not "
+        "know each other"
+      )
     return None
   if num < 0:
     raise ValueError(f"distributed num_processes must be >= 1 (or 0 = detect), got {num}")
   if address and ":" not in address:
-    raise ValueError(f"coordinator address {address!r} must be host:port (the port of process "
-                     "0's coordinator service)")
+    raise ValueError(
+      f"coordinator address {address!r} must be host:port (the port of process "
+      "0's coordinator service)"
+    )
   if num and pid >= num:
     raise ValueError(f"process_id {pid} must lie in [0, {num}) (num_processes={num})")
   kwargs: dict[str, Any] = {}
@@ -108,9 +111,14 @@ def initialize(cfg) -> None:
   if kwargs is None:
     return
   jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices (%s)",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.default_backend())
+  logging.info(
+    "jax.distributed: process %d of %d, %d local / %d global devices (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.default_backend(),
+  )
   if jax.process_index() != 0 and os.environ.get(ENV_LOG_ALL, "") in ("", "0"):
     logging.set_verbosity(logging.WARNING)
 
@@ -131,10 +139,13 @@ class PrimaryFailedError(ProcessFailedError):
 def _client():
   # jax has no public API for the coordination service's key-value store.
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+
   client = jax_distributed.global_state.client
   if client is None:
-    raise RuntimeError(f"{jax.process_count()} processes but no jax.distributed client: start "
-                       "them with dfer_clip_jax.distributed.initialize")
+    raise RuntimeError(
+      f"{jax.process_count()} processes but no jax.distributed client: start "
+      "them with dfer_clip_jax.distributed.initialize"
+    )
   return client
 
 
@@ -170,25 +181,35 @@ def _fetch(key: str, what: str, whom: str) -> dict[str, Any]:
     left = _wait_timeout_s - waited
     if left <= 0:
       raise TimeoutError(
-          f"process {jax.process_index()} waited {waited:.0f} s for {whom} ({what}) and gave "
-          f"up: raise --config.distributed.wait_timeout_s (now {_wait_timeout_s:.0f}) if that "
-          "work takes longer")
+        f"process {jax.process_index()} waited {waited:.0f} s for {whom} ({what}) and gave "
+        f"up: raise --config.distributed.wait_timeout_s (now {_wait_timeout_s:.0f}) if that "
+        "work takes longer"
+      )
     try:
       got = json.loads(client.blocking_key_value_get(key, max(1, int(min(left, every) * 1e3))))
       break
     except jax.errors.JaxRuntimeError as e:
       if "DEADLINE_EXCEEDED" not in str(e):
         raise
-    logging.warning("process %d: waiting for %s (%s) for %.0f s so far; giving up after %.0f s "
-                    "(distributed.wait_timeout_s)", jax.process_index(), whom, what,
-                    time.monotonic() - start, _wait_timeout_s)
+    logging.warning(
+      "process %d: waiting for %s (%s) for %.0f s so far; giving up after %.0f s "
+      "(distributed.wait_timeout_s)",
+      jax.process_index(),
+      whom,
+      what,
+      time.monotonic() - start,
+      _wait_timeout_s,
+    )
   if got["what"] != what:
-    raise RuntimeError(f"{whom} was {got['what']} while process {jax.process_index()} was "
-                       f"{what}: every process must call the helpers of "
-                       "dfer_clip_jax.distributed in the same order")
+    raise RuntimeError(
+      f"{whom} was {got['what']} while process {jax.process_index()} was "
+      f"{what}: every process must call the helpers of "
+      "dfer_clip_jax.distributed in the same order"
+    )
   if "error" in got:
     raise (PrimaryFailedError if whom == "process 0" else ProcessFailedError)(
-        f"{whom} failed while {what}: {got['error']}")
+      f"{whom} failed while {what}: {got['error']}"
+    )
   return got
 
 
@@ -227,8 +248,10 @@ def _others(key: str, what: str, start: int = 0) -> list[Any]:
   """The values posted under `key/<p>` by processes `start`.. other than this one (None for
   this one)."""
   me = jax.process_index()
-  return [None if p == me else _fetch(f"{key}/{p}", what, f"process {p}")["value"]
-          for p in range(start, jax.process_count())]
+  return [
+    None if p == me else _fetch(f"{key}/{p}", what, f"process {p}")["value"]
+    for p in range(start, jax.process_count())
+  ]
 
 
 def run_on_every_process(what: str, fn: Callable[[], Any]) -> list[Any]:

@@ -11,15 +11,14 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from absl import logging
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dfer_clip_jax import distributed
+from dfer_clip_jax import distributed, restore
 from dfer_clip_jax import metrics as metrics_lib
-from dfer_clip_jax import restore
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax.data import pipeline
 from dfer_clip_jax.data import sources as sources_lib
@@ -60,17 +59,21 @@ class Evaluator:
     # collective that gathers the results.
     distributed.barrier("evaluating")
     probs, labels, index, mask = (
-        np.concatenate([np.asarray(multihost_utils.process_allgather(c[i], tiled=True))
-                        for c in chunks]) for i in range(4))
+      np.concatenate(
+        [np.asarray(multihost_utils.process_allgather(c[i], tiled=True)) for c in chunks]
+      )
+      for i in range(4)
+    )
     # Rows of every process, gathered: each clip of the source must appear exactly once (index
     # -1 marks padding; a clip masked out as unreadable still counts as visited).
     visited = np.sort(index[index >= 0])
     if not np.array_equal(visited, np.arange(len(source))):
       distinct = len(np.unique(visited))
       raise RuntimeError(
-          f"the evaluation visited {distinct} distinct clips of {len(source)} with "
-          f"{len(visited) - distinct} repeats over {jax.process_count()} processes: every clip "
-          "must be evaluated exactly once (the evaluation plan or the batch layout is broken)")
+        f"the evaluation visited {distinct} distinct clips of {len(source)} with "
+        f"{len(visited) - distinct} repeats over {jax.process_count()} processes: every clip "
+        "must be evaluated exactly once (the evaluation plan or the batch layout is broken)"
+      )
     keep = mask.astype(bool)
     probs, labels, index = probs[keep], labels[keep], index[keep]
     order = np.argsort(index, kind="stable")
@@ -79,8 +82,7 @@ class Evaluator:
     conf = metrics_lib.confusion_matrix(labels, preds, len(class_names))
     summary = metrics_lib.summarize(conf, class_names)
     # Only process 0 writes the predictions, so only it needs the ids.
-    clip_ids = ([pipeline.clip_id(source, int(i)) for i in index]
-                if jax.process_index() == 0 else [])
+    clip_ids = [pipeline.clip_id(source, int(i)) for i in index] if jax.process_index() == 0 else []
     return EvalResult(summary=summary, clip_ids=clip_ids, labels=labels, preds=preds, probs=probs)
 
 
@@ -89,8 +91,14 @@ def write(result: EvalResult, out_dir: str | pathlib.Path, class_names) -> dict[
   if jax.process_index() != 0:
     return {}
   paths = metrics_lib.write_eval_outputs(
-      out_dir, metrics=result.summary, clip_ids=result.clip_ids, labels=result.labels,
-      preds=result.preds, probs=result.probs, class_names=list(class_names))
+    out_dir,
+    metrics=result.summary,
+    clip_ids=result.clip_ids,
+    labels=result.labels,
+    preds=result.preds,
+    probs=result.probs,
+    class_names=list(class_names),
+  )
   logging.info("evaluation outputs in %s", out_dir)
   return paths
 
@@ -100,39 +108,53 @@ def check_batch(global_batch: int, mesh, what: str) -> int:
   processes."""
   n_dev, n_proc = mesh.devices.size, jax.process_count()
   if global_batch % n_dev or global_batch % n_proc:
-    raise ValueError(f"{what}={global_batch} must be a multiple of the {n_dev} devices and "
-                     f"{n_proc} processes")
+    raise ValueError(
+      f"{what}={global_batch} must be a multiple of the {n_dev} devices and {n_proc} processes"
+    )
   return global_batch // n_proc
 
 
-def evaluate_checkpoint(config, workdir: str | pathlib.Path, which: str = "latest"
-                        ) -> dict[str, Any]:
+def evaluate_checkpoint(
+  config, workdir: str | pathlib.Path, which: str = "latest"
+) -> dict[str, Any]:
   """Restores a model (`latest`, `best`, a step of `<workdir>/checkpoints`, or a checkpoint or
   export folder) and evaluates the config's test split; writes `<workdir>/eval/<name>/`."""
   workdir = pathlib.Path(workdir)
   path = pathlib.Path(which)
   mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-  model, spec, ref = restore.load_model(path if path.is_dir() else workdir, which, mesh=mesh,
-                                        min_size=config.mesh.fsdp_min_size)
+  model, spec, ref = restore.load_model(
+    path if path.is_dir() else workdir, which, mesh=mesh, min_size=config.mesh.fsdp_min_size
+  )
   sources = sources_lib.build_sources(config, workdir)
   if tuple(sources.class_names) != spec.class_names:
-    raise ValueError(f"the checkpoint's classes {spec.class_names} differ from the dataset's "
-                     f"{sources.class_names}")
+    raise ValueError(
+      f"the checkpoint's classes {spec.class_names} differ from the dataset's {sources.class_names}"
+    )
   eval_batch = check_batch(config.train.eval_batch_size, mesh, "train.eval_batch_size")
   dataset = pipeline.make_eval_dataset(
-      sources.test, batch_size=eval_batch, num_frames=spec.num_frames,
-      image_size=spec.image_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=config.data.worker_count,
-      bad_clip_policy=config.data.bad_clip_policy, fast_decode=config.data.fast_decode)
+    sources.test,
+    batch_size=eval_batch,
+    num_frames=spec.num_frames,
+    image_size=spec.image_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    worker_count=config.data.worker_count,
+    bad_clip_policy=config.data.bad_clip_policy,
+    fast_decode=config.data.fast_decode,
+  )
   graphdef, model_state = nnx.split(model)
   result = Evaluator(graphdef, mesh).run(model_state, dataset, sources.test, spec.class_names)
   step = ref.step if ref.kind == restore.WORKDIR else None
-  name = path.name if path.is_dir() else (f"step_{step}" if which not in ("latest", "best")
-                                          else which)
+  name = (
+    path.name if path.is_dir() else (f"step_{step}" if which not in ("latest", "best") else which)
+  )
   out = workdir / "eval" / name
   write(result, out, spec.class_names)
   if distributed.is_primary():
     s = result.summary
-    print(f"Checkpoint {path if step is None else f'step {step}'}: test UAR {s['uar']:.2f} "
-          f"WAR {s['war']:.2f} ({s['counts']['total']} clips) -> {out}", flush=True)
+    print(
+      f"Checkpoint {path if step is None else f'step {step}'}: test UAR {s['uar']:.2f} "
+      f"WAR {s['war']:.2f} ({s['counts']['total']} clips) -> {out}",
+      flush=True,
+    )
   return {"step": step, **result.summary}

@@ -14,21 +14,21 @@ selection rule (last epoch, best by validation, paper protocol selected on test)
 import json
 import pathlib
 
-from absl import app
-from absl import flags
 import jax
+from absl import app, flags
 from ml_collections import config_flags
 
-from dfer_clip_jax import distributed
+from dfer_clip_jax import distributed, train
 from dfer_clip_jax import metrics as metrics_lib
-from dfer_clip_jax import train
 from dfer_clip_jax.data import datasets
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/*.py[:args]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder holding one run folder per fold.")
 _FOLDS = flags.DEFINE_list("folds", None, "Folds to run (default: all folds of the dataset).")
 flags.mark_flags_as_required(["config", "workdir"])
+
 
 def run_folds(config, workdir, folds=None) -> dict:
   """Trains/resumes each fold, then summarises; returns {row name: fold_summary}."""

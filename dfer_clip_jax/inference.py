@@ -44,16 +44,20 @@ class Predictor:
     """(N, T, H, W, 3) uint8 clips -> (N, C) float32 probabilities."""
     clips_uint8 = np.asarray(clips_uint8)
     if clips_uint8.dtype != np.uint8 or clips_uint8.shape[1:] != self.clip_shape:
-      raise ValueError(f"expected uint8 clips of shape (N, {', '.join(map(str, self.clip_shape))})"
-                       f", got {clips_uint8.dtype} {clips_uint8.shape}")
+      raise ValueError(
+        f"expected uint8 clips of shape (N, {', '.join(map(str, self.clip_shape))})"
+        f", got {clips_uint8.dtype} {clips_uint8.shape}"
+      )
     n = clips_uint8.shape[0]
     out = []
     for start in range(0, n, self.batch_size):
-      batch = clips_uint8[start:start + self.batch_size]
+      batch = clips_uint8[start : start + self.batch_size]
       pad = self.batch_size - batch.shape[0]
       if pad:
         batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.uint8)])
-      out.append(np.asarray(self._probs(self.state, batch, self._constants))[:self.batch_size - pad])
+      out.append(
+        np.asarray(self._probs(self.state, batch, self._constants))[: self.batch_size - pad]
+      )
     if not out:
       return np.zeros((0, len(self.spec.class_names)), np.float32)
     return np.concatenate(out)
@@ -67,7 +71,12 @@ def model_description(spec: state_lib.ModelSpec) -> dict[str, Any]:
     # A user class-texts file of the training machine may be absent here; the prompts
     # themselves are model state, so prediction does not need it.
     texts = None
-  return {"class_names": list(spec.class_names), "class_texts": texts,
-          "image_size": spec.image_size, "num_frames": spec.num_frames,
-          "normalize": spec.model.normalize, "head": spec.model.head,
-          "text_type": spec.model.text_type}
+  return {
+    "class_names": list(spec.class_names),
+    "class_texts": texts,
+    "image_size": spec.image_size,
+    "num_frames": spec.num_frames,
+    "normalize": spec.model.normalize,
+    "head": spec.model.head,
+    "text_type": spec.model.text_type,
+  }

@@ -14,26 +14,29 @@ launch/tpu_pod.sh, launch/slurm_gpu.sbatch and launch/local.sh do it for you.
 
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfer_clip_jax import distributed
-from dfer_clip_jax import evaluate
-from dfer_clip_jax import train
-from dfer_clip_jax import xla_flags
+from dfer_clip_jax import distributed, evaluate, train, xla_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/*.py[:args]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, reports.")
-_MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"],
-                          "train_and_eval: train with per-epoch evaluation and a final report; "
-                          "train: the same (evaluation is part of training); eval: restore "
-                          "--checkpoint and evaluate the test split.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest",
-                                  "For --mode=eval: latest, best, a step, or a checkpoint folder "
-                                  "(e.g. from python -m dfer_clip_jax.convert).")
+_MODE = flags.DEFINE_enum(
+  "mode",
+  "train_and_eval",
+  ["train", "eval", "train_and_eval"],
+  "train_and_eval: train with per-epoch evaluation and a final report; "
+  "train: the same (evaluation is part of training); eval: restore "
+  "--checkpoint and evaluate the test split.",
+)
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint",
+  "latest",
+  "For --mode=eval: latest, best, a step, or a checkpoint folder "
+  "(e.g. from python -m dfer_clip_jax.convert).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

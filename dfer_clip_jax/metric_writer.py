@@ -28,6 +28,7 @@ class MetricWriter:
     self._jsonl = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       workdir = pathlib.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
       self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30)
@@ -39,8 +40,12 @@ class MetricWriter:
     for k, v in scalars.items():
       if v is not None:
         self._tb.add_scalar(k, float(v), step)
-    self._jsonl.write(json.dumps({"step": int(step), **{k: (None if v is None else float(v))
-                                                       for k, v in scalars.items()}}) + "\n")
+    self._jsonl.write(
+      json.dumps(
+        {"step": int(step), **{k: (None if v is None else float(v)) for k, v in scalars.items()}}
+      )
+      + "\n"
+    )
     self._jsonl.flush()
 
   def close(self) -> None:
@@ -64,8 +69,10 @@ class Progress:
     elapsed = time.perf_counter() - self.t0
     eta = elapsed / max(done, 1) * (self.total - step)
     epoch = step / max(self.per_epoch, 1)
-    return (f"epoch {epoch:6.2f} | step {step:>7}/{self.total} | loss {loss:8.4f} | "
-            f"acc {100 * acc:5.1f}% | {clips_per_s:8.1f} clips/s | ETA {_hms(eta)}")
+    return (
+      f"epoch {epoch:6.2f} | step {step:>7}/{self.total} | loss {loss:8.4f} | "
+      f"acc {100 * acc:5.1f}% | {clips_per_s:8.1f} clips/s | ETA {_hms(eta)}"
+    )
 
   def print(self, step: int, loss: float, acc: float, clips_per_s: float) -> None:
     if self.enabled:

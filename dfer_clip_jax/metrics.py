@@ -55,11 +55,16 @@ def confusion_matrix(labels, preds, num_classes: int, mask=None) -> np.ndarray:
       raise ValueError(f"{name} must be integer class ids, got dtype {ids.dtype}")
     bad = np.flatnonzero((ids < 0) | (ids >= num_classes))
     if bad.size:
-      raise ValueError(f"{name} has {bad.size} ids outside [0, {num_classes}), e.g. "
-                       f"{int(ids[bad[0]])} at counted position {int(bad[0])}")
+      raise ValueError(
+        f"{name} has {bad.size} ids outside [0, {num_classes}), e.g. "
+        f"{int(ids[bad[0]])} at counted position {int(bad[0])}"
+      )
   flat = labels_N.astype(np.int64) * num_classes + preds_N.astype(np.int64)
-  return np.bincount(flat, minlength=num_classes * num_classes).reshape(
-      num_classes, num_classes).astype(np.int64)
+  return (
+    np.bincount(flat, minlength=num_classes * num_classes)
+    .reshape(num_classes, num_classes)
+    .astype(np.int64)
+  )
 
 
 def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
@@ -80,8 +85,9 @@ def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, An
   cm_CxC = np.asarray(confusion)
   c = len(class_names)
   if cm_CxC.shape != (c, c):
-    raise ValueError(f"confusion matrix has shape {cm_CxC.shape}, expected ({c}, {c}) for "
-                     f"{c} class names")
+    raise ValueError(
+      f"confusion matrix has shape {cm_CxC.shape}, expected ({c}, {c}) for {c} class names"
+    )
   total = int(cm_CxC.sum())
   if total == 0:
     raise ValueError("the confusion matrix is empty: no clip was counted")
@@ -92,17 +98,17 @@ def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, An
     recall[name] = (100.0 * float(correct_C[i]) / float(support_C[i])) if support_C[i] else None
   present = [r for r in recall.values() if r is not None]
   return {
-      "uar": float(np.mean(present)),
-      "war": 100.0 * float(correct_C.sum()) / total,
-      "per_class_recall": recall,
-      "confusion_matrix": cm_CxC.astype(int).tolist(),
-      "counts": {
-          "per_class": {n: int(s) for n, s in zip(class_names, support_C)},
-          "predicted": {n: int(s) for n, s in zip(class_names, cm_CxC.sum(axis=0))},
-          "total": total,
-      },
-      "classes_absent_from_labels": [n for n, s in zip(class_names, support_C) if s == 0],
-      "class_names": list(class_names),
+    "uar": float(np.mean(present)),
+    "war": 100.0 * float(correct_C.sum()) / total,
+    "per_class_recall": recall,
+    "confusion_matrix": cm_CxC.astype(int).tolist(),
+    "counts": {
+      "per_class": {n: int(s) for n, s in zip(class_names, support_C)},
+      "predicted": {n: int(s) for n, s in zip(class_names, cm_CxC.sum(axis=0))},
+      "total": total,
+    },
+    "classes_absent_from_labels": [n for n, s in zip(class_names, support_C) if s == 0],
+    "class_names": list(class_names),
   }
 
 
@@ -110,9 +116,16 @@ def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, An
 # Evaluation outputs.
 
 
-def write_eval_outputs(out_dir: str | os.PathLike, *, metrics: Mapping[str, Any],
-                       clip_ids: Sequence[str], labels, preds, probs,
-                       class_names: Sequence[str]) -> dict[str, pathlib.Path]:
+def write_eval_outputs(
+  out_dir: str | os.PathLike,
+  *,
+  metrics: Mapping[str, Any],
+  clip_ids: Sequence[str],
+  labels,
+  preds,
+  probs,
+  class_names: Sequence[str],
+) -> dict[str, pathlib.Path]:
   """Writes `metrics.json`, `predictions.csv` and `confusion_matrix.png` into `out_dir`.
 
   Args:
@@ -143,23 +156,29 @@ def write_eval_outputs(out_dir: str | os.PathLike, *, metrics: Mapping[str, Any]
 
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  paths = {"metrics": out / "metrics.json", "predictions": out / "predictions.csv",
-           "confusion_matrix": out / "confusion_matrix.png"}
+  paths = {
+    "metrics": out / "metrics.json",
+    "predictions": out / "predictions.csv",
+    "confusion_matrix": out / "confusion_matrix.png",
+  }
   paths["metrics"].write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
   with open(paths["predictions"], "w", newline="", encoding="utf-8") as fh:
     writer = csv.writer(fh)
-    writer.writerow(["clip_id", "label", "label_name", "prediction", "prediction_name"]
-                    + [f"prob_{name}" for name in class_names])
+    writer.writerow(
+      ["clip_id", "label", "label_name", "prediction", "prediction_name"]
+      + [f"prob_{name}" for name in class_names]
+    )
     for i in range(n):
       y, p = int(labels_N[i]), int(preds_N[i])
       # 9 significant digits round-trip float32 exactly, so two runs' files compare bit for bit.
-      writer.writerow([clip_ids[i], y, class_names[y], p, class_names[p]]
-                      + [f"{float(v):.9g}" for v in probs_NxC[i]])
+      writer.writerow(
+        [clip_ids[i], y, class_names[y], p, class_names[p]]
+        + [f"{float(v):.9g}" for v in probs_NxC[i]]
+      )
 
   title = f"UAR {metrics['uar']:.2f}%   WAR {metrics['war']:.2f}%   (row-normalised %)"
-  image = render_confusion_matrix(np.asarray(metrics["confusion_matrix"]), class_names,
-                                  title=title)
+  image = render_confusion_matrix(np.asarray(metrics["confusion_matrix"]), class_names, title=title)
   image.save(paths["confusion_matrix"], format="PNG")
   return paths
 
@@ -170,8 +189,9 @@ def _colour(fraction: float) -> tuple[int, int, int]:
   return tuple(int(round(v)) for v in lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
 
 
-def render_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], *,
-                            title: str = "", cell: int = 64) -> Image.Image:
+def render_confusion_matrix(
+  confusion: np.ndarray, class_names: Sequence[str], *, title: str = "", cell: int = 64
+) -> Image.Image:
   """The row-normalised confusion matrix (% of each true class) as an RGB image.
 
   Class names label both axes (columns rotated), each cell shows its percentage, rows of classes
@@ -182,8 +202,9 @@ def render_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], *
   if cm_CxC.shape != (c, c):
     raise ValueError(f"confusion matrix has shape {cm_CxC.shape}, expected ({c}, {c})")
   support_C = cm_CxC.sum(axis=1)
-  pct_CxC = np.divide(100.0 * cm_CxC, support_C[:, None], out=np.zeros_like(cm_CxC),
-                      where=support_C[:, None] > 0)
+  pct_CxC = np.divide(
+    100.0 * cm_CxC, support_C[:, None], out=np.zeros_like(cm_CxC), where=support_C[:, None] > 0
+  )
 
   label_font, cell_font, title_font = load_font(15), load_font(14), load_font(18)
   pad = 10
@@ -202,18 +223,27 @@ def render_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], *
 
   draw.text((max(pad, (width - title_w) // 2), pad), title, fill="black", font=title_font)
   pred_w = text_size(label_font, "predicted")[0]
-  draw.text((grid_x0 + (c * cell - pred_w) // 2, 2 * pad + title_h + pad // 2), "predicted",
-            fill="black", font=label_font)
+  draw.text(
+    (grid_x0 + (c * cell - pred_w) // 2, 2 * pad + title_h + pad // 2),
+    "predicted",
+    fill="black",
+    font=label_font,
+  )
   true_w = text_size(label_font, "true")[0]
   _paste_rotated(img, "true", label_font, (pad, grid_y0 + (c * cell - true_w) // 2))
 
   for i, name in enumerate(class_names):
     w, _ = text_size(label_font, name)
     # Row names right-aligned against the grid; column names rotated, bottom-aligned.
-    draw.text((grid_x0 - pad - w, grid_y0 + i * cell + (cell - name_h) // 2), name,
-              fill="black", font=label_font)
-    _paste_rotated(img, name, label_font,
-                   (grid_x0 + i * cell + (cell - name_h) // 2, grid_y0 - pad - w))
+    draw.text(
+      (grid_x0 - pad - w, grid_y0 + i * cell + (cell - name_h) // 2),
+      name,
+      fill="black",
+      font=label_font,
+    )
+    _paste_rotated(
+      img, name, label_font, (grid_x0 + i * cell + (cell - name_h) // 2, grid_y0 - pad - w)
+    )
 
   for i in range(c):
     for j in range(c):
@@ -243,8 +273,9 @@ def _paste_rotated(img: Image.Image, text: str, font, xy: tuple[int, int]) -> No
 # Final report and folds.
 
 
-def report_rows(history: Sequence[Mapping[str, Any]], *, val_metric: str = "uar"
-                ) -> dict[str, dict[str, Any] | None]:
+def report_rows(
+  history: Sequence[Mapping[str, Any]], *, val_metric: str = "uar"
+) -> dict[str, dict[str, Any] | None]:
   """The report's three rows from per-epoch results.
 
   Args:
@@ -265,8 +296,11 @@ def report_rows(history: Sequence[Mapping[str, Any]], *, val_metric: str = "uar"
       raise ValueError(f"history entry {k} needs 'epoch' and a 'test' dict, got keys {sorted(h)}")
 
   def row(h):
-    return {"epoch": int(h["epoch"]), "uar": float(h["test"]["uar"]),
-            "war": float(h["test"]["war"])}
+    return {
+      "epoch": int(h["epoch"]),
+      "uar": float(h["test"]["uar"]),
+      "war": float(h["test"]["war"]),
+    }
 
   paper = max(enumerate(history), key=lambda kh: (kh[1]["test"]["war"], -kh[0]))[1]
   with_val = [(k, h) for k, h in enumerate(history) if h.get("val") is not None]
@@ -296,8 +330,7 @@ def format_report_table(report: Mapping[str, Mapping[str, Any] | None]) -> str:
       continue
     if not isinstance(row, Mapping) or not {"uar", "war"} <= set(row):
       raise ValueError(f"report row {name!r} must be a dict with 'uar' and 'war', got {row!r}")
-    lines.append((name, _fmt(float(row["uar"])), _fmt(float(row["war"])),
-                  _fmt(row.get("epoch"))))
+    lines.append((name, _fmt(float(row["uar"])), _fmt(float(row["war"])), _fmt(row.get("epoch"))))
   widths = [max(len(r[i]) for r in [header, *lines]) for i in range(4)]
 
   def fmt_line(r):
@@ -328,8 +361,10 @@ def fold_summary(per_fold: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   out: dict[str, Any] = {"num_folds": len(folds), "folds": folds}
   for key in ("uar", "war"):
     values = np.array([f[key] for f in folds])
-    out[key] = {"mean": float(values.mean()),
-                "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+    out[key] = {
+      "mean": float(values.mean()),
+      "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+    }
   return out
 
 
@@ -337,12 +372,17 @@ def fold_table_markdown(summary: Mapping[str, Any]) -> str:
   """A markdown table: one line per fold, then `mean ± std`."""
 
   def mean_std(stat):
-    return (f"{stat['mean']:.2f} ± {stat['std']:.2f}" if stat["std"] is not None
-            else f"{stat['mean']:.2f}")
+    return (
+      f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+      if stat["std"] is not None
+      else f"{stat['mean']:.2f}"
+    )
 
   lines = ["| fold | UAR % | WAR % |", "|---|---:|---:|"]
   lines += [f"| {f['fold']} | {f['uar']:.2f} | {f['war']:.2f} |" for f in summary["folds"]]
   n = summary["num_folds"]
-  lines.append(f"| mean ± std ({n} fold{'s' if n != 1 else ''}) | {mean_std(summary['uar'])} | "
-               f"{mean_std(summary['war'])} |")
+  lines.append(
+    f"| mean ± std ({n} fold{'s' if n != 1 else ''}) | {mean_std(summary['uar'])} | "
+    f"{mean_std(summary['war'])} |"
+  )
   return "\n".join(lines) + "\n"

@@ -35,29 +35,35 @@ Schedule = Callable[[Any], Any]
 @dataclasses.dataclass(frozen=True)
 class ParamGroup:
   """Parameters whose dotted path fully matches `regex` train with base learning rate `lr`."""
+
   name: str
   regex: str
   lr: float = 0.0
   trainable: bool = True
 
   @classmethod
-  def from_config(cls, d: Mapping[str, Any] | "ParamGroup") -> "ParamGroup":
+  def from_config(cls, d: Mapping[str, Any] | ParamGroup) -> ParamGroup:
     if isinstance(d, ParamGroup):
       return d
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown or "name" not in d or "regex" not in d:
-      raise ValueError(f"parameter group {dict(d)!r}: needs 'name' and 'regex', may have 'lr' "
-                       f"and 'trainable'; unknown keys {unknown}")
+      raise ValueError(
+        f"parameter group {dict(d)!r}: needs 'name' and 'regex', may have 'lr' "
+        f"and 'trainable'; unknown keys {unknown}"
+      )
     group = cls(**dict(d))
     try:
       re.compile(group.regex)
     except re.error as err:
-      raise ValueError(f"parameter group {group.name!r}: invalid regex {group.regex!r}: {err}"
-                       ) from err
+      raise ValueError(
+        f"parameter group {group.name!r}: invalid regex {group.regex!r}: {err}"
+      ) from err
     if group.trainable and not group.lr > 0:
-      raise ValueError(f"parameter group {group.name!r} is trainable but has lr={group.lr}: "
-                       "give a positive lr or set trainable=False")
+      raise ValueError(
+        f"parameter group {group.name!r} is trainable but has lr={group.lr}: "
+        "give a positive lr or set trainable=False"
+      )
     return group
 
 
@@ -87,10 +93,13 @@ def groups_from_config(optim_config) -> list[ParamGroup]:
   prompt model) match nothing: `present_groups` leaves them out."""
   regexes, lrs = dict(optim_config.groups), dict(optim_config.lr)
   if set(regexes) != set(lrs):
-    raise ValueError(f"optim.groups {sorted(regexes)} and optim.lr {sorted(lrs)} must name the "
-                     "same groups")
-  groups = [ParamGroup(name, regex, float(lrs[name]), trainable=lrs[name] > 0)
-            for name, regex in regexes.items()]
+    raise ValueError(
+      f"optim.groups {sorted(regexes)} and optim.lr {sorted(lrs)} must name the same groups"
+    )
+  groups = [
+    ParamGroup(name, regex, float(lrs[name]), trainable=lrs[name] > 0)
+    for name, regex in regexes.items()
+  ]
   return groups + [ParamGroup(FROZEN, r".*", trainable=False)]
 
 
@@ -101,16 +110,18 @@ def _first_match(groups: Sequence[ParamGroup], name: str) -> ParamGroup | None:
   return next((g for g in groups if re.fullmatch(g.regex, name)), None)
 
 
-def present_groups(model: nnx.Module, groups: Sequence[Mapping[str, Any] | ParamGroup]
-                   ) -> list[ParamGroup]:
+def present_groups(
+  model: nnx.Module, groups: Sequence[Mapping[str, Any] | ParamGroup]
+) -> list[ParamGroup]:
   """The groups that some parameter of `model` falls in (first match wins), in order."""
   parsed = [ParamGroup.from_config(g) for g in groups]
   used = {g.name for n in param_names(model) if (g := _first_match(parsed, n)) is not None}
   return [g for g in parsed if g.name in used]
 
 
-def partition(model: nnx.Module, groups: Sequence[Mapping[str, Any] | ParamGroup]
-              ) -> dict[str, ParamGroup]:
+def partition(
+  model: nnx.Module, groups: Sequence[Mapping[str, Any] | ParamGroup]
+) -> dict[str, ParamGroup]:
   """Dotted parameter path -> its group (the first whose regex matches the whole path).
 
   Raises if a parameter matches no group or a trainable group matches no parameter (a misspelled
@@ -129,22 +140,28 @@ def partition(model: nnx.Module, groups: Sequence[Mapping[str, Any] | ParamGroup
     else:
       assignment[name] = group
   if unmatched:
-    shown = ", ".join(unmatched[:10]) + (f", ... ({len(unmatched)} in all)"
-                                         if len(unmatched) > 10 else "")
-    raise ValueError(f"parameters match no group regex {[g.regex for g in parsed]}: {shown}; "
-                     "end the groups with a frozen catch-all "
-                     "{'name': 'frozen', 'regex': '.*', 'trainable': False}")
+    shown = ", ".join(unmatched[:10]) + (
+      f", ... ({len(unmatched)} in all)" if len(unmatched) > 10 else ""
+    )
+    raise ValueError(
+      f"parameters match no group regex {[g.regex for g in parsed]}: {shown}; "
+      "end the groups with a frozen catch-all "
+      "{'name': 'frozen', 'regex': '.*', 'trainable': False}"
+    )
   used = {g.name for g in assignment.values()}
   empty = [g.name for g in parsed if g.trainable and g.name not in used]
   if empty:
-    raise ValueError(f"trainable parameter groups {empty} match no parameter (regexes "
-                     f"{[g.regex for g in parsed if g.name in empty]})")
+    raise ValueError(
+      f"trainable parameter groups {empty} match no parameter (regexes "
+      f"{[g.regex for g in parsed if g.name in empty]})"
+    )
   return assignment
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainableFilter:
   """NNX filter: the `nnx.Param`s whose dotted path is in `names` (hashable, for jit caching)."""
+
   names: frozenset[str]
 
   def __call__(self, path, value) -> bool:
@@ -156,18 +173,27 @@ def _multiplier(schedule: Schedule | Mapping[str, Schedule] | None, group: str) 
     return lambda step: 1.0
   if isinstance(schedule, Mapping):
     if group not in schedule:
-      raise ValueError(f"schedule mapping has no entry for group {group!r} (has "
-                       f"{sorted(schedule)})")
+      raise ValueError(
+        f"schedule mapping has no entry for group {group!r} (has {sorted(schedule)})"
+      )
     return schedule[group]
   return schedule
 
 
-def make_optimizer(model: nnx.Module, groups: Sequence[Mapping[str, Any] | ParamGroup], *,
-                   optimizer: str = "sgd", momentum: float = 0.9, nesterov: bool = False,
-                   weight_decay: float = 1e-4, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8,
-                   schedule: Schedule | Mapping[str, Schedule] | None = None,
-                   clip_grad_norm: float | None = None) -> nnx.Optimizer:
+def make_optimizer(
+  model: nnx.Module,
+  groups: Sequence[Mapping[str, Any] | ParamGroup],
+  *,
+  optimizer: str = "sgd",
+  momentum: float = 0.9,
+  nesterov: bool = False,
+  weight_decay: float = 1e-4,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  schedule: Schedule | Mapping[str, Schedule] | None = None,
+  clip_grad_norm: float | None = None,
+) -> nnx.Optimizer:
   """An `nnx.Optimizer` over the trainable groups' parameters.
 
   Args:
@@ -188,15 +214,16 @@ def make_optimizer(model: nnx.Module, groups: Sequence[Mapping[str, Any] | Param
   assignment = partition(model, groups)
   trained = {g.name: g for g in assignment.values() if g.trainable}
   if not trained:
-    raise ValueError("no trainable parameters: every group is frozen (an evaluation-only model "
-                     "needs no optimizer)")
+    raise ValueError(
+      "no trainable parameters: every group is frozen (an evaluation-only model needs no optimizer)"
+    )
   if optimizer not in ("sgd", "adamw"):
     raise ValueError(f"unknown optimizer {optimizer!r}: expected 'sgd' or 'adamw'")
 
   transforms = {}
   for name, group in trained.items():
     mult = _multiplier(schedule, name)
-    lr_fn = (lambda lr, m: (lambda step: lr * m(step)))(group.lr, mult)
+    lr_fn = (lambda lr, m: lambda step: lr * m(step))(group.lr, mult)
     if optimizer == "sgd":
       parts = []
       if weight_decay:
@@ -218,9 +245,11 @@ def make_optimizer(model: nnx.Module, groups: Sequence[Mapping[str, Any] | Param
   return nnx.Optimizer(model, tx, wrt=wrt)
 
 
-def group_learning_rates(groups: Sequence[Mapping[str, Any] | ParamGroup], step: int,
-                         schedule: Schedule | Mapping[str, Schedule] | None = None
-                         ) -> dict[str, float]:
+def group_learning_rates(
+  groups: Sequence[Mapping[str, Any] | ParamGroup],
+  step: int,
+  schedule: Schedule | Mapping[str, Schedule] | None = None,
+) -> dict[str, float]:
   """The learning rate of each trainable group at `step` (for logging)."""
   out = {}
   for g in map(ParamGroup.from_config, groups):

@@ -41,13 +41,10 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from dfer_clip_jax import cli
-from dfer_clip_jax import inference
-from dfer_clip_jax import restore
+from dfer_clip_jax import cli, inference, restore
 from dfer_clip_jax.data import augment
 from dfer_clip_jax.video import faces as faces_lib
-from dfer_clip_jax.video import render
-from dfer_clip_jax.video import sources
+from dfer_clip_jax.video import render, sources
 from dfer_clip_jax.video import windows as windows_lib
 
 FORMAT = "dfer_clip_jax.predict/1"
@@ -60,6 +57,7 @@ SUMMARY = "summary.json"
 @dataclasses.dataclass(frozen=True)
 class Options:
   """How inputs are turned into clips (the CLI flags of the same names)."""
+
   face: str = "auto"
   all_faces: bool = False
   window_s: float = 3.0
@@ -88,6 +86,7 @@ class Options:
 class _Job:
   """One clip to classify: track `track` of the input (whole frames when that track is None)
   over window `window`."""
+
   track: int
   window: int
   frames: np.ndarray  # (T,) frame indices
@@ -97,8 +96,9 @@ def _rounded(values, digits: int = 2) -> list[float]:
   return [round(float(v), digits) for v in values]
 
 
-def _scan(reader: sources.FrameReader, options: Options,
-          detector: faces_lib.HaarFaceDetector | None) -> tuple[np.ndarray, list]:
+def _scan(
+  reader: sources.FrameReader, options: Options, detector: faces_lib.HaarFaceDetector | None
+) -> tuple[np.ndarray, list]:
   """Pass 1: every frame's time, and the faces on about `detect_fps` frames per second.
 
   Returns:
@@ -120,26 +120,32 @@ def _scan(reader: sources.FrameReader, options: Options,
   return np.asarray(times, np.float64), observations
 
 
-def _find_tracks(item: sources.InputItem, observations, options: Options
-                 ) -> list[faces_lib.Track]:
+def _find_tracks(item: sources.InputItem, observations, options: Options) -> list[faces_lib.Track]:
   tracks = faces_lib.select_tracks(
-      faces_lib.track_faces(observations, max_gap_s=options.max_gap_s),
-      num_examined=len(observations), all_faces=options.all_faces)
+    faces_lib.track_faces(observations, max_gap_s=options.max_gap_s),
+    num_examined=len(observations),
+    all_faces=options.all_faces,
+  )
   if not tracks:
     found = sum(len(d) for _, d in observations)
-    detail = (f"{found} isolated detections were dropped as false alarms" if found
-              else "nothing was detected")
+    detail = (
+      f"{found} isolated detections were dropped as false alarms"
+      if found
+      else "nothing was detected"
+    )
     raise sources.InputError(
-        f"{item.path}: no face found in the {len(observations)} frames examined ({detail}; "
-        f"faces smaller than {options.min_face:.0%} of the frame's shorter side are not "
-        "searched for, see --min_face). If the input is already cropped to the face, use "
-        "--face=none")
+      f"{item.path}: no face found in the {len(observations)} frames examined ({detail}; "
+      f"faces smaller than {options.min_face:.0%} of the frame's shorter side are not "
+      "searched for, see --min_face). If the input is already cropped to the face, use "
+      "--face=none"
+    )
   return tracks
 
 
 @dataclasses.dataclass
 class _Plan:
   """Which clips to classify, and per track and frame the smoothed face box and square crop."""
+
   jobs: list[_Job]
   face_boxes: list[dict[int, np.ndarray]]
   crop_boxes: list[dict[int, tuple[int, int, int, int]]]
@@ -149,8 +155,9 @@ def _plan(tracks, windows, indices, times, width: int, height: int, options: Opt
   plan = _Plan([], [], [])
   for k, tr in enumerate(tracks):
     # A window is classified for a face seen in it (or within half the allowed gap).
-    covered = [tr is None or tr.seen_near(w.start_s, w.end_s, options.max_gap_s / 2)
-               for w in windows]
+    covered = [
+      tr is None or tr.seen_near(w.start_s, w.end_s, options.max_gap_s / 2) for w in windows
+    ]
     needed = sorted({int(f) for c, idx in zip(covered, indices) if c for f in idx})
     if tr is None:
       full = np.array([0.0, 0.0, width, height])
@@ -159,14 +166,16 @@ def _plan(tracks, windows, indices, times, width: int, height: int, options: Opt
     else:
       boxes = {f: tr.box_at(times[f], options.smooth_s) for f in needed}
       plan.face_boxes.append(boxes)
-      plan.crop_boxes.append({f: faces_lib.square_crop_box(b, options.margin, width, height)
-                              for f, b in boxes.items()})
+      plan.crop_boxes.append(
+        {f: faces_lib.square_crop_box(b, options.margin, width, height) for f, b in boxes.items()}
+      )
     plan.jobs += [_Job(k, w.index, idx) for w, idx, c in zip(windows, indices, covered) if c]
   return plan
 
 
-def _track_entries(tracks, windows, indices, times, probs, plan: _Plan,
-                   class_names: list[str]) -> list[dict[str, Any]]:
+def _track_entries(
+  tracks, windows, indices, times, probs, plan: _Plan, class_names: list[str]
+) -> list[dict[str, Any]]:
   """predictions.json's `tracks`: per track its detections, summary and windows."""
   entries = []
   for k, tr in enumerate(tracks):
@@ -174,12 +183,18 @@ def _track_entries(tracks, windows, indices, times, probs, plan: _Plan,
     for w, idx in zip(windows, indices):
       p = probs.get((k, w.index))
       row: dict[str, Any] = {
-          "index": w.index, "start_s": round(w.start_s, 4), "end_s": round(w.end_s, 4),
-          "frame_indices": [int(i) for i in idx],
-          "frame_times_s": _rounded(times[idx], 4),
-          "status": "ok" if p is not None else "no_face",
-          "face_box": None, "crop_box": None, "probabilities": None, "top_class": None,
-          "top_probability": None}
+        "index": w.index,
+        "start_s": round(w.start_s, 4),
+        "end_s": round(w.end_s, 4),
+        "frame_indices": [int(i) for i in idx],
+        "frame_times_s": _rounded(times[idx], 4),
+        "status": "ok" if p is not None else "no_face",
+        "face_box": None,
+        "crop_box": None,
+        "probabilities": None,
+        "top_class": None,
+        "top_probability": None,
+      }
       if p is not None:
         valid.append(p)
         row["face_box"] = _rounded(np.mean([plan.face_boxes[k][int(f)] for f in idx], 0), 1)
@@ -190,19 +205,27 @@ def _track_entries(tracks, windows, indices, times, probs, plan: _Plan,
       rows.append(row)
     entry: dict[str, Any] = {"track_id": k}
     if tr is not None:
-      entry.update(detections=len(tr.times), first_seen_s=round(tr.start, 4),
-                   last_seen_s=round(tr.end, 4),
-                   mean_face_box=_rounded(np.mean(np.stack(tr.boxes), axis=0), 1))
+      entry.update(
+        detections=len(tr.times),
+        first_seen_s=round(tr.start, 4),
+        last_seen_s=round(tr.end, 4),
+        mean_face_box=_rounded(np.mean(np.stack(tr.boxes), axis=0), 1),
+      )
     entry["summary"] = _track_summary(valid, class_names)
     entry["windows"] = rows
     entries.append(entry)
   return entries
 
 
-def predict_input(item: sources.InputItem, predictor: inference.Predictor,
-                  options: Options, out_dir: pathlib.Path, *,
-                  detector: faces_lib.HaarFaceDetector | None = None,
-                  model_info: dict[str, Any] | None = None) -> dict[str, Any]:
+def predict_input(
+  item: sources.InputItem,
+  predictor: inference.Predictor,
+  options: Options,
+  out_dir: pathlib.Path,
+  *,
+  detector: faces_lib.HaarFaceDetector | None = None,
+  model_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
   """Predicts one input and writes its outputs into `out_dir`; returns the predictions dict.
 
   Raises:
@@ -219,43 +242,55 @@ def predict_input(item: sources.InputItem, predictor: inference.Predictor,
   times, observations = _scan(reader, options, detector)
   info = reader.info
   windows = windows_lib.make_windows(info.duration_s, options.window_s, options.stride_s)
-  indices = [windows_lib.sample_frames(times, w.start_s, w.end_s, spec.num_frames)
-             for w in windows]
+  indices = [windows_lib.sample_frames(times, w.start_s, w.end_s, spec.num_frames) for w in windows]
   tracks: list[faces_lib.Track | None] = (
-      [None] if detector is None else list(_find_tracks(item, observations, options)))
+    [None] if detector is None else list(_find_tracks(item, observations, options))
+  )
   plan = _plan(tracks, windows, indices, times, info.width, info.height, options)
   probs = _classify(reader, plan, tracks, predictor)
   entries = _track_entries(tracks, windows, indices, times, probs, plan, class_names)
 
   prediction = {
-      "format": FORMAT,
-      "input": info.to_dict(),
-      "model": model_info or inference.model_description(spec),
-      "options": dataclasses.asdict(options),
-      "face_detector": None if detector is None else {
-          "name": detector.name, "frames_examined": len(observations),
-          "detections": int(sum(len(d) for _, d in observations))},
-      "class_names": class_names,
-      "tracks": entries,
+    "format": FORMAT,
+    "input": info.to_dict(),
+    "model": model_info or inference.model_description(spec),
+    "options": dataclasses.asdict(options),
+    "face_detector": None
+    if detector is None
+    else {
+      "name": detector.name,
+      "frames_examined": len(observations),
+      "detections": int(sum(len(d) for _, d in observations)),
+    },
+    "class_names": class_names,
+    "tracks": entries,
   }
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / PREDICTIONS).write_text(json.dumps(prediction, indent=1) + "\n", encoding="utf-8")
-  series = [render.Series(
+  series = [
+    render.Series(
       title=("whole frame" if tr is None else f"face {k}") + f": {_summary_text(e['summary'])}",
-      starts=np.array([w.start_s for w in windows]), ends=np.array([w.end_s for w in windows]),
-      probs=[probs.get((k, w.index)) for w in windows])
-      for k, (tr, e) in enumerate(zip(tracks, entries))]
-  render.render_timeline(series, class_names, info.duration_s,
-                         title=f"{item.path.name}  ({info.duration_s:.2f} s, "
-                               f"{len(windows)} window{'s' * (len(windows) != 1)})"
-                         ).save(out_dir / TIMELINE)
+      starts=np.array([w.start_s for w in windows]),
+      ends=np.array([w.end_s for w in windows]),
+      probs=[probs.get((k, w.index)) for w in windows],
+    )
+    for k, (tr, e) in enumerate(zip(tracks, entries))
+  ]
+  render.render_timeline(
+    series,
+    class_names,
+    info.duration_s,
+    title=f"{item.path.name}  ({info.duration_s:.2f} s, "
+    f"{len(windows)} window{'s' * (len(windows) != 1)})",
+  ).save(out_dir / TIMELINE)
   if options.annotate:
     _annotate(reader, out_dir / ANNOTATED, tracks, windows, probs, class_names, options)
   return prediction
 
 
-def _classify(reader: sources.FrameReader, plan: _Plan, tracks,
-              predictor: inference.Predictor) -> dict[tuple[int, int], np.ndarray]:
+def _classify(
+  reader: sources.FrameReader, plan: _Plan, tracks, predictor: inference.Predictor
+) -> dict[tuple[int, int], np.ndarray]:
   """Pass 2: crops the frames the plan's clips need and classifies each clip.
 
   Streams: a clip is classified as soon as its last frame is read, and a crop is dropped once
@@ -285,8 +320,8 @@ def _classify(reader: sources.FrameReader, plan: _Plan, tracks,
 
   def flush(final: bool) -> None:
     while len(queue) >= predictor.batch_size or (final and queue):
-      batch = queue[:predictor.batch_size]
-      del queue[:predictor.batch_size]
+      batch = queue[: predictor.batch_size]
+      del queue[: predictor.batch_size]
       p = predictor(np.stack([clip for _, clip in batch]))
       for (job, _), row in zip(batch, p):
         out[(job.track, job.window)] = row
@@ -309,25 +344,35 @@ def _classify(reader: sources.FrameReader, plan: _Plan, tracks,
   flush(final=True)
   missing = [j for j in jobs if (j.track, j.window) not in out]
   if missing:
-    raise sources.InputError(f"{reader.info.path}: frame {int(missing[0].frames.max())} was "
-                             "not found on the second reading (did the file change?)")
+    raise sources.InputError(
+      f"{reader.info.path}: frame {int(missing[0].frames.max())} was "
+      "not found on the second reading (did the file change?)"
+    )
   return out
 
 
 def _track_summary(valid: list[np.ndarray], class_names: list[str]) -> dict[str, Any]:
   if not valid:
-    return {"windows_with_face": 0, "mean_probabilities": None, "top_class": None,
-            "top_probability": None, "top_class_counts": {}}
+    return {
+      "windows_with_face": 0,
+      "mean_probabilities": None,
+      "top_class": None,
+      "top_probability": None,
+      "top_class_counts": {},
+    }
   mean = np.mean(np.stack(valid), axis=0)
   top = int(np.argmax(mean))
   counts: dict[str, int] = {}
   for p in valid:
     name = class_names[int(np.argmax(p))]
     counts[name] = counts.get(name, 0) + 1
-  return {"windows_with_face": len(valid),
-          "mean_probabilities": {c: round(float(v), 6) for c, v in zip(class_names, mean)},
-          "top_class": class_names[top], "top_probability": round(float(mean[top]), 6),
-          "top_class_counts": counts}
+  return {
+    "windows_with_face": len(valid),
+    "mean_probabilities": {c: round(float(v), 6) for c, v in zip(class_names, mean)},
+    "top_class": class_names[top],
+    "top_probability": round(float(mean[top]), 6),
+    "top_class_counts": counts,
+  }
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
@@ -342,8 +387,9 @@ def _annotate(reader, path, tracks, windows, probs, class_names, options: Option
   centres = np.array([w.centre_s for w in windows])
 
   def current(k: int, t: float) -> np.ndarray | None:
-    inside = [w.index for w in windows if w.start_s - 1e-6 <= t <= w.end_s + 1e-6
-              and (k, w.index) in probs]
+    inside = [
+      w.index for w in windows if w.start_s - 1e-6 <= t <= w.end_s + 1e-6 and (k, w.index) in probs
+    ]
     if not inside:
       return None
     return probs[(k, min(inside, key=lambda i: abs(centres[i] - t)))]
@@ -382,7 +428,7 @@ def _output_name(item: sources.InputItem, used: set[str]) -> str:
 
 def _table(rows: list[list[str]], max_cell: int = 80) -> str:
   # Long cells (error messages, printed in full above) are cut to keep the table readable.
-  rows = [[c if len(c) <= max_cell else c[:max_cell - 3] + "..." for c in r] for r in rows]
+  rows = [[c if len(c) <= max_cell else c[: max_cell - 3] + "..." for c in r] for r in rows]
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
@@ -393,47 +439,77 @@ _PROG = "python -m dfer_clip_jax.predict"
 
 
 def _define(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("checkpoint", None,
-                      "training workdir, checkpoint folder, or converted model export",
-                      required=True, flag_values=fv)
-  flags.DEFINE_string("which", "latest",
-                      "for a workdir: latest | best | a step number (default latest)",
-                      flag_values=fv)
-  flags.DEFINE_multi_string("input", None,
-                            "video files, frame folders, folders of videos / frame folders, or "
-                            "globs (quoted, or expanded by the shell: `--input a.mp4 b.mp4`); "
-                            "may be repeated", required=True, flag_values=fv)
-  flags.DEFINE_string("out", None, "output folder (one sub-folder per input)", required=True,
-                      flag_values=fv)
-  flags.DEFINE_enum("face", "auto", ["auto", "none"],
-                    "auto: detect and crop faces; none: whole frames (already-cropped inputs)",
-                    flag_values=fv)
-  flags.DEFINE_boolean("all_faces", False,
-                       "one track per face instead of the main (largest, most present) face",
-                       flag_values=fv)
-  flags.DEFINE_float("window_s", 3.0, "clip window length (s); shorter inputs are one clip",
-                     flag_values=fv)
+  flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "training workdir, checkpoint folder, or converted model export",
+    required=True,
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "which",
+    "latest",
+    "for a workdir: latest | best | a step number (default latest)",
+    flag_values=fv,
+  )
+  flags.DEFINE_multi_string(
+    "input",
+    None,
+    "video files, frame folders, folders of videos / frame folders, or "
+    "globs (quoted, or expanded by the shell: `--input a.mp4 b.mp4`); "
+    "may be repeated",
+    required=True,
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "out", None, "output folder (one sub-folder per input)", required=True, flag_values=fv
+  )
+  flags.DEFINE_enum(
+    "face",
+    "auto",
+    ["auto", "none"],
+    "auto: detect and crop faces; none: whole frames (already-cropped inputs)",
+    flag_values=fv,
+  )
+  flags.DEFINE_boolean(
+    "all_faces",
+    False,
+    "one track per face instead of the main (largest, most present) face",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "window_s", 3.0, "clip window length (s); shorter inputs are one clip", flag_values=fv
+  )
   flags.DEFINE_float("stride_s", 1.0, "step between windows (s)", flag_values=fv)
-  flags.DEFINE_float("fps", 25.0,
-                     "frame rate of frame folders (videos carry their own timestamps)",
-                     flag_values=fv)
-  flags.DEFINE_float("detect_fps", 5.0, "frames per second examined by the face detector",
-                     flag_values=fv)
-  flags.DEFINE_float("margin", 0.25,
-                     "crop margin on each side, as a fraction of the face box side",
-                     flag_values=fv)
-  flags.DEFINE_float("min_face", 0.06,
-                     "smallest face searched for, as a fraction of the frame's shorter side",
-                     flag_values=fv)
-  flags.DEFINE_float("smooth_s", 0.3, "time scale (s) of the face box smoothing",
-                     flag_values=fv)
-  flags.DEFINE_float("max_gap_s", 1.0,
-                     "a face missed for longer starts a gap (windows there have no face)",
-                     flag_values=fv)
+  flags.DEFINE_float(
+    "fps", 25.0, "frame rate of frame folders (videos carry their own timestamps)", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "detect_fps", 5.0, "frames per second examined by the face detector", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "margin", 0.25, "crop margin on each side, as a fraction of the face box side", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "min_face",
+    0.06,
+    "smallest face searched for, as a fraction of the frame's shorter side",
+    flag_values=fv,
+  )
+  flags.DEFINE_float("smooth_s", 0.3, "time scale (s) of the face box smoothing", flag_values=fv)
+  flags.DEFINE_float(
+    "max_gap_s",
+    1.0,
+    "a face missed for longer starts a gap (windows there have no face)",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("batch_size", 8, "clips per model call", flag_values=fv)
-  flags.DEFINE_boolean("annotate", False,
-                       "also write annotated.mp4 with face boxes and the current top class",
-                       flag_values=fv)
+  flags.DEFINE_boolean(
+    "annotate",
+    False,
+    "also write annotated.mp4 with face boxes and the current top class",
+    flag_values=fv,
+  )
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -446,10 +522,19 @@ def parse_args(argv: Sequence[str] | None):
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   try:
-    options = Options(face=args.face, all_faces=args.all_faces, window_s=args.window_s,
-                      stride_s=args.stride_s, fps=args.fps, detect_fps=args.detect_fps,
-                      margin=args.margin, min_face=args.min_face, smooth_s=args.smooth_s,
-                      max_gap_s=args.max_gap_s, annotate=args.annotate)
+    options = Options(
+      face=args.face,
+      all_faces=args.all_faces,
+      window_s=args.window_s,
+      stride_s=args.stride_s,
+      fps=args.fps,
+      detect_fps=args.detect_fps,
+      margin=args.margin,
+      min_face=args.min_face,
+      smooth_s=args.smooth_s,
+      max_gap_s=args.max_gap_s,
+      annotate=args.annotate,
+    )
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -462,21 +547,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     model, spec, ref = restore.load_model(args.checkpoint, args.which)
     predictor = inference.Predictor(model, spec, batch_size=args.batch_size)
-    detector = (faces_lib.HaarFaceDetector(min_face=options.min_face)
-                if options.face == "auto" else None)
+    detector = (
+      faces_lib.HaarFaceDetector(min_face=options.min_face) if options.face == "auto" else None
+    )
   except (OSError, ValueError, KeyError, RuntimeError) as e:
     print(f"error: cannot load the model from {args.checkpoint}: {e}", file=sys.stderr)
     return 2
   model_info = {"checkpoint": ref.describe(), **inference.model_description(spec)}
-  print(f"model: {ref.describe()}; {len(spec.class_names)} classes, {spec.num_frames} frames of "
-        f"{spec.image_size}px per clip")
+  print(
+    f"model: {ref.describe()}; {len(spec.class_names)} classes, {spec.num_frames} frames of "
+    f"{spec.image_size}px per clip"
+  )
 
   out_root = pathlib.Path(args.out)
   out_root.mkdir(parents=True, exist_ok=True)
   used: set[str] = set()
   records: list[dict[str, Any]] = [
-      {"input": arg, "status": "error", "error": why, "output": None}
-      for arg, why in found.problems]
+    {"input": arg, "status": "error", "error": why, "output": None} for arg, why in found.problems
+  ]
   rows = [["input", "status", "duration", "windows", "faces", "result"]]
   rows += [[arg, "error", "-", "-", "-", why] for arg, why in found.problems]
   for n, item in enumerate(found.items, 1):
@@ -486,12 +574,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     print(f"[{n}/{len(found.items)}] {item.path}", flush=True)
     try:
-      pred = predict_input(item, predictor, options, out_dir, detector=detector,
-                           model_info=model_info)
+      pred = predict_input(
+        item, predictor, options, out_dir, detector=detector, model_info=model_info
+      )
     except sources.InputError as e:
       print(f"  error: {e}", file=sys.stderr)
-      records.append({"input": str(item.path), "status": "error", "error": str(e),
-                      "output": None})
+      records.append({"input": str(item.path), "status": "error", "error": str(e), "output": None})
       rows.append([str(item.path), "error", "-", "-", "-", str(e)])
       continue
     except Exception as e:  # pylint: disable=broad-exception-caught
@@ -506,13 +594,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     faces = "-" if options.face == "none" else str(len(tracks))
     windows = len(tracks[0]["windows"])
     print(f"  {result} ({time.time() - started:.1f} s) -> {out_dir}", flush=True)
-    records.append({"input": str(item.path), "status": "ok", "error": None,
-                    "output": str(out_dir), "tracks": [t["summary"] for t in tracks]})
-    rows.append([str(item.path), "ok", f"{pred['input']['duration_s']:.2f}s", str(windows),
-                 faces, result])
-  (out_root / SUMMARY).write_text(json.dumps({"format": FORMAT, "model": model_info,
-                                              "inputs": records}, indent=1) + "\n",
-                                  encoding="utf-8")
+    records.append(
+      {
+        "input": str(item.path),
+        "status": "ok",
+        "error": None,
+        "output": str(out_dir),
+        "tracks": [t["summary"] for t in tracks],
+      }
+    )
+    rows.append(
+      [str(item.path), "ok", f"{pred['input']['duration_s']:.2f}s", str(windows), faces, result]
+    )
+  (out_root / SUMMARY).write_text(
+    json.dumps({"format": FORMAT, "model": model_info, "inputs": records}, indent=1) + "\n",
+    encoding="utf-8",
+  )
   print()
   print(_table(rows))
   failed = sum(r["status"] != "ok" for r in records)

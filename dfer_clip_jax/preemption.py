@@ -17,8 +17,8 @@ import os
 import signal
 import threading
 
-from absl import logging
 import jax
+from absl import logging
 from jax.experimental import multihost_utils
 
 # Exit status of a run stopped by a notice after its checkpoint was saved: not 0 (the run did
@@ -44,8 +44,11 @@ class Preempted(SystemExit):
 def _service_running() -> bool:
   """Whether jax's distributed client (and with it the preemption service) is running."""
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  return (distributed.global_state.client is not None
-          and distributed.global_state.preemption_sync_manager is not None)
+
+  return (
+    distributed.global_state.client is not None
+    and distributed.global_state.preemption_sync_manager is not None
+  )
 
 
 class PreemptionWatch:
@@ -58,7 +61,7 @@ class PreemptionWatch:
     self._previous: dict[int, object] = {}
     self.multi_process = False
 
-  def __enter__(self) -> "PreemptionWatch":
+  def __enter__(self) -> PreemptionWatch:
     self.multi_process = jax.process_count() > 1 and _service_running()
     if threading.current_thread() is threading.main_thread():
       # With the service, SIGTERM belongs to its handler; we only forward SIGUSR1 to it.
@@ -73,8 +76,10 @@ class PreemptionWatch:
     self._previous = {}
 
   def _on_signal(self, signum, frame) -> None:  # pylint: disable=unused-argument
-    logging.warning("preemption notice (%s): a checkpoint is saved at the next agreed step",
-                    signal.Signals(signum).name)
+    logging.warning(
+      "preemption notice (%s): a checkpoint is saved at the next agreed step",
+      signal.Signals(signum).name,
+    )
     self._notice.set()
     if self.multi_process:
       os.kill(os.getpid(), signal.SIGTERM)  # the preemption service's own notice

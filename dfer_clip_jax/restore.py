@@ -51,6 +51,7 @@ class CheckpointRef:
     step: the training step, when known.
     given: the path as the user gave it.
   """
+
   kind: str
   path: pathlib.Path
   step: int | None
@@ -63,7 +64,8 @@ class CheckpointRef:
 
 def is_export(path: pathlib.Path) -> bool:
   return (path / reference_lib.EXPORT_CONFIG).is_file() and (
-      path / reference_lib.EXPORT_WEIGHTS).is_file()
+    path / reference_lib.EXPORT_WEIGHTS
+  ).is_file()
 
 
 def _step_of_folder(path: pathlib.Path) -> int | None:
@@ -85,9 +87,10 @@ def resolve_checkpoint(path: str | os.PathLike, which: str | int = "latest") -> 
     raise FileNotFoundError(f"checkpoint path {p} does not exist")
   if p.is_file():
     raise FileNotFoundError(
-        f"{p} is a file; give the folder holding it: a training workdir, a checkpoint folder, or "
-        f"a model export ({reference_lib.EXPORT_WEIGHTS} + {reference_lib.EXPORT_CONFIG}). A "
-        "reference .pth must first be converted with `python -m dfer_clip_jax.convert`")
+      f"{p} is a file; give the folder holding it: a training workdir, a checkpoint folder, or "
+      f"a model export ({reference_lib.EXPORT_WEIGHTS} + {reference_lib.EXPORT_CONFIG}). A "
+      "reference .pth must first be converted with `python -m dfer_clip_jax.convert`"
+    )
   if is_export(p):
     return CheckpointRef(EXPORT, p, None, given)
   if (p / checkpointing.CONFIG).is_dir() and (p / checkpointing.STATE).is_dir():
@@ -101,9 +104,10 @@ def resolve_checkpoint(path: str | os.PathLike, which: str | int = "latest") -> 
     step = _latest_step(directory)
     if step is None:
       raise FileNotFoundError(
-          f"{p} holds no usable checkpoint: expected a training workdir (with checkpoints/<step>/"
-          f"), a checkpoint folder (with {checkpointing.STATE}/ and {checkpointing.CONFIG}/), or "
-          f"a model export ({reference_lib.EXPORT_WEIGHTS} + {reference_lib.EXPORT_CONFIG})")
+        f"{p} holds no usable checkpoint: expected a training workdir (with checkpoints/<step>/"
+        f"), a checkpoint folder (with {checkpointing.STATE}/ and {checkpointing.CONFIG}/), or "
+        f"a model export ({reference_lib.EXPORT_WEIGHTS} + {reference_lib.EXPORT_CONFIG})"
+      )
     which = str(step)
   elif which != "best" and not which.isdigit():
     raise ValueError(f"which={which!r}: expected 'latest', 'best' or a step number")
@@ -115,8 +119,9 @@ def _latest_step(directory: pathlib.Path) -> int | None:
   """The newest usable step; in a multi-process run the newest that every process can use."""
   if jax.process_count() == 1:
     return checkpointing.latest_valid_step(directory)
-  ckptr = checkpointing.Checkpointer(directory, keep_last=10 ** 6, keep_best=True,
-                                     best_metric=BEST_METRIC)
+  ckptr = checkpointing.Checkpointer(
+    directory, keep_last=10**6, keep_best=True, best_metric=BEST_METRIC
+  )
   try:
     return checkpointing.agreed_latest_step(ckptr)
   finally:
@@ -125,28 +130,39 @@ def _latest_step(directory: pathlib.Path) -> int | None:
 
 def _restore_model_state(step_dir: pathlib.Path, abstract_state, shardings):
   """Reads only the `model` subtree of the checkpoint's state item onto `shardings`."""
-  target = {"model": jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-      shardings)}
+  target = {
+    "model": jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
+    )
+  }
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     restored = checkpointer.restore(
-        step_dir / checkpointing.STATE,
-        args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
+      step_dir / checkpointing.STATE,
+      args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      ),
+    )
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise ValueError(f"cannot read the model weights of checkpoint {step_dir}: "
-                     f"{type(e).__name__}: {str(e)[:500]} (does its saved model spec match "
-                     "its weights?)") from e
+    raise ValueError(
+      f"cannot read the model weights of checkpoint {step_dir}: "
+      f"{type(e).__name__}: {str(e)[:500]} (does its saved model spec match "
+      "its weights?)"
+    ) from e
   finally:
     checkpointer.close()
   return restored["model"]
 
 
-def load_model(path: str | os.PathLike | CheckpointRef, which: str | int = "latest", *,
-               mesh: jax.sharding.Mesh | None = None, min_size: int = 2 ** 18
-               ) -> tuple[nnx.Module, state_lib.ModelSpec, CheckpointRef]:
+def load_model(
+  path: str | os.PathLike | CheckpointRef,
+  which: str | int = "latest",
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  min_size: int = 2**18,
+) -> tuple[nnx.Module, state_lib.ModelSpec, CheckpointRef]:
   """Restores a model, and only the model, with its spec (classes, input size, frames,
   preprocessing); the one restore of evaluation, prediction and conversion.
 
@@ -171,8 +187,10 @@ def load_model(path: str | os.PathLike | CheckpointRef, which: str | int = "late
     return model, spec, ref
   saved = checkpointing.read_config(ref.path)
   if "model" not in saved:
-    raise ValueError(f"checkpoint {ref.path} has no model spec in its config item (keys: "
-                     f"{sorted(saved)}); it was not written by the dfer_clip_jax trainer")
+    raise ValueError(
+      f"checkpoint {ref.path} has no model spec in its config item (keys: "
+      f"{sorted(saved)}); it was not written by the dfer_clip_jax trainer"
+    )
   spec = state_lib.ModelSpec.from_dict(saved["model"])
   abstract_model = nnx.eval_shape(lambda: state_lib.model_from_spec(spec, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract_model)

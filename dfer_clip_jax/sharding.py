@@ -12,7 +12,8 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -34,7 +35,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   if data * fsdp > n or (data * fsdp < n and jax.process_count() > 1):
     raise ValueError(f"mesh: data={data} x fsdp={fsdp} does not match the {n} devices")
   # A smaller explicit mesh (single process) uses the first devices, e.g. data=1 for 1 device.
-  grid = np.asarray(devices[:data * fsdp]).reshape(data, fsdp)
+  grid = np.asarray(devices[: data * fsdp]).reshape(data, fsdp)
   # Auto axes: shardings are hints to the compiler, not explicit-sharding types.
   return Mesh(grid, BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
@@ -60,7 +61,7 @@ def param_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   return P()
 
 
-def state_shardings(abstract_state, mesh: Mesh, *, min_size: int = 2 ** 18):
+def state_shardings(abstract_state, mesh: Mesh, *, min_size: int = 2**18):
   """NamedShardings for a pytree of arrays / ShapeDtypeStructs (parameters, optimizer state)."""
   fsdp_size = mesh.shape["fsdp"]
 

@@ -12,11 +12,11 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from flax import nnx
 
 from dfer_clip_jax import optim
@@ -46,6 +46,7 @@ class ModelSpec:
   """What a checkpoint needs to rebuild its model (saved as JSON): the CLIP towers' config, the
   DFER-CLIP config (the run's `model` section plus the class names) and how to compute (the
   run's `clip.dtype`, `clip.attention_impl`, `clip.remat`)."""
+
   clip: clip_lib.CLIPConfig
   model: dfer_lib.DFERCLIPConfig
   dtype: str = "float32"
@@ -65,19 +66,31 @@ class ModelSpec:
     return self.model.num_frames
 
   def to_dict(self) -> dict[str, Any]:
-    return {"format": SPEC_FORMAT, "clip": self.clip.to_dict(), "model": self.model.to_dict(),
-            "dtype": self.dtype, "attention_impl": self.attention_impl, "remat": self.remat}
+    return {
+      "format": SPEC_FORMAT,
+      "clip": self.clip.to_dict(),
+      "model": self.model.to_dict(),
+      "dtype": self.dtype,
+      "attention_impl": self.attention_impl,
+      "remat": self.remat,
+    }
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+  def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
     if d.get("format") != SPEC_FORMAT:
-      raise ValueError(f"model spec format {d.get('format')!r} is not {SPEC_FORMAT!r}: the "
-                       "checkpoint was written by an older version of dfer_clip_jax, whose "
-                       "model spec this version does not read (retrain, or evaluate it with "
-                       "that version)")
-    return cls(clip=clip_lib.CLIPConfig.from_dict(d["clip"]),
-               model=dfer_lib.DFERCLIPConfig.from_dict(d["model"]), dtype=d["dtype"],
-               attention_impl=d["attention_impl"], remat=clip_lib.remat_mode(d["remat"]))
+      raise ValueError(
+        f"model spec format {d.get('format')!r} is not {SPEC_FORMAT!r}: the "
+        "checkpoint was written by an older version of dfer_clip_jax, whose "
+        "model spec this version does not read (retrain, or evaluate it with "
+        "that version)"
+      )
+    return cls(
+      clip=clip_lib.CLIPConfig.from_dict(d["clip"]),
+      model=dfer_lib.DFERCLIPConfig.from_dict(d["model"]),
+      dtype=d["dtype"],
+      attention_impl=d["attention_impl"],
+      remat=clip_lib.remat_mode(d["remat"]),
+    )
 
 
 def _tokenizer(config, workdir: pathlib.Path, texts: list[str], vocab_size: int):
@@ -87,10 +100,13 @@ def _tokenizer(config, workdir: pathlib.Path, texts: list[str], vocab_size: int)
   if ckpt is not None and ckpt.is_dir() and (ckpt / "vocab.json").is_file():
     return tokenizer_lib.load_tokenizer(ckpt)
   if ckpt is not None:
-    raise ValueError(f"{ckpt} carries no tokenizer (vocab.json + merges.txt): set "
-                     "clip.tokenizer to a Hugging Face CLIP folder")
+    raise ValueError(
+      f"{ckpt} carries no tokenizer (vocab.json + merges.txt): set "
+      "clip.tokenizer to a Hugging Face CLIP folder"
+    )
   # Random-init CLIP (demo, benchmarks): a small BPE vocabulary built offline from our texts.
   from dfer_clip_jax import demo_tokenizer  # pylint: disable=g-import-not-at-top
+
   folder = workdir / "tokenizer"
   if not (folder / "vocab.json").is_file():
     demo_tokenizer.build_demo_tokenizer(folder, texts, vocab_size=vocab_size)
@@ -100,13 +116,23 @@ def _tokenizer(config, workdir: pathlib.Path, texts: list[str], vocab_size: int)
 DEMO_VOCAB = 1000  # vocabulary of the offline demo tokenizer (and of random-init CLIPs)
 
 
-def _random_clip(clip_cfg: clip_lib.CLIPConfig, key: jax.Array, *, dtype, attention_impl: str,
-                 remat: str, mesh, min_size: int) -> clip_lib.CLIP:
+def _random_clip(
+  clip_cfg: clip_lib.CLIPConfig,
+  key: jax.Array,
+  *,
+  dtype,
+  attention_impl: str,
+  remat: str,
+  mesh,
+  min_size: int,
+) -> clip_lib.CLIP:
   """A randomly initialised CLIP created directly in its shardings (one jitted init: no
   host-side copy, no per-parameter eager dispatch)."""
+
   def make():
-    return clip_lib.CLIP(clip_cfg, dtype=dtype, attention_impl=attention_impl, remat=remat,
-                         rngs=nnx.Rngs(params=key))
+    return clip_lib.CLIP(
+      clip_cfg, dtype=dtype, attention_impl=attention_impl, remat=remat, rngs=nnx.Rngs(params=key)
+    )
 
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   shardings = None
@@ -115,14 +141,15 @@ def _random_clip(clip_cfg: clip_lib.CLIPConfig, key: jax.Array, *, dtype, attent
     # The prompt learner reads the (frozen) token-embedding table on the host once, which
     # needs it whole on every process: keep it replicated.
     shardings["text"]["token_embedding"]["embedding"] = jax.tree.map(
-        lambda _: sharding_lib.replicated(mesh),
-        shardings["text"]["token_embedding"]["embedding"])
+      lambda _: sharding_lib.replicated(mesh), shardings["text"]["token_embedding"]["embedding"]
+    )
   state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
   return nnx.merge(graphdef, state)
 
 
-def build_model(config, workdir: str | pathlib.Path, class_names, *, rngs: nnx.Rngs,
-                mesh=None) -> tuple[dfer_lib.DFERCLIP, ModelSpec, list[optim.ParamGroup]]:
+def build_model(
+  config, workdir: str | pathlib.Path, class_names, *, rngs: nnx.Rngs, mesh=None
+) -> tuple[dfer_lib.DFERCLIP, ModelSpec, list[optim.ParamGroup]]:
   """Builds the model from the config: pretrained CLIP (or random init), prompts, heads.
 
   With a `mesh`, a random-init CLIP is created already sharded by the FSDP rule.
@@ -133,26 +160,43 @@ def build_model(config, workdir: str | pathlib.Path, class_names, *, rngs: nnx.R
   dtype = dtype_of(config.clip.dtype)
   dcfg = model_config(config, class_names)
   if config.clip.checkpoint:
-    clip, clip_cfg = load_clip(config.clip.checkpoint, dtype=dtype, act=config.clip.act or None,
-                               image_size=config.clip.image_size,
-                               attention_impl=config.clip.attention_impl, remat=config.clip.remat)
+    clip, clip_cfg = load_clip(
+      config.clip.checkpoint,
+      dtype=dtype,
+      act=config.clip.act or None,
+      image_size=config.clip.image_size,
+      attention_impl=config.clip.attention_impl,
+      remat=config.clip.remat,
+    )
   else:
     clip_cfg = clip_lib.preset(config.clip.variant)
     clip_cfg = clip_cfg.replace(
-        vision=dataclasses.replace(clip_cfg.vision, image_size=config.clip.image_size),
-        text=dataclasses.replace(clip_cfg.text, vocab_size=DEMO_VOCAB))
-    clip = _random_clip(clip_cfg, rngs.params(), dtype=dtype,
-                        attention_impl=config.clip.attention_impl, remat=config.clip.remat,
-                        mesh=mesh, min_size=config.mesh.fsdp_min_size)
+      vision=dataclasses.replace(clip_cfg.vision, image_size=config.clip.image_size),
+      text=dataclasses.replace(clip_cfg.text, vocab_size=DEMO_VOCAB),
+    )
+    clip = _random_clip(
+      clip_cfg,
+      rngs.params(),
+      dtype=dtype,
+      attention_impl=config.clip.attention_impl,
+      remat=config.clip.remat,
+      mesh=mesh,
+      min_size=config.mesh.fsdp_min_size,
+    )
   tok = None
   if dcfg.head == "prompt":
     texts = dcfg.texts()
     tok = _tokenizer(config, workdir, texts, clip_cfg.text.vocab_size)
-  model = dfer_lib.create_dfer_clip(dcfg, clip, tok, dtype=dtype,
-                                    attention_impl=config.clip.attention_impl, rngs=rngs)
-  spec = ModelSpec(clip=clip_cfg, model=dcfg, dtype=config.clip.dtype,
-                   attention_impl=config.clip.attention_impl,
-                   remat=clip_lib.remat_mode(config.clip.remat))
+  model = dfer_lib.create_dfer_clip(
+    dcfg, clip, tok, dtype=dtype, attention_impl=config.clip.attention_impl, rngs=rngs
+  )
+  spec = ModelSpec(
+    clip=clip_cfg,
+    model=dcfg,
+    dtype=config.clip.dtype,
+    attention_impl=config.clip.attention_impl,
+    remat=clip_lib.remat_mode(config.clip.remat),
+  )
   groups = optim.present_groups(model, optim.groups_from_config(config.optim))
   return model, spec, groups
 
@@ -161,14 +205,22 @@ def model_from_spec(spec: ModelSpec, *, rngs: nnx.Rngs) -> dfer_lib.DFERCLIP:
   """A model of the spec's shapes (random CLIP, zero prompt buffers), to restore weights into.
   Call under `nnx.eval_shape` to get it abstract."""
   dtype = dtype_of(spec.dtype)
-  clip = clip_lib.CLIP(spec.clip, dtype=dtype, attention_impl=spec.attention_impl,
-                       remat=spec.remat, rngs=rngs)
+  clip = clip_lib.CLIP(
+    spec.clip, dtype=dtype, attention_impl=spec.attention_impl, remat=spec.remat, rngs=rngs
+  )
   buffers = None
   if spec.model.head == "prompt":
-    buffers = prompts_lib.PromptBuffers.zeros(spec.model.num_classes, spec.model.n_ctx,
-                                              spec.clip.text.context_length, spec.clip.text.width)
-  return dfer_lib.DFERCLIP(spec.model, clip, prompt_buffers=buffers, dtype=dtype,
-                           attention_impl=spec.attention_impl, rngs=rngs)
+    buffers = prompts_lib.PromptBuffers.zeros(
+      spec.model.num_classes, spec.model.n_ctx, spec.clip.text.context_length, spec.clip.text.width
+    )
+  return dfer_lib.DFERCLIP(
+    spec.model,
+    clip,
+    prompt_buffers=buffers,
+    dtype=dtype,
+    attention_impl=spec.attention_impl,
+    rngs=rngs,
+  )
 
 
 def make_schedule(config, steps_per_epoch: int):
@@ -195,10 +247,15 @@ def is_trained(groups) -> bool:
 
 def build_optimizer(config, model, groups, steps_per_epoch: int) -> nnx.Optimizer:
   o = config.optim
-  return optim.make_optimizer(model, groups, optimizer=o.name, momentum=o.momentum,
-                              weight_decay=o.weight_decay,
-                              schedule=make_schedule(config, steps_per_epoch),
-                              clip_grad_norm=o.clip_grad_norm or None)
+  return optim.make_optimizer(
+    model,
+    groups,
+    optimizer=o.name,
+    momentum=o.momentum,
+    weight_decay=o.weight_decay,
+    schedule=make_schedule(config, steps_per_epoch),
+    clip_grad_norm=o.clip_grad_norm or None,
+  )
 
 
 def shard_state(state, mesh, min_size: int):
@@ -208,8 +265,9 @@ def shard_state(state, mesh, min_size: int):
 
 
 def abstract_with_shardings(state_shapes, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state_shapes, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes, shardings
+  )
 
 
 def log_parameter_counts(model, optimizer) -> dict[str, int]:

@@ -24,20 +24,16 @@ import re
 import time
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
-from dfer_clip_jax import checkpointing
-from dfer_clip_jax import distributed
+from dfer_clip_jax import checkpointing, distributed, metric_writer, optim, preemption
 from dfer_clip_jax import evaluate as evaluate_lib
-from dfer_clip_jax import metric_writer
 from dfer_clip_jax import metrics as metrics_lib
-from dfer_clip_jax import optim
-from dfer_clip_jax import preemption
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
 from dfer_clip_jax.data import pipeline
@@ -58,11 +54,12 @@ def local_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
   text = str(workdir)
   if _URL.match(text):
     raise ValueError(
-        f"workdir {text!r} is a URL, but the workdir is written through the local file system "
-        "(the checkpoint integrity records, metrics.jsonl, TensorBoard events, the report and "
-        "the demo tokenizer use file paths; pathlib would turn 'gs://b/x' into 'gs:/b/x'). "
-        "Mount the bucket on every host (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/gcs`, as "
-        "launch/tpu_pod.sh does) and pass the mounted path, e.g. --workdir=/mnt/gcs/runs/dfew")
+      f"workdir {text!r} is a URL, but the workdir is written through the local file system "
+      "(the checkpoint integrity records, metrics.jsonl, TensorBoard events, the report and "
+      "the demo tokenizer use file paths; pathlib would turn 'gs://b/x' into 'gs:/b/x'). "
+      "Mount the bucket on every host (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/gcs`, as "
+      "launch/tpu_pod.sh does) and pass the mounted path, e.g. --workdir=/mnt/gcs/runs/dfew"
+    )
   return pathlib.Path(workdir)
 
 
@@ -87,24 +84,25 @@ def make_train_step(graphdef, opt_graphdef, *, dropout: bool, microbatches: int 
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
 
     if microbatches == 1:
+
       def loss_fn(m):
         logits, _ = m(video, train=True, rngs=nnx.Rngs(dropout=rng) if dropout else None)
         loss = _masked_nll(logits, labels, mask).sum() / jnp.maximum(mask.sum(), 1.0)
         return loss, logits
 
-      grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt),
-                                   has_aux=True)
+      grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
       (loss, logits), grads = grad_fn(model)
     else:
-      loss, logits, grads = _microbatched_grads(model, optimizer.wrt, video, labels, mask, rng,
-                                                microbatches=microbatches, dropout=dropout)
+      loss, logits, grads = _microbatched_grads(
+        model, optimizer.wrt, video, labels, mask, rng, microbatches=microbatches, dropout=dropout
+      )
     optimizer.update(model, grads)
     correct = (logits.argmax(-1) == labels).astype(jnp.float32)
     metrics = {
-        "loss": loss,
-        "accuracy": (correct * mask).sum() / jnp.maximum(mask.sum(), 1.0),
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(nnx.state(model, optimizer.wrt)),
+      "loss": loss,
+      "accuracy": (correct * mask).sum() / jnp.maximum(mask.sum(), 1.0),
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(nnx.state(model, optimizer.wrt)),
     }
     return nnx.state(model), nnx.state(optimizer), metrics
 
@@ -117,8 +115,7 @@ def _masked_nll(logits_BxC, labels_B, mask_B):
   return -jnp.take_along_axis(logp_BxC, labels_B[:, None], axis=-1)[:, 0] * mask_B
 
 
-def _microbatched_grads(model, wrt, video, labels, mask, rng, *, microbatches: int,
-                        dropout: bool):
+def _microbatched_grads(model, wrt, video, labels, mask, rng, *, microbatches: int, dropout: bool):
   """(loss, logits (B, C), gradients) of the masked mean loss, accumulated over slices.
 
   Slice i holds rows i, i + k, i + 2k, ... (k = microbatches): each device's contiguous block
@@ -158,8 +155,11 @@ def _microbatched_grads(model, wrt, video, labels, mask, rng, *, microbatches: i
     carry = (jax.tree.map(jnp.add, g_tr, d_tr), g_text + d_text, total + nll_sum)
     return carry, logits
 
-  zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros_like(text_CxD),
-           jnp.zeros((), jnp.float32))
+  zeros = (
+    jax.tree.map(jnp.zeros_like, trainable),
+    jnp.zeros_like(text_CxD),
+    jnp.zeros((), jnp.float32),
+  )
   xs = (slices(video), slices(labels), slices(mask), jnp.arange(microbatches))
   (g_tr, g_text, total), logits_KxMxC = jax.lax.scan(body, zeros, xs)
   if has_text:
@@ -179,10 +179,11 @@ def _explain_attention_failure(attention_impl: str):
   except Exception as err:  # pylint: disable=broad-except
     if attention_impl in ("auto", "cudnn") and "cudnn" in str(err).lower():
       raise RuntimeError(
-          f"the training step failed in cuDNN ({type(err).__name__}: "
-          f"{str(err).splitlines()[0][:300]}); clip.attention_impl={attention_impl!r} runs "
-          "cuDNN's fused attention on this GPU: rerun with "
-          "--config.clip.attention_impl=xla (same values, XLA's attention)") from err
+        f"the training step failed in cuDNN ({type(err).__name__}: "
+        f"{str(err).splitlines()[0][:300]}); clip.attention_impl={attention_impl!r} runs "
+        "cuDNN's fused attention on this GPU: rerun with "
+        "--config.clip.attention_impl=xla (same values, XLA's attention)"
+      ) from err
     raise
 
 
@@ -202,48 +203,68 @@ class Trainer:
     t = config.train
     # Per-process batch sizes: each process loads its own rows of every global batch.
     self.process_batch = evaluate_lib.check_batch(t.batch_size, self.mesh, "train.batch_size")
-    self.process_eval_batch = evaluate_lib.check_batch(t.eval_batch_size, self.mesh,
-                                                       "train.eval_batch_size")
+    self.process_eval_batch = evaluate_lib.check_batch(
+      t.eval_batch_size, self.mesh, "train.eval_batch_size"
+    )
     per_device = t.batch_size // self.mesh.devices.size
     if t.microbatches < 1 or per_device % t.microbatches:
-      raise ValueError(f"train.microbatches={t.microbatches} must divide the {per_device} clips "
-                       "each device gets per step (train.batch_size / devices)")
+      raise ValueError(
+        f"train.microbatches={t.microbatches} must divide the {per_device} clips "
+        "each device gets per step (train.batch_size / devices)"
+      )
     self.steps_per_epoch = pipeline.steps_per_epoch(len(self.sources.train), t.batch_size)
     if self.steps_per_epoch == 0:
-      raise ValueError(f"the train split has {len(self.sources.train)} clips, fewer than one "
-                       f"batch of {t.batch_size}")
+      raise ValueError(
+        f"the train split has {len(self.sources.train)} clips, fewer than one "
+        f"batch of {t.batch_size}"
+      )
     rngs = nnx.Rngs(config.seed)
     # Building the model may write into the workdir (the demo tokenizer): process 0 goes first.
     with distributed.primary_first("building the model"):
       model, self.spec, self.groups = state_lib.build_model(
-          config, self.workdir, self.class_names, rngs=rngs, mesh=self.mesh)
+        config, self.workdir, self.class_names, rngs=rngs, mesh=self.mesh
+      )
     self.trained = state_lib.is_trained(self.groups)
     self.epochs = t.epochs if self.trained else 0
     self.total_steps = self.epochs * self.steps_per_epoch
-    optimizer = (state_lib.build_optimizer(config, model, self.groups, self.steps_per_epoch)
-                 if self.trained else None)
-    self.counts = (state_lib.log_parameter_counts(model, optimizer) if optimizer is not None
-                   else {})
+    optimizer = (
+      state_lib.build_optimizer(config, model, self.groups, self.steps_per_epoch)
+      if self.trained
+      else None
+    )
+    self.counts = state_lib.log_parameter_counts(model, optimizer) if optimizer is not None else {}
     self.graphdef, model_state = nnx.split(model)
     self.model_state, self.model_shardings = state_lib.shard_state(
-        model_state, self.mesh, config.mesh.fsdp_min_size)
+      model_state, self.mesh, config.mesh.fsdp_min_size
+    )
     if optimizer is not None:
       self.opt_graphdef, opt_state = nnx.split(optimizer)
       self.opt_state, self.opt_shardings = state_lib.shard_state(
-          opt_state, self.mesh, config.mesh.fsdp_min_size)
+        opt_state, self.mesh, config.mesh.fsdp_min_size
+      )
     else:
       self.opt_graphdef, self.opt_state, self.opt_shardings = None, None, None
     self.evaluator = evaluate_lib.Evaluator(self.graphdef, self.mesh)
     self.checkpointer = checkpointing.Checkpointer(
-        self.workdir / "checkpoints", keep_last=t.keep_checkpoints, keep_best=True,
-        best_metric="select", best_mode="max", async_save=True, save_interval_steps=1)
+      self.workdir / "checkpoints",
+      keep_last=t.keep_checkpoints,
+      keep_best=True,
+      best_metric="select",
+      best_mode="max",
+      async_save=True,
+      save_interval_steps=1,
+    )
     self.history: list[dict[str, Any]] = []
 
   # -- checkpoint contents -------------------------------------------------------------------
 
   def checkpoint_config(self) -> dict[str, Any]:
-    return {"format": CHECKPOINT_FORMAT, "has_optimizer": self.opt_state is not None,
-            "model": self.spec.to_dict(), "config": json.loads(self.config.to_json())}
+    return {
+      "format": CHECKPOINT_FORMAT,
+      "has_optimizer": self.opt_state is not None,
+      "model": self.spec.to_dict(),
+      "config": json.loads(self.config.to_json()),
+    }
 
   def _state(self) -> dict[str, Any]:
     state = {"model": self.model_state}
@@ -266,7 +287,8 @@ class Trainer:
     if which is None:
       return 0, None
     step, state, data_state, _, _ = self.checkpointer.restore(
-        which, abstract_state=self._abstract_state())
+      which, abstract_state=self._abstract_state()
+    )
     self.model_state = state["model"]
     if self.opt_state is not None:
       self.opt_state = state["optimizer"]
@@ -280,15 +302,22 @@ class Trainer:
   def _eval_dataset(self, source):
     d = self.config.data
     return pipeline.make_eval_dataset(
-        source, batch_size=self.process_eval_batch, num_frames=self.spec.num_frames,
-        image_size=self.config.clip.image_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), worker_count=d.worker_count,
-        bad_clip_policy=d.bad_clip_policy, fast_decode=d.fast_decode)
+      source,
+      batch_size=self.process_eval_batch,
+      num_frames=self.spec.num_frames,
+      image_size=self.config.clip.image_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      worker_count=d.worker_count,
+      bad_clip_policy=d.bad_clip_policy,
+      fast_decode=d.fast_decode,
+    )
 
   def evaluate_split(self, split: str) -> evaluate_lib.EvalResult:
     source = getattr(self.sources, split)
-    return self.evaluator.run(self.model_state, self._eval_dataset(source), source,
-                              self.class_names)
+    return self.evaluator.run(
+      self.model_state, self._eval_dataset(source), source, self.class_names
+    )
 
   def _epoch_eval(self, epoch: int, step: int, writer) -> dict[str, Any]:
     entry: dict[str, Any] = {"epoch": epoch, "step": step, "val": None}
@@ -300,8 +329,11 @@ class Trainer:
       writer.write(step, {f"{split}/uar": s["uar"], f"{split}/war": s["war"]})
     if self.primary:
       val = entry["val"]
-      print(f"epoch {epoch}: test UAR {entry['test']['uar']:.2f} WAR {entry['test']['war']:.2f}"
-            + (f" | val UAR {val['uar']:.2f} WAR {val['war']:.2f}" if val else ""), flush=True)
+      print(
+        f"epoch {epoch}: test UAR {entry['test']['uar']:.2f} WAR {entry['test']['war']:.2f}"
+        + (f" | val UAR {val['uar']:.2f} WAR {val['war']:.2f}" if val else ""),
+        flush=True,
+      )
     return entry
 
   def _select_value(self, entry) -> float:
@@ -329,12 +361,19 @@ class Trainer:
   def _train_loop(self, start_step: int, data_state, writer) -> None:
     config, t, d = self.config, self.config.train, self.config.data
     dataset = pipeline.make_train_dataset(
-        self.sources.train, seed=config.seed, num_frames=self.spec.num_frames,
-        image_size=config.clip.image_size,
-        augmentation=sources_lib.train_augmentation(config), batch_size=self.process_batch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(), worker_count=d.worker_count,
-        bad_clip_policy=d.bad_clip_policy, num_epochs=self.epochs, fast_decode=d.fast_decode)
+      self.sources.train,
+      seed=config.seed,
+      num_frames=self.spec.num_frames,
+      image_size=config.clip.image_size,
+      augmentation=sources_lib.train_augmentation(config),
+      batch_size=self.process_batch,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      worker_count=d.worker_count,
+      bad_clip_policy=d.bad_clip_policy,
+      num_epochs=self.epochs,
+      fast_decode=d.fast_decode,
+    )
     it = iter(dataset)
     if data_state is not None and data_state.get("iterator") is not None:
       it.set_state(data_state["iterator"])
@@ -342,10 +381,12 @@ class Trainer:
       raise RuntimeError(f"data iterator at step {it.step} but the train state at {start_step}")
     dropout = config.model.temporal_dropout > 0
     step_fn = jax.jit(
-        make_train_step(self.graphdef, self.opt_graphdef, dropout=dropout,
-                        microbatches=t.microbatches),
-        donate_argnums=(0, 1),
-        out_shardings=(self.model_shardings, self.opt_shardings, None))
+      make_train_step(
+        self.graphdef, self.opt_graphdef, dropout=dropout, microbatches=t.microbatches
+      ),
+      donate_argnums=(0, 1),
+      out_shardings=(self.model_shardings, self.opt_shardings, None),
+    )
     schedule = state_lib.make_schedule(config, self.steps_per_epoch)
     progress = metric_writer.Progress(self.total_steps, self.steps_per_epoch, start_step)
     base_key = jax.random.key(config.seed)
@@ -361,9 +402,10 @@ class Trainer:
       bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(m[k])]
       if bad:
         raise NonFiniteError(
-            f"non-finite {', '.join(bad)} at step {step_no} (loss={m['loss']}, grad_norm="
-            f"{m['grad_norm']}, param_norm={m['param_norm']}); training stopped, the last good "
-            f"checkpoint (step {last_saved}) is kept in {self.workdir / 'checkpoints'}")
+          f"non-finite {', '.join(bad)} at step {step_no} (loss={m['loss']}, grad_norm="
+          f"{m['grad_norm']}, param_norm={m['param_norm']}); training stopped, the last good "
+          f"checkpoint (step {last_saved}) is kept in {self.workdir / 'checkpoints'}"
+        )
       m["step"] = step_no
       return m
 
@@ -382,8 +424,9 @@ class Trainer:
         # Only dropout consumes randomness; without it skip the per-step host-side fold_in.
         rng = jax.random.fold_in(base_key, step) if dropout else base_key
         with _explain_attention_failure(config.clip.attention_impl):
-          self.model_state, self.opt_state, m = step_fn(self.model_state, self.opt_state, batch,
-                                                        rng)
+          self.model_state, self.opt_state, m = step_fn(
+            self.model_state, self.opt_state, batch, rng
+          )
         # Metrics of the previous step are fetched after this one is dispatched: no stall.
         flush()
         pending = (step + 1, m)  # the metrics belong to the update that made step + 1
@@ -414,24 +457,37 @@ class Trainer:
             self._save(done, it, None)
             last_saved = done
           self.checkpointer.wait()
-          message = (f"preempted: checkpoint of step {done} saved in "
-                     f"{self.workdir / 'checkpoints'}; run the same command again to resume")
+          message = (
+            f"preempted: checkpoint of step {done} saved in "
+            f"{self.workdir / 'checkpoints'}; run the same command again to resume"
+          )
           if self.primary:
             print(message, flush=True)
           raise preemption.Preempted(message)
     if dataset.skipped and self.primary:
-      logging.warning("%d clips were skipped during training (bad_clip_policy=skip): %s",
-                      len(dataset.skipped), dataset.skipped[:20])
+      logging.warning(
+        "%d clips were skipped during training (bad_clip_policy=skip): %s",
+        len(dataset.skipped),
+        dataset.skipped[:20],
+      )
 
   def _save(self, step: int, it, entry) -> None:
     metrics = None
     if entry is not None:
-      metrics = {"select": self._select_value(entry), "epoch": entry["epoch"],
-                 "test": entry["test"], "val": entry["val"]}
-    self.checkpointer.save(step, state=self._state(),
-                           data_state={"iterator": pipeline.iterator_state_at(it, step),
-                                       "history": self.history},
-                           config=self.checkpoint_config(), metrics=metrics, force=True)
+      metrics = {
+        "select": self._select_value(entry),
+        "epoch": entry["epoch"],
+        "test": entry["test"],
+        "val": entry["val"],
+      }
+    self.checkpointer.save(
+      step,
+      state=self._state(),
+      data_state={"iterator": pipeline.iterator_state_at(it, step), "history": self.history},
+      config=self.checkpoint_config(),
+      metrics=metrics,
+      force=True,
+    )
 
   def _log(self, step, window, seconds, schedule, writer, progress) -> None:
     mean = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "step"}
@@ -448,8 +504,13 @@ class Trainer:
 
   def report(self) -> dict[str, Any]:
     rows = metrics_lib.report_rows(self.history, val_metric=self.config.train.select_metric)
-    report = {"rows": rows, "history": self.history, "class_names": list(self.class_names),
-              "skipped_clips": self.sources.skipped, **self.counts}
+    report = {
+      "rows": rows,
+      "history": self.history,
+      "class_names": list(self.class_names),
+      "skipped_clips": self.sources.skipped,
+      **self.counts,
+    }
     # Full outputs (per-class recall, confusion matrix, predictions) of the final model.
     result = self.evaluate_split("test")
     evaluate_lib.write(result, self.workdir / "eval" / "last", self.class_names)
@@ -457,9 +518,12 @@ class Trainer:
     if self.primary:
       (self.workdir / "report.json").write_text(json.dumps(report, indent=2))
       print(metrics_lib.format_report_table(rows), flush=True)
-      print(f"Report: {self.workdir / 'report.json'}; predictions and confusion matrix: "
-            f"{self.workdir / 'eval' / 'last'}; TensorBoard: tensorboard --logdir "
-            f"{self.workdir / 'tensorboard'}", flush=True)
+      print(
+        f"Report: {self.workdir / 'report.json'}; predictions and confusion matrix: "
+        f"{self.workdir / 'eval' / 'last'}; TensorBoard: tensorboard --logdir "
+        f"{self.workdir / 'tensorboard'}",
+        flush=True,
+      )
     return report
 
 

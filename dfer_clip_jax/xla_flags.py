@@ -23,13 +23,17 @@ import os
 from absl import logging
 
 PRESETS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "lhs": ("--xla_gpu_enable_latency_hiding_scheduler=true",),
-    "cublas": ("--xla_gpu_enable_latency_hiding_scheduler=true",
-               "--xla_gpu_enable_triton_gemm=false"),
-    "nographs": ("--xla_gpu_enable_latency_hiding_scheduler=true",
-                 "--xla_gpu_enable_triton_gemm=false",
-                 "--xla_gpu_enable_command_buffer="),
+  "none": (),
+  "lhs": ("--xla_gpu_enable_latency_hiding_scheduler=true",),
+  "cublas": (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_triton_gemm=false",
+  ),
+  "nographs": (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_triton_gemm=false",
+    "--xla_gpu_enable_command_buffer=",
+  ),
 }
 
 
@@ -62,6 +66,7 @@ def cuda_plugin_installed() -> bool:
 def _backend_started() -> bool:
   try:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
     return bool(xla_bridge._backends)  # pylint: disable=protected-access
   except (ImportError, AttributeError):
     return False
@@ -76,7 +81,11 @@ def apply(preset: str, *, force: bool = False) -> str:
   if value == existing or not (force or cuda_plugin_installed()):
     return existing
   if _backend_started():
-    logging.warning("train.xla_gpu_flags=%s: a jax backend is already running, so these XLA "
-                    "flags apply only to new processes: %s", preset, value)
+    logging.warning(
+      "train.xla_gpu_flags=%s: a jax backend is already running, so these XLA "
+      "flags apply only to new processes: %s",
+      preset,
+      value,
+    )
   os.environ["XLA_FLAGS"] = value
   return value

@@ -1,13 +1,13 @@
 """A program that tests/test_distributed.py runs in several processes through launch/local.sh.
 
-  --mode=fail: no JAX at all; process 1 exits with status 3 at once, the others sleep (the
-      launcher must stop them).
-  --mode=agree: joins jax.distributed (DFER_* environment from local.sh) and exercises the
-      collective helpers and the resume-step agreement on a copy of a checkpoints folder, where
-      process 1 alone is made to see the newest step as broken. Each process writes what it got
-      to OUT/process_<i>.json.
-  --mode=primary_fails: joins jax.distributed; process 0 fails inside `run_on_primary` after
-      --delay seconds (it prints the time first); nothing catches the error.
+--mode=fail: no JAX at all; process 1 exits with status 3 at once, the others sleep (the
+    launcher must stop them).
+--mode=agree: joins jax.distributed (DFER_* environment from local.sh) and exercises the
+    collective helpers and the resume-step agreement on a copy of a checkpoints folder, where
+    process 1 alone is made to see the newest step as broken. Each process writes what it got
+    to OUT/process_<i>.json.
+--mode=primary_fails: joins jax.distributed; process 0 fails inside `run_on_primary` after
+    --delay seconds (it prints the time first); nothing catches the error.
 """
 
 import argparse
@@ -28,9 +28,18 @@ def _initialize(wait_timeout_s: float) -> None:
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from dfer_clip_jax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(ml_collections.ConfigDict(
-      {"initialize": False, "coordinator_address": "", "num_processes": 0, "process_id": -1,
-       "wait_timeout_s": wait_timeout_s}))
+
+  distributed.initialize(
+    ml_collections.ConfigDict(
+      {
+        "initialize": False,
+        "coordinator_address": "",
+        "num_processes": 0,
+        "process_id": -1,
+        "wait_timeout_s": wait_timeout_s,
+      }
+    )
+  )
 
 
 def _primary_fails(delay: float) -> None:
@@ -47,8 +56,10 @@ def _primary_fails(delay: float) -> None:
 def _agree(ckpt_dir: pathlib.Path, out: pathlib.Path) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from dfer_clip_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from dfer_clip_jax import distributed  # pylint: disable=g-import-not-at-top
+  from dfer_clip_jax import (
+    checkpointing,  # pylint: disable=g-import-not-at-top
+    distributed,  # pylint: disable=g-import-not-at-top
+  )
 
   me = jax.process_index()
   result = {"process": me, "count": jax.process_count()}

@@ -4,6 +4,7 @@ and config argument builds a model."""
 import dataclasses
 import pathlib
 import re
+import sys
 import zlib
 
 import jax
@@ -13,13 +14,10 @@ import optax
 import pytest
 from flax import nnx
 
-import sys
-
-from dfer_clip_jax import config_lib
-from dfer_clip_jax import optim
+from dfer_clip_jax import config_lib, optim
 from dfer_clip_jax import state as state_lib
-from dfer_clip_jax.data.datasets import MAFW_CLASSES
 from dfer_clip_jax import tokenizer as tokenizer_lib
+from dfer_clip_jax.data.datasets import MAFW_CLASSES
 from dfer_clip_jax.models import clip as clip_lib
 from dfer_clip_jax.models import dfer_clip as dc
 from dfer_clip_jax.models import temporal as temporal_lib
@@ -38,8 +36,12 @@ class FakeTokenizer:
 
 # The same tiny sizes as test_dfer_clip.py, so that initialisation compiles are shared.
 NAMES = MAFW_CLASSES[:5]
-TINY = {"model.num_frames": 3, "model.temporal_heads": 3, "model.temporal_dim_head": 5,
-        "model.temporal_mlp_dim": 28}
+TINY = {
+  "model.num_frames": 3,
+  "model.temporal_heads": 3,
+  "model.temporal_dim_head": 5,
+  "model.temporal_mlp_dim": 28,
+}
 B = 2
 
 
@@ -47,8 +49,9 @@ B = 2
 def clip():
   # One block per tower halves the compile time of the eight graphs below.
   cfg = clip_lib.tiny_config()
-  cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, layers=1),
-                    text=dataclasses.replace(cfg.text, layers=1))
+  cfg = cfg.replace(
+    vision=dataclasses.replace(cfg.vision, layers=1), text=dataclasses.replace(cfg.text, layers=1)
+  )
   return clip_lib.CLIP(cfg, rngs=nnx.Rngs(0))
 
 
@@ -77,8 +80,10 @@ def train_step(model, optimizer, video, labels):
   def loss_fn(model):
     logits, aux = model(video, train=True)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, aux)
+
   (loss, (logits, aux)), grads = nnx.value_and_grad(
-      loss_fn, has_aux=True, argnums=nnx.DiffState(0, optimizer.wrt))(model)
+    loss_fn, has_aux=True, argnums=nnx.DiffState(0, optimizer.wrt)
+  )(model)
   optimizer.update(model, grads)
   return loss, logits, aux, grads
 
@@ -89,12 +94,12 @@ def arrays(state):
 
 # Which parameters each trained baseline updates (by group) and which must stay untouched.
 TRAINED = {
-    "linear_probe": {"head"},
-    "finetune": {"head", "image"},
-    "finetune_tm": {"head", "image", "temporal"},
-    "coop": {"prompt", "image", "temporal"},
-    # manual_expression differs from manual_photo only in its texts (checked below).
-    "manual_photo": {"image", "temporal"},
+  "linear_probe": {"head"},
+  "finetune": {"head", "image"},
+  "finetune_tm": {"head", "image", "temporal"},
+  "coop": {"prompt", "image", "temporal"},
+  # manual_expression differs from manual_photo only in its texts (checked below).
+  "manual_photo": {"image", "temporal"},
 }
 
 
@@ -112,7 +117,7 @@ def test_trained_baseline_forward_backward_update(name, clip, video):
   grads = arrays(grads)
   assert set(grads) == set(optimizer.wrt.names)
   for group in TRAINED[name]:
-    norm = sum(float(np.sum(g ** 2)) for k, g in grads.items() if part[k].name == group)
+    norm = sum(float(np.sum(g**2)) for k, g in grads.items() if part[k].name == group)
     assert np.isfinite(norm) and norm > 0, group
   after = arrays(nnx.state(model, nnx.Param))
   for k in before:
@@ -128,8 +133,9 @@ def test_linear_heads_read_raw_video_features(clip, video):
   logits, aux = nnx.jit(lambda m, v: m(v, train=False))(probe, video)
   mean = aux["frame_features"].mean(axis=1)
   np.testing.assert_allclose(aux["video_features_raw"], mean, rtol=1e-6)
-  np.testing.assert_allclose(logits, mean @ probe.head.kernel[...] + probe.head.bias[...],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    logits, mean @ probe.head.kernel[...] + probe.head.bias[...], rtol=1e-5, atol=1e-6
+  )
   assert "text_features" not in aux
   _, _, with_tm = build("finetune_tm", clip)
   assert isinstance(with_tm.temporal_net, temporal_lib.TemporalTransformer)
@@ -148,8 +154,10 @@ def encode_text():
   return nnx.jit(lambda m, ids: m.encode_text(ids))
 
 
-@pytest.mark.parametrize("name,template", [("manual_photo", "a photo of {}."),
-                                           ("manual_expression", "an expression of {}.")])
+@pytest.mark.parametrize(
+  "name,template",
+  [("manual_photo", "a photo of {}."), ("manual_expression", "an expression of {}.")],
+)
 def test_manual_prompts_are_the_template_texts(name, template, clip, encode_text):
   config, _, model = build(name, clip)
   assert model.prompt_learner.ctx is None and config.n_ctx == 0
@@ -174,17 +182,20 @@ def test_zero_shot_is_clip_as_is(clip, video, encode_text):
   t = t / jnp.linalg.norm(t, axis=-1, keepdims=True)
   v = aux["frame_features"].mean(1)  # the frame features themselves: test_dfer_clip.py
   v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
-  np.testing.assert_allclose(logits, jnp.exp(clip.logit_scale[...]) * v @ t.T, rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(logits, jnp.exp(clip.logit_scale[...]) * v @ t.T, rtol=1e-4, atol=1e-4)
 
 
 def test_paper_model_preset_and_unknown_names(clip):
   config, groups, _ = build("", clip, **{"model.n_ctx": 8})
-  assert config == dc.DFERCLIPConfig(class_names=NAMES, num_frames=3, temporal_heads=3,
-                                     temporal_dim_head=5, temporal_mlp_dim=28)
+  assert config == dc.DFERCLIPConfig(
+    class_names=NAMES, num_frames=3, temporal_heads=3, temporal_dim_head=5, temporal_mlp_dim=28
+  )
   assert [(g.name, g.lr, g.trainable) for g in groups] == [
-      ("image", 1e-5, True), ("prompt", 1e-3, True), ("temporal", 1e-2, True),
-      ("frozen", 0.0, False)]
+    ("image", 1e-5, True),
+    ("prompt", 1e-3, True),
+    ("temporal", 1e-2, True),
+    ("frozen", 0.0, False),
+  ]
   assert build("coop", clip, **{"model.n_ctx": 16})[0].n_ctx == 16
   with pytest.raises(ValueError, match="baseline='clip'"):
     config_lib.paper_config("dfew", "baseline=clip")
@@ -194,9 +205,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from configs import dfew  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-CONFIG_ARGS = ["", "variant=B/16", "variant=L/14", "ctx=4", "ctx=16", "depth=0", "depth=3",
-               "text=class_name", "text=name_with_context", "text=descriptor", "text=template",
-               "protocol=paper"] + [f"baseline={b}" for b in config_lib.BASELINES]
+CONFIG_ARGS = [
+  "",
+  "variant=B/16",
+  "variant=L/14",
+  "ctx=4",
+  "ctx=16",
+  "depth=0",
+  "depth=3",
+  "text=class_name",
+  "text=name_with_context",
+  "text=descriptor",
+  "text=template",
+  "protocol=paper",
+] + [f"baseline={b}" for b in config_lib.BASELINES]
 
 
 @pytest.mark.parametrize("arg", CONFIG_ARGS)
@@ -211,9 +233,12 @@ def test_every_config_argument_builds_its_model(arg, clip):
   trained = {g.name for g in groups if g.trainable}
   expected = {"image", "temporal", "prompt"}
   if arg.startswith("baseline="):
-    expected = ({"zeroshot": set(), "linear_probe": {"head"}, "finetune": {"head", "image"},
-                 "finetune_tm": {"head", "image", "temporal"}}
-                .get(arg[9:], {"image", "temporal", "prompt"}))
+    expected = {
+      "zeroshot": set(),
+      "linear_probe": {"head"},
+      "finetune": {"head", "image"},
+      "finetune_tm": {"head", "image", "temporal"},
+    }.get(arg[9:], {"image", "temporal", "prompt"})
     if arg[9:].startswith("manual"):
       expected = {"image", "temporal"}
   if arg in ("depth=0",):
@@ -221,5 +246,6 @@ def test_every_config_argument_builds_its_model(arg, clip):
   if arg == "text=template":
     expected = {"image", "temporal"}
   assert trained == expected
-  assert (config.temporal == "mean") == (arg in ("depth=0", "baseline=zeroshot",
-                                                 "baseline=linear_probe", "baseline=finetune"))
+  assert (config.temporal == "mean") == (
+    arg in ("depth=0", "baseline=zeroshot", "baseline=linear_probe", "baseline=finetune")
+  )

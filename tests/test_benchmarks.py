@@ -21,10 +21,24 @@ from dfer_clip_jax.models import dfer_clip as dc
 from dfer_clip_jax.tokenizer import END_OF_TEXT, START_OF_TEXT
 
 TINY = ["--variant=tiny", "--frames=2", "--batch=8", "--steps=2", "--warmup=1"]
-REQUIRED = ("compile_s", "step_ms_p50", "step_ms_p90", "clips_per_s", "frames_per_s",
-            "model_tflops_per_step", "xla_tflops_per_step", "analytic_tflops_per_step",
-            "achieved_tflops", "mfu", "peak_memory_gb", "device_kind", "device_count",
-            "jax_version", "jaxlib_version", "config")
+REQUIRED = (
+  "compile_s",
+  "step_ms_p50",
+  "step_ms_p90",
+  "clips_per_s",
+  "frames_per_s",
+  "model_tflops_per_step",
+  "xla_tflops_per_step",
+  "analytic_tflops_per_step",
+  "achieved_tflops",
+  "mfu",
+  "peak_memory_gb",
+  "device_kind",
+  "device_count",
+  "jax_version",
+  "jaxlib_version",
+  "config",
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +78,14 @@ def _check_common(record, mode):
 def test_train_step_record(workdir, tmp_path, capsys):
   # The largest-batch search, capped at the measured batch (its one trial reuses the compiled
   # step): exercises the trial on a fresh copy of the state.
-  record = _run(workdir, tmp_path, "--dtype=bfloat16", "--remat=block", "--find_max_batch",
-                "--max_batch_limit=1")
+  record = _run(
+    workdir,
+    tmp_path,
+    "--dtype=bfloat16",
+    "--remat=block",
+    "--find_max_batch",
+    "--max_batch_limit=1",
+  )
   _check_common(record, "train")
   search = record["max_batch_search"]
   assert record["max_batch_per_device"] == 1 and search["exact"] and len(search["trials"]) == 1
@@ -77,7 +97,7 @@ def test_train_step_record(workdir, tmp_path, capsys):
   # the step is the analytic one plus remat's recomputed image blocks (plus elementwise work),
   # far below what the text tower's weight gradients would add.
   v, t = clip_lib.preset("tiny").vision, clip_lib.preset("tiny").text
-  lin, att = ts.transformer_flops(v.grid ** 2 + 1, v.width, v.layers, v.mlp_dim, v.width)
+  lin, att = ts.transformer_flops(v.grid**2 + 1, v.width, v.layers, v.mlp_dim, v.width)
   recomputed = 8 * 2 * (lin + att) / 1e12  # 8 clips of 2 frames
   text_lin, _ = ts.transformer_flops(t.context_length, t.width, t.layers, t.mlp_dim, t.width)
   text_weight_grads = 7 * text_lin / 1e12  # 7 class prompts
@@ -161,8 +181,9 @@ def test_search_max_batch_uses_the_memory_estimate():
   # Memory 1000 + 100 * b against a limit that fits b <= 300 at 97%: the fit jumps there.
   limit = (1000 + 100 * 300) / 0.97
   trial, calls = _fake_trial(300, bytes_per_clip=100.0)
-  out = ts.search_max_batch(trial, start=48, limit=10_000, granularity=8, budget_s=1e9,
-                            bytes_limit=limit)
+  out = ts.search_max_batch(
+    trial, start=48, limit=10_000, granularity=8, budget_s=1e9, bytes_limit=limit
+  )
   assert out["exact"] and out["max_batch_per_device"] == 296 and out["upper_bound"] == 304
   assert calls == [48, 96, 296, 304]
 
@@ -184,8 +205,9 @@ def test_search_max_batch_limits():
     now[0] += 10.0
     return ts.Trial(b, True, None, 10.0)
 
-  out = ts.search_max_batch(slow, start=1, limit=10**6, granularity=1, budget_s=25.0,
-                            clock=lambda: now[0])
+  out = ts.search_max_batch(
+    slow, start=1, limit=10**6, granularity=1, budget_s=25.0, clock=lambda: now[0]
+  )
   assert len(out["trials"]) == 2 and not out["exact"]
 
 
@@ -207,16 +229,19 @@ def _qkv(dtype, length=13):
 def test_attention_implementations_agree(causal):
   q, k, v = _qkv(jnp.float32)
   plain = _attention(q, k, v, causal=causal, impl="plain")
-  np.testing.assert_allclose(np.asarray(_attention(q, k, v, causal=causal, impl="xla")),
-                             np.asarray(plain), atol=2e-6)
+  np.testing.assert_allclose(
+    np.asarray(_attention(q, k, v, causal=causal, impl="xla")), np.asarray(plain), atol=2e-6
+  )
   qb, kb, vb = _qkv(jnp.bfloat16)
   plain_bf16 = _attention(qb, kb, vb, causal=causal, impl="plain")
   auto_bf16 = _attention(qb, kb, vb, causal=causal, impl="auto")
   assert auto_bf16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(auto_bf16, np.float32), np.asarray(plain, np.float32),
-                             atol=5e-2)
-  np.testing.assert_allclose(np.asarray(auto_bf16, np.float32),
-                             np.asarray(plain_bf16, np.float32), atol=2e-2)
+  np.testing.assert_allclose(
+    np.asarray(auto_bf16, np.float32), np.asarray(plain, np.float32), atol=5e-2
+  )
+  np.testing.assert_allclose(
+    np.asarray(auto_bf16, np.float32), np.asarray(plain_bf16, np.float32), atol=2e-2
+  )
 
 
 def test_causal_attention_ignores_the_future():
@@ -248,11 +273,14 @@ def test_auto_attention_choice_and_fallback(monkeypatch):
     q, k, v = _qkv(jnp.bfloat16)
     out = clip_lib.attention(q, k, v, causal=True, impl="auto")
   assert len(clip_lib.CUDNN_FALLBACKS) == 1  # this call's refusal, logged once
-  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(
-      clip_lib.attention(q, k, v, causal=True, impl="xla"), np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(out, np.float32),
+    np.asarray(clip_lib.attention(q, k, v, causal=True, impl="xla"), np.float32),
+  )
   with pytest.raises(ValueError, match="attention implementation"):
-    clip_lib.MultiheadAttention(8, 1, dtype=jnp.float32, attention_impl="flash", in_std=0.1,
-                                out_std=0.1, rngs=nnx.Rngs(0))
+    clip_lib.MultiheadAttention(
+      8, 1, dtype=jnp.float32, attention_impl="flash", in_std=0.1, out_std=0.1, rngs=nnx.Rngs(0)
+    )
 
 
 def _cudnn_refusing_odd_lengths(lengths: list[int]):
@@ -285,8 +313,9 @@ def test_padded_attention_equals_unpadded_values_and_gradients(causal, multiple)
     return jnp.sum(fn(q, k, v) * cot)
 
   plain = functools.partial(clip_lib.attention, causal=causal, impl="plain")
-  padded = functools.partial(clip_lib.padded_attention, causal=causal, multiple=multiple,
-                             implementation="xla")
+  padded = functools.partial(
+    clip_lib.padded_attention, causal=causal, multiple=multiple, implementation="xla"
+  )
   out_plain, out_padded = plain(q, k, v), jax.jit(padded)(q, k, v)
   assert out_padded.shape == q.shape
   np.testing.assert_allclose(np.asarray(out_padded), np.asarray(out_plain), atol=2e-6)
@@ -318,8 +347,11 @@ def test_cudnn_route_pads_odd_lengths_even_under_remat(monkeypatch):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=3e-2)
   out = clip_lib.attention(q, k, v, causal=True, impl="cudnn")
   assert clip_lib.ATTENTION_SITES["L=13 causal"] == "cudnn (padded to 14)"
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(
-      clip_lib.attention(q, k, v, causal=True, impl="xla"), np.float32), atol=2e-2)
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32),
+    np.asarray(clip_lib.attention(q, k, v, causal=True, impl="xla"), np.float32),
+    atol=2e-2,
+  )
 
 
 def test_whole_train_step_on_the_padded_cudnn_route(workdir, tmp_path, monkeypatch):
@@ -333,9 +365,11 @@ def test_whole_train_step_on_the_padded_cudnn_route(workdir, tmp_path, monkeypat
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   auto = _run(workdir, tmp_path, "--attention=auto", *common)
   assert auto["attention_used"] == "cudnn" and "attention_fallback_error" not in auto
-  assert auto["attention_sites"] == {"L=17": "cudnn (padded to 18)",
-                                     "L=3": "cudnn (padded to 4)",
-                                     "L=77 causal": "cudnn (padded to 78)"}
+  assert auto["attention_sites"] == {
+    "L=17": "cudnn (padded to 18)",
+    "L=3": "cudnn (padded to 4)",
+    "L=77 causal": "cudnn (padded to 78)",
+  }
   for key in ("loss", "accuracy", "grad_norm", "param_norm"):
     assert auto["last_metrics"][key] == pytest.approx(xla["last_metrics"][key], rel=2e-2), key
 
@@ -382,6 +416,7 @@ def test_bfloat16_model_runs_its_products_in_bfloat16():
       logits, _ = m(video, train=True)
       assert logits.dtype == jnp.float32
       return jax.nn.log_softmax(logits).sum()
+
     return nnx.grad(loss, argnums=nnx.DiffState(0, trained))(nnx.merge(graphdef, state))
 
   products = _products(jax.make_jaxpr(grads)(state).jaxpr, [])
@@ -389,8 +424,11 @@ def test_bfloat16_model_runs_its_products_in_bfloat16():
   fp32 = [e for e in products if any(v.aval.dtype == jnp.float32 for v in e.invars)]
   logits = [e for e in fp32 if all(v.aval.dtype == jnp.float32 for v in e.invars)]
   assert len(logits) == 3 and all(
-      cfg.num_classes in e.outvars[0].aval.shape or e.outvars[0].aval.shape[-1] == 64
-      and e.outvars[0].aval.shape[0] in (2, cfg.num_classes) for e in logits)
+    cfg.num_classes in e.outvars[0].aval.shape
+    or e.outvars[0].aval.shape[-1] == 64
+    and e.outvars[0].aval.shape[0] in (2, cfg.num_classes)
+    for e in logits
+  )
   for e in fp32:
     if e not in logits:
       assert "BF16_BF16_F32" in str(e.params.get("precision")), e

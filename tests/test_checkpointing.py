@@ -28,22 +28,26 @@ def mesh1():
 
 
 def _specs():
-  return {"params": {"w": P("data", None), "b": P()}, "opt": {"mu": P("data", None)},
-          "step": P()}
+  return {"params": {"w": P("data", None), "b": P()}, "opt": {"mu": P("data", None)}, "step": P()}
 
 
 def make_state(step: int, mesh: Mesh):
   """A small train-state-like pytree whose values depend on `step`."""
   w = np.arange(8 * 6, dtype=np.float32).reshape(8, 6) + 100 * step
-  tree = {"params": {"w": w, "b": np.full((5,), step, np.float32)},
-          "opt": {"mu": -w}, "step": np.int32(step)}
+  tree = {
+    "params": {"w": w, "b": np.full((5,), step, np.float32)},
+    "opt": {"mu": -w},
+    "step": np.int32(step),
+  }
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, _specs())
 
 
 def abstract_state(mesh: Mesh):
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
-      make_state(0, mesh), _specs())
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+    make_state(0, mesh),
+    _specs(),
+  )
 
 
 def assert_state(state, step: int, mesh: Mesh):
@@ -56,16 +60,21 @@ def assert_state(state, step: int, mesh: Mesh):
 def save_steps(ck, steps, mesh, metrics=None):
   for s in steps:
     m = None if metrics is None else metrics.get(s)
-    assert ck.save(s, state=make_state(s, mesh), data_state={"position": s},
-                   config=CONFIG, metrics=m, force=True)
+    assert ck.save(
+      s, state=make_state(s, mesh), data_state={"position": s}, config=CONFIG, metrics=m, force=True
+    )
   ck.wait()
 
 
 def test_round_trip_retention_and_device_counts(tmp_path, mesh8, mesh1, caplog):
   directory = tmp_path / "work" / "checkpoints"
   ck = checkpointing.Checkpointer(directory, keep_last=2, keep_best=True, best_metric="uar")
-  metrics = {1: {"uar": 10.0, "war": 20.0}, 2: {"uar": 90.0, "war": 10.0},
-             4: {"uar": 20.0, "war": 30.0}, 5: {"uar": 30.0, "war": 40.0}}  # 3: mid-epoch
+  metrics = {
+    1: {"uar": 10.0, "war": 20.0},
+    2: {"uar": 90.0, "war": 10.0},
+    4: {"uar": 20.0, "war": 30.0},
+    5: {"uar": 30.0, "war": 40.0},
+  }  # 3: mid-epoch
   with caplog.at_level(logging.WARNING):
     save_steps(ck, [1, 2, 3, 4, 5], mesh8, metrics)
   assert "did not provide metrics" not in caplog.text  # mid-epoch saves are not an anomaly
@@ -108,8 +117,9 @@ def test_standalone_folder_from_one_device_restores_on_eight(tmp_path, mesh8, me
   checkpointing.save_checkpoint_dir(path, state=make_state(7, mesh1), config=CONFIG, step=7)
   assert checkpointing.verify_checkpoint(path) is None
   ck = checkpointing.Checkpointer(tmp_path / "ckpts", keep_last=1)
-  step, state, data_state, config, metrics = ck.restore(str(path),
-                                                        abstract_state=abstract_state(mesh8))
+  step, state, data_state, config, metrics = ck.restore(
+    str(path), abstract_state=abstract_state(mesh8)
+  )
   assert (step, data_state, config, metrics) == (7, None, CONFIG, None)
   assert_state(state, 7, mesh8)
   with pytest.raises(FileNotFoundError, match="no checkpoints in"):
@@ -120,15 +130,16 @@ def test_standalone_folder_from_one_device_restores_on_eight(tmp_path, mesh8, me
 
 
 def _truncate_data_file(step_dir: pathlib.Path):
-  data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
-             key=lambda p: p.stat().st_size)
+  data = max(
+    (p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+    key=lambda p: p.stat().st_size,
+  )
   with open(data, "r+b") as fh:
     fh.truncate(data.stat().st_size // 2)
 
 
 def _delete_data_file(step_dir: pathlib.Path):
-  next(p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"
-       ).unlink()
+  next(p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d").unlink()
 
 
 def _remove_commit_marker(step_dir: pathlib.Path):
@@ -146,12 +157,15 @@ def _empty_data_files_without_record(step_dir: pathlib.Path):
 # Orbax's failed reads of the damaged files leave an "Event loop is closed" error in a background
 # thread; it is Orbax's, harmless, and not what this test checks.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("corrupt,reason", [
+@pytest.mark.parametrize(
+  "corrupt,reason",
+  [
     (_truncate_data_file, "bytes but .* were written"),
     (_delete_data_file, "is missing"),
     (_remove_commit_marker, "no commit_success.txt commit marker"),
     (_empty_data_files_without_record, "the metadata of state/ is unreadable"),
-])
+  ],
+)
 def test_broken_latest_falls_back(tmp_path, mesh1, caplog, corrupt, reason):
   directory = tmp_path / "checkpoints"
   ck = checkpointing.Checkpointer(directory, keep_last=5)
@@ -200,13 +214,15 @@ def test_latest_that_fails_to_read_falls_back(tmp_path, mesh1, caplog, monkeypat
     step, state, *_ = ck.restore("latest", abstract_state=abstract_state(mesh1))
   assert step == 1
   assert_state(state, 1, mesh1)
-  assert any("reading it failed (ValueError: DATA_LOSS" in r.getMessage()
-             for r in caplog.records)
+  assert any("reading it failed (ValueError: DATA_LOSS" in r.getMessage() for r in caplog.records)
   assert ck.all_steps() == [1] and (tmp_path / "2.corrupt").is_dir()
 
   # When nothing reads back (e.g. a wrong abstract_state) nothing is renamed.
-  monkeypatch.setattr(checkpointing, "_restore_dir",
-                      lambda path, abstract: (_ for _ in ()).throw(ValueError("mismatch")))
+  monkeypatch.setattr(
+    checkpointing,
+    "_restore_dir",
+    lambda path, abstract: (_ for _ in ()).throw(ValueError("mismatch")),
+  )
   with pytest.raises(ValueError, match="no usable checkpoint .* all of steps \\[1\\] are broken"):
     ck.restore("latest", abstract_state=abstract_state(mesh1))
   assert ck.all_steps() == [1]
@@ -248,8 +264,9 @@ def test_save_rules_and_bad_input(tmp_path, mesh1):
 
 @pytest.mark.parametrize("keep_best,kept,best", [(True, [2, 3], 2), (False, [3], 3)])
 def test_min_mode_and_keep_best_off(tmp_path, mesh1, keep_best, kept, best):
-  ck = checkpointing.Checkpointer(tmp_path, keep_last=1, keep_best=keep_best,
-                                  best_metric="loss", best_mode="min")
+  ck = checkpointing.Checkpointer(
+    tmp_path, keep_last=1, keep_best=keep_best, best_metric="loss", best_mode="min"
+  )
   save_steps(ck, [1, 2, 3], mesh1, {1: {"loss": 0.5}, 2: {"loss": 0.1}, 3: {"loss": 0.3}})
   assert ck.all_steps() == kept
   assert ck.best_step() == best  # the best among the kept steps
@@ -264,8 +281,9 @@ def test_partial_save_of_interrupted_run_is_ignored(tmp_path, mesh1, caplog):
   (partial / "state").mkdir(parents=True)
   with caplog.at_level(logging.WARNING):
     ck = checkpointing.Checkpointer(tmp_path, keep_last=3)
-  assert any(str(partial) in r.getMessage() and "partial save" in r.getMessage()
-             for r in caplog.records)
+  assert any(
+    str(partial) in r.getMessage() and "partial save" in r.getMessage() for r in caplog.records
+  )
   assert ck.latest_valid_step() == 1 and ck.all_steps() == [1]
   step, *_ = ck.restore("latest", abstract_state=abstract_state(mesh1))
   assert step == 1

@@ -3,7 +3,6 @@
 import json
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,28 +17,62 @@ transformers = pytest.importorskip("transformers")
 # Prime-ish sizes so that a transposed or mis-split axis fails loudly. The projection width (24,
 # 20) differs from both tower widths; two patch sizes; both activations.
 HF_CASES = {
-    "quick_gelu": dict(vision=dict(hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                                   num_attention_heads=5, image_size=30, patch_size=6),
-                       text=dict(hidden_size=48, intermediate_size=88, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=13),
-                       projection_dim=24),
-    "gelu": dict(vision=dict(hidden_size=36, intermediate_size=60, num_hidden_layers=3,
-                             num_attention_heads=3, image_size=35, patch_size=7),
-                 text=dict(hidden_size=44, intermediate_size=52, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=11),
-                 projection_dim=20),
+  "quick_gelu": dict(
+    vision=dict(
+      hidden_size=40,
+      intermediate_size=72,
+      num_hidden_layers=2,
+      num_attention_heads=5,
+      image_size=30,
+      patch_size=6,
+    ),
+    text=dict(
+      hidden_size=48,
+      intermediate_size=88,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=13,
+    ),
+    projection_dim=24,
+  ),
+  "gelu": dict(
+    vision=dict(
+      hidden_size=36,
+      intermediate_size=60,
+      num_hidden_layers=3,
+      num_attention_heads=3,
+      image_size=35,
+      patch_size=7,
+    ),
+    text=dict(
+      hidden_size=44,
+      intermediate_size=52,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=11,
+    ),
+    projection_dim=20,
+  ),
 }
 VOCAB = 101  # the largest id (100) is the end-of-text token, as in CLIP's vocabulary
 
 
 def _hf_model(act: str, seed: int = 0):
   case = HF_CASES[act]
-  text = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_act=act, eos_token_id=VOCAB - 1,
-                                     bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1,
-                                     **case["text"])
+  text = transformers.CLIPTextConfig(
+    vocab_size=VOCAB,
+    hidden_act=act,
+    eos_token_id=VOCAB - 1,
+    bos_token_id=VOCAB - 2,
+    pad_token_id=VOCAB - 1,
+    **case["text"],
+  )
   vision = transformers.CLIPVisionConfig(hidden_act=act, **case["vision"])
-  cfg = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                projection_dim=case["projection_dim"])
+  cfg = transformers.CLIPConfig(
+    text_config=text.to_dict(),
+    vision_config=vision.to_dict(),
+    projection_dim=case["projection_dim"],
+  )
   torch.manual_seed(seed)
   model = transformers.CLIPModel(cfg).eval()
   # Random LayerNorm affine parameters and embeddings so none of them can be silently skipped.
@@ -80,8 +113,14 @@ def hf_case(request, tmp_path_factory):
   folder = tmp_path_factory.mktemp(f"hf_{request.param}")
   model.save_pretrained(folder)
   pixels, ids = _inputs(model)
-  return dict(act=request.param, model=model, folder=folder, pixels=pixels, ids=ids,
-              expected=_torch_features(model, pixels, ids))
+  return dict(
+    act=request.param,
+    model=model,
+    folder=folder,
+    pixels=pixels,
+    ids=ids,
+    expected=_torch_features(model, pixels, ids),
+  )
 
 
 def test_hf_folder_parity(hf_case):
@@ -121,24 +160,28 @@ def _hf_to_openai_names(sd):
         key = pre + ("attn.in_proj_weight" if kind == "weight" else "attn.in_proj_bias")
         out.setdefault(key, {})[rest.split(".")[1][0]] = v
         continue
-      rest = (rest.replace("self_attn.out_proj", "attn.out_proj").replace("layer_norm1", "ln_1")
-              .replace("layer_norm2", "ln_2").replace("mlp.fc1", "mlp.c_fc")
-              .replace("mlp.fc2", "mlp.c_proj"))
+      rest = (
+        rest.replace("self_attn.out_proj", "attn.out_proj")
+        .replace("layer_norm1", "ln_1")
+        .replace("layer_norm2", "ln_2")
+        .replace("mlp.fc1", "mlp.c_fc")
+        .replace("mlp.fc2", "mlp.c_proj")
+      )
       out[pre + rest] = v
       continue
     rename = {
-        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-        "vision_model.embeddings.class_embedding": "visual.class_embedding",
-        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-        "logit_scale": "logit_scale",
+      "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+      "vision_model.embeddings.class_embedding": "visual.class_embedding",
+      "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+      "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+      "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+      "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+      "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+      "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+      "text_model.embeddings.position_embedding.weight": "positional_embedding",
+      "text_model.final_layer_norm.weight": "ln_final.weight",
+      "text_model.final_layer_norm.bias": "ln_final.bias",
+      "logit_scale": "logit_scale",
     }
     if k in rename:
       out[rename[k]] = v
@@ -157,20 +200,38 @@ def _hf_to_openai_names(sd):
 @pytest.fixture(scope="module")
 def openai_case():
   """OpenAI-format weights carry no head count: widths follow OpenAI's rule heads = width // 64."""
-  text = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256,
-                                     num_hidden_layers=2, num_attention_heads=1,
-                                     max_position_embeddings=13, hidden_act="quick_gelu",
-                                     eos_token_id=VOCAB - 1)
-  vision = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=512,
-                                         num_hidden_layers=2, num_attention_heads=2,
-                                         image_size=24, patch_size=8, hidden_act="quick_gelu")
-  cfg = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                projection_dim=48)
+  text = transformers.CLIPTextConfig(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    max_position_embeddings=13,
+    hidden_act="quick_gelu",
+    eos_token_id=VOCAB - 1,
+  )
+  vision = transformers.CLIPVisionConfig(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=24,
+    patch_size=8,
+    hidden_act="quick_gelu",
+  )
+  cfg = transformers.CLIPConfig(
+    text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=48
+  )
   torch.manual_seed(3)
   model = transformers.CLIPModel(cfg).eval()
   pixels, ids = _inputs(model)
-  return dict(model=model, state=_hf_to_openai_names(model.state_dict()), pixels=pixels,
-              ids=ids, expected=_torch_features(model, pixels, ids))
+  return dict(
+    model=model,
+    state=_hf_to_openai_names(model.state_dict()),
+    pixels=pixels,
+    ids=ids,
+    expected=_torch_features(model, pixels, ids),
+  )
 
 
 def _check(model, case):
@@ -218,8 +279,11 @@ def test_state_dict_file_and_safetensors(openai_case, tmp_path):
   torch.save({k: torch.tensor(v) for k, v in openai_case["state"].items()}, tmp_path / "sd.pth")
   _check(load_clip(tmp_path / "sd.pth")[0], openai_case)
   from safetensors.numpy import save_file
-  save_file({k: np.array(v, order="C") for k, v in openai_case["state"].items()},
-            tmp_path / "sd.safetensors")
+
+  save_file(
+    {k: np.array(v, order="C") for k, v in openai_case["state"].items()},
+    tmp_path / "sd.safetensors",
+  )
   _check(load_clip(tmp_path / "sd.safetensors")[0], openai_case)
 
 
@@ -266,8 +330,11 @@ def test_attention_impls_agree(hf_case):
   plain, _ = load_clip(hf_case["folder"], attention_impl="plain")
   xla, _ = load_clip(hf_case["folder"], attention_impl="xla")
   for fn, arg in (("encode_image", hf_case["pixels"]), ("encode_text", hf_case["ids"])):
-    np.testing.assert_allclose(np.asarray(getattr(plain, fn)(jnp.asarray(arg))),
-                               np.asarray(getattr(xla, fn)(jnp.asarray(arg))), atol=2e-6)
+    np.testing.assert_allclose(
+      np.asarray(getattr(plain, fn)(jnp.asarray(arg))),
+      np.asarray(getattr(xla, fn)(jnp.asarray(arg))),
+      atol=2e-6,
+    )
 
 
 def test_prompt_embedding_path_equals_token_path(hf_case):
@@ -275,15 +342,21 @@ def test_prompt_embedding_path_equals_token_path(hf_case):
   ids = jnp.asarray(hf_case["ids"])
   emb = model.token_embedding[ids]
   eot = clip_lib.end_of_text_positions(ids)
-  np.testing.assert_allclose(np.asarray(model.encode_text_embeddings(emb, eot)),
-                             np.asarray(model.encode_text(ids)), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(model.encode_text_embeddings(emb, eot)),
+    np.asarray(model.encode_text(ids)),
+    atol=1e-6,
+  )
   feats, inter = model.encode_image(jnp.asarray(hf_case["pixels"]), return_intermediates=True)
   assert {"embeddings", "block_0", "pooled"} <= set(inter)
 
 
 def test_position_embedding_resampling(hf_case):
-  grid = hf_case["model"].config.vision_config.image_size // 6 if hf_case["act"] == "quick_gelu" \
-      else hf_case["model"].config.vision_config.image_size // 7
+  grid = (
+    hf_case["model"].config.vision_config.image_size // 6
+    if hf_case["act"] == "quick_gelu"
+    else hf_case["model"].config.vision_config.image_size // 7
+  )
   patch = HF_CASES[hf_case["act"]]["vision"]["patch_size"]
   new_size = (grid + 2) * patch
   model, config = load_clip(hf_case["folder"], image_size=new_size)
@@ -311,8 +384,9 @@ def test_position_embedding_resampling_matches_torch_bicubic(target):
   assert got.shape == (rows * cols + 1, width) and got.dtype == np.float32
   np.testing.assert_array_equal(got[0], posemb[0])
   grid_1xWxGxG = torch.from_numpy(posemb[1:].reshape(grid, grid, width)).permute(2, 0, 1)[None]
-  want = torch.nn.functional.interpolate(grid_1xWxGxG.double(), size=(rows, cols),
-                                         mode="bicubic", align_corners=False)
+  want = torch.nn.functional.interpolate(
+    grid_1xWxGxG.double(), size=(rows, cols), mode="bicubic", align_corners=False
+  )
   want = want[0].permute(1, 2, 0).reshape(-1, width).numpy()
   np.testing.assert_allclose(got[1:], want, atol=1e-5)
 
@@ -320,6 +394,7 @@ def test_position_embedding_resampling_matches_torch_bicubic(target):
 def test_random_init_shapes():
   cfg = clip_lib.tiny_config()
   from flax import nnx
+
   model = clip_lib.CLIP(cfg, rngs=nnx.Rngs(0))
   out = model.encode_image(jnp.zeros((2, 32, 32, 3)))
   assert out.shape == (2, cfg.embed_dim)
@@ -338,5 +413,6 @@ def test_export_to_openai_names_round_trips(openai_case):
 
 def test_clip_smoke_command(capsys):
   from dfer_clip_jax import clip_smoke
+
   clip_smoke.main()
   assert "round trip exact" in capsys.readouterr().out

@@ -11,14 +11,16 @@ from dfer_clip_jax.data.datasets import MAFW_CLASSES
 from dfer_clip_jax.models.class_texts import DESCRIPTIONS
 
 VOCAB_SIZE = 1000
-TEXTS = ([f"{n}." for n in MAFW_CLASSES] + [f"an expression of {n}." for n in MAFW_CLASSES]
-         + [DESCRIPTIONS[n] for n in MAFW_CLASSES])
+TEXTS = (
+  [f"{n}." for n in MAFW_CLASSES]
+  + [f"an expression of {n}." for n in MAFW_CLASSES]
+  + [DESCRIPTIONS[n] for n in MAFW_CLASSES]
+)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  return demo_tokenizer.build_demo_tokenizer(tmp_path_factory.mktemp("demo_tok"), TEXTS,
-                                             VOCAB_SIZE)
+  return demo_tokenizer.build_demo_tokenizer(tmp_path_factory.mktemp("demo_tok"), TEXTS, VOCAB_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +81,7 @@ def test_end_of_text_is_largest_and_fits_context(tok):
 
 
 def test_deterministic_bytes(folder, tmp_path):
-  again = demo_tokenizer.build_demo_tokenizer(tmp_path / "again", list(reversed(TEXTS)),
-                                              VOCAB_SIZE)
+  again = demo_tokenizer.build_demo_tokenizer(tmp_path / "again", list(reversed(TEXTS)), VOCAB_SIZE)
   for name in ("vocab.json", "merges.txt"):
     assert (again / name).read_bytes() == (folder / name).read_bytes()
 

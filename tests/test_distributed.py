@@ -25,8 +25,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dfer_clip_jax import distributed
-from dfer_clip_jax import train
+from dfer_clip_jax import distributed, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -42,16 +41,25 @@ WAIT_LOG_EVERY_S = 10
 # optimizer) rather than the demo's AdamW: parameters whose exact gradient is zero (attention key
 # biases: softmax ignores a shift shared by all keys) get float-noise gradients that differ with
 # the device layout, and Adam scales any noise up to a full learning-rate step.
-OVERRIDES = {**TINY_OVERRIDES, "train.epochs": 1, "train.checkpoint_every_steps": 2,
-             "optim.name": "sgd"}
+OVERRIDES = {
+  **TINY_OVERRIDES,
+  "train.epochs": 1,
+  "train.checkpoint_every_steps": 2,
+  "optim.name": "sgd",
+}
 
 
 def _cli(synth: pathlib.Path) -> list[str]:
-  out = [f"--config={REPO / 'configs' / 'demo.py'}:{TINY_ARGS}",
-         f"--config.data.synthetic_dir={synth}"]
+  out = [
+    f"--config={REPO / 'configs' / 'demo.py'}:{TINY_ARGS}",
+    f"--config.data.synthetic_dir={synth}",
+  ]
   # A hang fails within 2 minutes rather than the default hour.
-  return out + [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + [
-      "--config.distributed.wait_timeout_s=120"]
+  return (
+    out
+    + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    + ["--config.distributed.wait_timeout_s=120"]
+  )
 
 
 def _kill_groups(logdir: pathlib.Path) -> None:
@@ -66,14 +74,32 @@ def _kill_groups(logdir: pathlib.Path) -> None:
       pass
 
 
-def launch(logdir: pathlib.Path, *args: str, n: int, devices: int, env=None,
-           timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+def launch(
+  logdir: pathlib.Path, *args: str, n: int, devices: int, env=None, timeout: float = RUN_TIMEOUT_S
+) -> subprocess.CompletedProcess:
   """Runs launch/local.sh (in its own session) and always cleans up what it started."""
-  cmd = ["bash", str(LAUNCH / "local.sh"), "-n", str(n), "-d", str(devices), "--logdir",
-         str(logdir), "--timeout", str(int(timeout) - 15), *args]
-  proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          start_new_session=True)
+  cmd = [
+    "bash",
+    str(LAUNCH / "local.sh"),
+    "-n",
+    str(n),
+    "-d",
+    str(devices),
+    "--logdir",
+    str(logdir),
+    "--timeout",
+    str(int(timeout) - 15),
+    *args,
+  ]
+  proc = subprocess.Popen(
+    cmd,
+    cwd=REPO,
+    env={**os.environ, **(env or {})},
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+  )
   try:
     out, _ = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -92,8 +118,9 @@ def launch(logdir: pathlib.Path, *args: str, n: int, devices: int, env=None,
 
 def _check(result: subprocess.CompletedProcess, logdir: pathlib.Path) -> None:
   if result.returncode != 0:
-    logs = "".join(f"\n--- {p.name} ---\n" + p.read_text()[-3000:]
-                   for p in sorted(logdir.glob("process_*.log")))
+    logs = "".join(
+      f"\n--- {p.name} ---\n" + p.read_text()[-3000:] for p in sorted(logdir.glob("process_*.log"))
+    )
     pytest.fail(f"launcher exited with {result.returncode}:\n{result.stdout[-2000:]}{logs}")
 
 
@@ -107,6 +134,7 @@ def _restore_numpy(step_dir: pathlib.Path):
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   path = epath.Path(step_dir / "state")
   meta = ocp.StandardCheckpointHandler().metadata(path)
   tree = getattr(meta, "item_metadata", meta)
@@ -120,25 +148,52 @@ def runs(tmp_path_factory):
   """The same tiny run in 1 process x 8 devices and in 2 processes x 4, then the 2-process
   checkpoint evaluated by 1 process (--mode=eval)."""
   from dfer_clip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
   root = tmp_path_factory.mktemp("dist")
   synth = root / "synth"
   synthetic.generate(synth, num_classes=7, num_clips=42, seed=0, image_size=24, processes=1)
   # A compilation cache shared by the runs: the 1-process eval reuses the 1-process run's
   # programs. It changes no result (the same executables), only the wall time.
-  env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-  slow_primary = {distributed.ENV_TEST_PRIMARY_DELAY: f"{PRIMARY_DELAY_S}:generating",
-                  distributed.ENV_WAIT_LOG_EVERY: str(WAIT_LOG_EVERY_S)}
+  env = {
+    "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+  slow_primary = {
+    distributed.ENV_TEST_PRIMARY_DELAY: f"{PRIMARY_DELAY_S}:generating",
+    distributed.ENV_WAIT_LOG_EVERY: str(WAIT_LOG_EVERY_S),
+  }
   out = {}
   for name, n, devices in (("one", 1, 8), ("two", 2, 4)):
     workdir, logdir = root / name, root / f"{name}_logs"
-    _check(launch(logdir, "--", f"--workdir={workdir}", *_cli(synth), n=n, devices=devices,
-                  env={**env, **slow_primary} if n > 1 else env), logdir)
+    _check(
+      launch(
+        logdir,
+        "--",
+        f"--workdir={workdir}",
+        *_cli(synth),
+        n=n,
+        devices=devices,
+        env={**env, **slow_primary} if n > 1 else env,
+      ),
+      logdir,
+    )
     out[name], out[f"{name}_logs"] = workdir, logdir
   logdir = root / "eval_logs"
-  _check(launch(logdir, "--", f"--workdir={out['two']}", *_cli(synth), "--mode=eval",
-                "--checkpoint=latest", n=1, devices=8, env=env), logdir)
+  _check(
+    launch(
+      logdir,
+      "--",
+      f"--workdir={out['two']}",
+      *_cli(synth),
+      "--mode=eval",
+      "--checkpoint=latest",
+      n=1,
+      devices=8,
+      env=env,
+    ),
+    logdir,
+  )
   out["eval_logs"], out["synth"] = logdir, synth
   return out
 
@@ -146,27 +201,32 @@ def runs(tmp_path_factory):
 def _assert_same_state(a, b) -> None:
   """Two saved train states (numpy trees) hold the same parameters and optimizer state."""
   import jax  # pylint: disable=g-import-not-at-top
+
   # The same trees (names and shapes) before any leaf is compared.
   assert jax.tree.structure(a) == jax.tree.structure(b)
   assert [x.shape for x in jax.tree.leaves(a)] == [y.shape for y in jax.tree.leaves(b)]
-  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a["model"])[0],
-                          jax.tree.leaves(b["model"])):
+  for (path, x), y in zip(
+    jax.tree_util.tree_flatten_with_path(a["model"])[0], jax.tree.leaves(b["model"])
+  ):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
   # Momentum traces accumulate gradients summed in another order (the cross-process
   # all-reduce): compared relative to each tensor's largest entry.
-  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a["optimizer"])[0],
-                          jax.tree.leaves(b["optimizer"])):
+  for (path, x), y in zip(
+    jax.tree_util.tree_flatten_with_path(a["optimizer"])[0], jax.tree.leaves(b["optimizer"])
+  ):
     scale = float(np.abs(x).max()) if np.size(x) else 0.0
-    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4 * max(scale, 1.0),
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      y, x, rtol=1e-4, atol=1e-4 * max(scale, 1.0), err_msg=jax.tree_util.keystr(path)
+    )
 
 
 def test_two_processes_train_like_one(runs):
   one, two = runs["one"], runs["two"]
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=1e-5)
   assert len(_losses(two)) == 3  # written once (process 0), not once per process
-  _assert_same_state(_restore_numpy(one / "checkpoints" / "3"),
-                     _restore_numpy(two / "checkpoints" / "3"))
+  _assert_same_state(
+    _restore_numpy(one / "checkpoints" / "3"), _restore_numpy(two / "checkpoints" / "3")
+  )
 
 
 def test_sigterm_to_one_process_saves_an_agreed_step_and_resumes(runs, tmp_path):
@@ -174,13 +234,23 @@ def test_sigterm_to_one_process_saves_an_agreed_step_and_resumes(runs, tmp_path)
   jax's preemption service names, stop with the preemption status, and the rerun of the same
   command resumes there and ends with the state of an uninterrupted run."""
   from dfer_clip_jax import preemption  # pylint: disable=g-import-not-at-top
+
   args = [*_cli(runs["synth"]), "--config.train.epochs=2"]
   ref = tmp_path / "uninterrupted"
-  _check(launch(tmp_path / "ref_logs", "--", f"--workdir={ref}", *args, n=1, devices=8),
-         tmp_path / "ref_logs")
+  _check(
+    launch(tmp_path / "ref_logs", "--", f"--workdir={ref}", *args, n=1, devices=8),
+    tmp_path / "ref_logs",
+  )
   workdir, logdir = tmp_path / "preempted", tmp_path / "preempted_logs"
-  result = launch(logdir, "--", f"--workdir={workdir}", *args, n=2, devices=4,
-                  env={preemption.ENV_TEST_SIGNAL: "1:1"})
+  result = launch(
+    logdir,
+    "--",
+    f"--workdir={workdir}",
+    *args,
+    n=2,
+    devices=4,
+    env={preemption.ENV_TEST_SIGNAL: "1:1"},
+  )
   assert result.returncode == preemption.PREEMPTED_EXIT_CODE, result.stdout[-3000:]
   log0 = (logdir / "process_0.log").read_text()
   saved = re.search(r"preempted: checkpoint of step (\d+) saved", log0)
@@ -192,8 +262,9 @@ def test_sigterm_to_one_process_saves_an_agreed_step_and_resumes(runs, tmp_path)
   logdir = tmp_path / "resume_logs"
   _check(launch(logdir, "--", f"--workdir={workdir}", *args, n=2, devices=4), logdir)
   assert f"Resumed from checkpoint step {step}" in (logdir / "process_0.log").read_text()
-  _assert_same_state(_restore_numpy(ref / "checkpoints" / "6"),
-                     _restore_numpy(workdir / "checkpoints" / "6"))
+  _assert_same_state(
+    _restore_numpy(ref / "checkpoints" / "6"), _restore_numpy(workdir / "checkpoints" / "6")
+  )
 
 
 def test_two_processes_evaluate_like_one(runs):
@@ -223,7 +294,9 @@ def test_only_process_zero_writes(runs):
   # Both processes wrote their shards of the checkpoint (Orbax: one OCDBT folder per process).
   state = two / "checkpoints" / "3" / "state"
   assert sorted(p.name for p in state.glob("ocdbt.process_*")) == [
-      "ocdbt.process_0", "ocdbt.process_1"]
+    "ocdbt.process_0",
+    "ocdbt.process_1",
+  ]
 
 
 def test_processes_wait_for_long_work_on_process_zero(runs):
@@ -232,8 +305,11 @@ def test_processes_wait_for_long_work_on_process_zero(runs):
   log0 = (runs["two_logs"] / "process_0.log").read_text()
   log1 = (runs["two_logs"] / "process_1.log").read_text()
   assert f"process 0 sleeps {PRIMARY_DELAY_S} s before generating the synthetic dataset" in log0
-  waits = re.findall(r"process 1: waiting for process 0 \(generating the synthetic dataset\) "
-                     r"for (\d+) s so far; giving up after 120 s", log1)
+  waits = re.findall(
+    r"process 1: waiting for process 0 \(generating the synthetic dataset\) "
+    r"for (\d+) s so far; giving up after 120 s",
+    log1,
+  )
   # 10, 20, 30 s (and more if process 1 reached the step before process 0 did).
   assert [int(w) for w in waits][:3] == [10, 20, 30], log1[-3000:]
 
@@ -244,8 +320,9 @@ def test_two_process_checkpoint_evaluates_in_one_process(runs):
   metrics = json.loads((two / "eval/latest/metrics.json").read_text())
   for key in ("uar", "war", "confusion_matrix", "counts"):
     assert metrics[key] == report["last_test"][key], key
-  assert ((two / "eval/latest/predictions.csv").read_text()
-          == (two / "eval/last/predictions.csv").read_text())
+  assert (two / "eval/latest/predictions.csv").read_text() == (
+    two / "eval/last/predictions.csv"
+  ).read_text()
 
 
 def test_processes_agree_on_the_resume_step(runs, tmp_path):
@@ -255,9 +332,19 @@ def test_processes_agree_on_the_resume_step(runs, tmp_path):
   out = tmp_path / "out"
   out.mkdir()
   logdir = tmp_path / "logs"
-  result = launch(logdir, "--module", "distributed_worker", "--", "--mode=agree",
-                  f"--ckpt={ckpt}", f"--out={out}", n=2, devices=2,
-                  env={"PYTHONPATH": str(REPO / "tests")}, timeout=120)
+  result = launch(
+    logdir,
+    "--module",
+    "distributed_worker",
+    "--",
+    "--mode=agree",
+    f"--ckpt={ckpt}",
+    f"--out={out}",
+    n=2,
+    devices=2,
+    env={"PYTHONPATH": str(REPO / "tests")},
+    timeout=120,
+  )
   _check(result, logdir)
   got = [json.loads((out / f"process_{i}.json").read_text()) for i in range(2)]
   for i, g in enumerate(got):
@@ -290,14 +377,32 @@ def test_a_failure_on_process_zero_stops_every_process_with_its_message(tmp_path
   procs, logs = [], [tmp_path / f"process_{i}.log" for i in range(2)]
   try:
     for i, log in enumerate(logs):
-      env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
-             "DFER_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "DFER_NUM_PROCESSES": "2",
-             "DFER_PROCESS_ID": str(i), distributed.ENV_WAIT_LOG_EVERY: "2"}
+      env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+        "DFER_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "DFER_NUM_PROCESSES": "2",
+        "DFER_PROCESS_ID": str(i),
+        distributed.ENV_WAIT_LOG_EVERY: "2",
+      }
       with open(log, "w") as f:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "distributed_worker", "--mode=primary_fails",
-             f"--delay={delay}", "--wait_timeout_s=60"], env=env, stdout=f,
-            stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+          subprocess.Popen(
+            [
+              sys.executable,
+              "-m",
+              "distributed_worker",
+              "--mode=primary_fails",
+              f"--delay={delay}",
+              "--wait_timeout_s=60",
+            ],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+          )
+        )
     ended = [None, None]
     deadline = time.time() + 90
     while None in ended and time.time() < deadline:
@@ -315,16 +420,27 @@ def test_a_failure_on_process_zero_stops_every_process_with_its_message(tmp_path
   assert [p.returncode for p in procs] == [1, 1], out
   failed_at = float(re.search(r"failing at ([\d.]+)", out[0]).group(1))
   assert "RuntimeError: process 0 gave up on purpose" in out[0]
-  assert ("PrimaryFailedError: process 0 failed while testing a slow failure: RuntimeError: "
-          "process 0 gave up on purpose") in out[1]
+  assert (
+    "PrimaryFailedError: process 0 failed while testing a slow failure: RuntimeError: "
+    "process 0 gave up on purpose"
+  ) in out[1]
   assert "process 1: waiting for process 0 (testing a slow failure)" in out[1]
   assert max(ended) - failed_at < 10, (ended, failed_at)  # promptly, not at a time-out
 
 
 def test_launcher_stops_everyone_when_one_process_fails(tmp_path):
   start = time.monotonic()
-  result = launch(tmp_path, "--module", "distributed_worker", "--", "--mode=fail", n=3,
-                  devices=1, env={"PYTHONPATH": str(REPO / "tests")}, timeout=60)
+  result = launch(
+    tmp_path,
+    "--module",
+    "distributed_worker",
+    "--",
+    "--mode=fail",
+    n=3,
+    devices=1,
+    env={"PYTHONPATH": str(REPO / "tests")},
+    timeout=60,
+  )
   assert result.returncode == 3, result.stdout
   assert "process 1 (pid" in result.stdout and "failed with exit status 3" in result.stdout
   assert time.monotonic() - start < 30  # the sleeping processes were stopped, not waited for
@@ -336,35 +452,72 @@ def test_launcher_stops_everyone_when_one_process_fails(tmp_path):
 def test_launch_scripts_print_and_check(tmp_path):
   for script in ("local.sh", "tpu_pod.sh", "slurm_gpu.sbatch"):
     subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True, timeout=30)
-  dry = subprocess.run(["bash", str(LAUNCH / "local.sh"), "--dry-run", "-n", "2", "-d", "4",
-                        "--logdir", str(tmp_path / "never"), "--", "--workdir=w x"],
-                       capture_output=True, text=True, timeout=30)
+  dry = subprocess.run(
+    [
+      "bash",
+      str(LAUNCH / "local.sh"),
+      "--dry-run",
+      "-n",
+      "2",
+      "-d",
+      "4",
+      "--logdir",
+      str(tmp_path / "never"),
+      "--",
+      "--workdir=w x",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert dry.returncode == 0, dry.stderr
   assert "DFER_PROCESS_ID=1" in dry.stdout and "device_count=4" in dry.stdout
   assert "--workdir=w\\ x" in dry.stdout and not (tmp_path / "never").exists()
-  pod_env = {**os.environ, "TPU_NAME": "t", "ZONE": "us-central2-b", "BUCKET": "b",
-             "RUN_DIR": "runs/r", "ACCELERATOR_TYPE": "v4-32",
-             "RUNTIME_VERSION": "tpu-ubuntu2204-base"}
-  pod = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--dry-run", "--create", "--",
-                        "--config=configs/demo.py"], env=pod_env, capture_output=True,
-                       text=True, timeout=30)
+  pod_env = {
+    **os.environ,
+    "TPU_NAME": "t",
+    "ZONE": "us-central2-b",
+    "BUCKET": "b",
+    "RUN_DIR": "runs/r",
+    "ACCELERATOR_TYPE": "v4-32",
+    "RUNTIME_VERSION": "tpu-ubuntu2204-base",
+  }
+  pod = subprocess.run(
+    ["bash", str(LAUNCH / "tpu_pod.sh"), "--dry-run", "--create", "--", "--config=configs/demo.py"],
+    env=pod_env,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert pod.returncode == 0, pod.stderr
   assert "tpu-vm create t" in pod.stdout and "--worker=all" in pod.stdout
   assert "--workdir=/mnt/gcs/b/runs/r --config.distributed.initialize=True" in pod.stdout
   del pod_env["BUCKET"]
-  missing = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--dry-run"], env=pod_env,
-                           capture_output=True, text=True, timeout=30)
+  missing = subprocess.run(
+    ["bash", str(LAUNCH / "tpu_pod.sh"), "--dry-run"],
+    env=pod_env,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert missing.returncode != 0 and "BUCKET is not set" in missing.stderr
-  slurm = subprocess.run(["bash", str(LAUNCH / "slurm_gpu.sbatch"), "--dry-run",
-                          "--config=configs/demo.py"],
-                         env={**os.environ, "WORKDIR": "/shared/run"}, capture_output=True,
-                         text=True, timeout=30)
+  slurm = subprocess.run(
+    ["bash", str(LAUNCH / "slurm_gpu.sbatch"), "--dry-run", "--config=configs/demo.py"],
+    env={**os.environ, "WORKDIR": "/shared/run"},
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert slurm.returncode == 0, slurm.stderr
   assert "srun --kill-on-bad-exit=1" in slurm.stdout
   assert "--config.distributed.initialize=True" in slurm.stdout
-  no_workdir = subprocess.run(["bash", str(LAUNCH / "slurm_gpu.sbatch"), "--dry-run"],
-                              env={k: v for k, v in os.environ.items() if k != "WORKDIR"},
-                              capture_output=True, text=True, timeout=30)
+  no_workdir = subprocess.run(
+    ["bash", str(LAUNCH / "slurm_gpu.sbatch"), "--dry-run"],
+    env={k: v for k, v in os.environ.items() if k != "WORKDIR"},
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert no_workdir.returncode != 0 and "set WORKDIR" in no_workdir.stderr
 
 
@@ -376,10 +529,16 @@ def _cfg(**kw):
 def test_resolve_distributed_settings():
   assert distributed.resolve(_cfg(), environ={}) is None
   assert distributed.resolve(_cfg(initialize=True), environ={}) == {}  # cluster detection
-  env = {"DFER_COORDINATOR_ADDRESS": "10.0.0.1:1234", "DFER_NUM_PROCESSES": "4",
-         "DFER_PROCESS_ID": "3"}
+  env = {
+    "DFER_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+    "DFER_NUM_PROCESSES": "4",
+    "DFER_PROCESS_ID": "3",
+  }
   assert distributed.resolve(_cfg(), environ=env) == {
-      "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    "coordinator_address": "10.0.0.1:1234",
+    "num_processes": 4,
+    "process_id": 3,
+  }
   assert distributed.resolve(_cfg(process_id=0), environ=env)["process_id"] == 0  # config wins
   with pytest.raises(ValueError, match="host:port"):
     distributed.resolve(_cfg(coordinator_address="10.0.0.1"), environ={})

@@ -13,11 +13,9 @@ NAMES = ("a", "b", "c", "d", "e")
 # Class 3 ("d") is in the labels but never predicted; class 4 ("e") is in neither.
 LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
 PREDS = np.array([0, 0, 1, 1, 0, 2, 2, 1, 0, 0])
-EXPECTED_CM = np.array([[2, 1, 0, 0, 0],
-                        [1, 1, 0, 0, 0],
-                        [1, 1, 2, 0, 0],
-                        [1, 0, 0, 0, 0],
-                        [0, 0, 0, 0, 0]])
+EXPECTED_CM = np.array(
+  [[2, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 2, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
+)
 
 
 def test_confusion_matrix_hand_computed():
@@ -37,9 +35,11 @@ def test_summary_hand_computed():
   assert s["uar"] == pytest.approx((200 / 3 + 50 + 50 + 0) / 4)
   assert s["war"] == pytest.approx(50.0)  # 5 correct of 10
   assert s["classes_absent_from_labels"] == ["e"]
-  assert s["counts"] == {"per_class": {"a": 3, "b": 2, "c": 4, "d": 1, "e": 0},
-                         "predicted": {"a": 5, "b": 3, "c": 2, "d": 0, "e": 0},
-                         "total": 10}
+  assert s["counts"] == {
+    "per_class": {"a": 3, "b": 2, "c": 4, "d": 1, "e": 0},
+    "predicted": {"a": 5, "b": 3, "c": 2, "d": 0, "e": 0},
+    "total": 10,
+  }
   assert s["confusion_matrix"] == EXPECTED_CM.tolist()
   json.dumps(s, allow_nan=False)  # JSON-ready
 
@@ -49,12 +49,14 @@ def test_mask_drops_padding():
   labels = np.concatenate([LABELS, [-1, 0, 0]])
   preds = np.concatenate([PREDS, [0, 0, 4]])
   mask = np.concatenate([np.ones(10, bool), np.zeros(3, bool)])
-  np.testing.assert_array_equal(metrics.confusion_matrix(labels, preds, 5, mask=mask),
-                                EXPECTED_CM)
+  np.testing.assert_array_equal(metrics.confusion_matrix(labels, preds, 5, mask=mask), EXPECTED_CM)
   # 2-D batches (B, N) are flattened the same way.
   np.testing.assert_array_equal(
-      metrics.confusion_matrix(labels.reshape(1, -1), preds.reshape(1, -1), 5,
-                               mask=mask.reshape(1, -1)), EXPECTED_CM)
+    metrics.confusion_matrix(
+      labels.reshape(1, -1), preds.reshape(1, -1), 5, mask=mask.reshape(1, -1)
+    ),
+    EXPECTED_CM,
+  )
   with pytest.raises(ValueError, match=r"labels has 1 ids outside \[0, 5\), e.g. -1"):
     metrics.confusion_matrix(labels, preds, 5)
 
@@ -73,24 +75,43 @@ def test_bad_inputs():
 
 
 def test_write_eval_outputs(tmp_path):
-  names = ("happiness", "sadness", "neutral", "anger", "surprise", "disgust", "fear",
-           "contempt", "anxiety", "helplessness", "disappointment")
+  names = (
+    "happiness",
+    "sadness",
+    "neutral",
+    "anger",
+    "surprise",
+    "disgust",
+    "fear",
+    "contempt",
+    "anxiety",
+    "helplessness",
+    "disappointment",
+  )
   labels = np.array([0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 10])  # no "helplessness" (9)
   preds = np.array([0, 0, 1, 2, 2, 3, 4, 5, 6, 7, 9, 10])
   probs = np.full((12, 11), 0.01, np.float32)
   probs[np.arange(12), preds] = 0.9
   s = metrics.summarize(metrics.confusion_matrix(labels, preds, 11), names)
   ids = [f"clips/{i:03d}" for i in range(12)]
-  paths = metrics.write_eval_outputs(tmp_path / "eval" / "best", metrics=s, clip_ids=ids,
-                                     labels=labels, preds=preds, probs=probs,
-                                     class_names=names)
+  paths = metrics.write_eval_outputs(
+    tmp_path / "eval" / "best",
+    metrics=s,
+    clip_ids=ids,
+    labels=labels,
+    preds=preds,
+    probs=probs,
+    class_names=names,
+  )
 
   assert json.loads(paths["metrics"].read_text()) == s
 
   with open(paths["predictions"], newline="") as fh:
     rows = list(csv.reader(fh))
-  assert rows[0] == (["clip_id", "label", "label_name", "prediction", "prediction_name"]
-                     + [f"prob_{n}" for n in names])
+  assert rows[0] == (
+    ["clip_id", "label", "label_name", "prediction", "prediction_name"]
+    + [f"prob_{n}" for n in names]
+  )
   assert len(rows) == 13
   assert rows[4][:5] == ["clips/003", "1", "sadness", "2", "neutral"]
   np.testing.assert_array_equal(np.array(rows[4][5:], np.float32), probs[3])  # exact round trip
@@ -108,17 +129,23 @@ def test_write_eval_outputs(tmp_path):
 def test_eval_outputs_reject_mismatched_shapes(tmp_path):
   s = metrics.summarize(EXPECTED_CM, NAMES)
   with pytest.raises(ValueError, match=r"probs has shape \(10, 4\), expected \(10, 5\)"):
-    metrics.write_eval_outputs(tmp_path, metrics=s, clip_ids=[str(i) for i in range(10)],
-                               labels=LABELS, preds=PREDS, probs=np.zeros((10, 4)),
-                               class_names=NAMES)
+    metrics.write_eval_outputs(
+      tmp_path,
+      metrics=s,
+      clip_ids=[str(i) for i in range(10)],
+      labels=LABELS,
+      preds=PREDS,
+      probs=np.zeros((10, 4)),
+      class_names=NAMES,
+    )
 
 
 def test_report_rows_and_table():
   history = [
-      {"epoch": 1, "test": {"uar": 30.0, "war": 40.0}, "val": {"uar": 35.0, "war": 45.0}},
-      {"epoch": 2, "test": {"uar": 38.0, "war": 55.5}, "val": {"uar": 50.0, "war": 52.0}},
-      {"epoch": 3, "test": {"uar": 45.0, "war": 52.0}, "val": {"uar": 41.0, "war": 60.0}},
-      {"epoch": 4, "test": {"uar": 44.0, "war": 51.0}, "val": {"uar": 50.0, "war": 50.0}},
+    {"epoch": 1, "test": {"uar": 30.0, "war": 40.0}, "val": {"uar": 35.0, "war": 45.0}},
+    {"epoch": 2, "test": {"uar": 38.0, "war": 55.5}, "val": {"uar": 50.0, "war": 52.0}},
+    {"epoch": 3, "test": {"uar": 45.0, "war": 52.0}, "val": {"uar": 41.0, "war": 60.0}},
+    {"epoch": 4, "test": {"uar": 44.0, "war": 51.0}, "val": {"uar": 50.0, "war": 50.0}},
   ]
   rows = metrics.report_rows(history)
   assert rows[metrics.ROW_LAST] == {"epoch": 4, "uar": 44.0, "war": 51.0}
@@ -136,15 +163,26 @@ def test_report_rows_and_table():
   assert table[0].split() == ["result", "UAR", "%", "WAR", "%", "epoch"]
   assert table[2].split() == ["last", "epoch", "44.00", "51.00", "4"]
   assert table[3].split() == ["best", "by", "validation", "n/a", "n/a", "n/a"]
-  assert table[4].split() == ["paper", "protocol", "(selected", "on", "test)", "38.00", "55.50",
-                              "2"]
+  assert table[4].split() == [
+    "paper",
+    "protocol",
+    "(selected",
+    "on",
+    "test)",
+    "38.00",
+    "55.50",
+    "2",
+  ]
   with pytest.raises(ValueError, match="'last epoch' must be a dict with 'uar' and 'war'"):
     metrics.format_report_table({"last epoch": {"uar": 1.0}})
 
 
 def test_fold_summary_and_markdown():
-  per_fold = [{"fold": 1, "uar": 50.0, "war": 61.0}, {"fold": 2, "uar": 60.0, "war": 62.0},
-              {"fold": 3, "uar": 70.0, "war": 66.0}]
+  per_fold = [
+    {"fold": 1, "uar": 50.0, "war": 61.0},
+    {"fold": 2, "uar": 60.0, "war": 62.0},
+    {"fold": 3, "uar": 70.0, "war": 66.0},
+  ]
   s = metrics.fold_summary(per_fold)
   assert s["num_folds"] == 3
   assert s["uar"] == pytest.approx({"mean": 60.0, "std": 10.0})  # sample std, ddof=1
@@ -157,6 +195,7 @@ def test_fold_summary_and_markdown():
   one = metrics.fold_summary([{"uar": 40.0, "war": 50.0}])
   assert one["uar"]["std"] is None and one["folds"][0]["fold"] == 1
   assert metrics.fold_table_markdown(one).splitlines()[-1] == (
-      "| mean ± std (1 fold) | 40.00 | 50.00 |")
+    "| mean ± std (1 fold) | 40.00 | 50.00 |"
+  )
   with pytest.raises(ValueError, match="fold entry 0 needs 'uar' and 'war'"):
     metrics.fold_summary([{"uar": 1.0}])

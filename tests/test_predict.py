@@ -17,12 +17,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from dfer_clip_jax import checkpointing
-from dfer_clip_jax import inference
-from dfer_clip_jax import predict
-from dfer_clip_jax import restore
+from dfer_clip_jax import checkpointing, inference, predict, restore, train
 from dfer_clip_jax import state as state_lib
-from dfer_clip_jax import train
 from dfer_clip_jax.conversion import reference
 from dfer_clip_jax.data import augment, sampling, synthetic
 from dfer_clip_jax.data.datasets import MAFW_CLASSES
@@ -65,18 +61,31 @@ def read_video(path):
 def tiny_model():
   """A random-weight model of a tiny spec (no jit compile: weights are drawn with numpy)."""
   cc = clip_lib.tiny_config()
-  cc = cc.replace(vision=dataclasses.replace(cc.vision, image_size=IMAGE_SIZE),
-                  text=dataclasses.replace(cc.text, vocab_size=1000))
-  dc = dfer_lib.DFERCLIPConfig(class_names=MAFW_CLASSES[:7], num_frames=NUM_FRAMES,
-                               normalize=True, temporal_heads=4, temporal_dim_head=16,
-                               temporal_mlp_dim=128)
+  cc = cc.replace(
+    vision=dataclasses.replace(cc.vision, image_size=IMAGE_SIZE),
+    text=dataclasses.replace(cc.text, vocab_size=1000),
+  )
+  dc = dfer_lib.DFERCLIPConfig(
+    class_names=MAFW_CLASSES[:7],
+    num_frames=NUM_FRAMES,
+    normalize=True,
+    temporal_heads=4,
+    temporal_dim_head=16,
+    temporal_mlp_dim=128,
+  )
   spec = state_lib.ModelSpec(clip=cc, model=dc)
   graphdef, shapes = nnx.split(
-      nnx.eval_shape(lambda: state_lib.model_from_spec(spec, rngs=nnx.Rngs(0))))
+    nnx.eval_shape(lambda: state_lib.model_from_spec(spec, rngs=nnx.Rngs(0)))
+  )
   rng = np.random.default_rng(0)
   values = jax.tree.map(
-      lambda s: (rng.normal(size=s.shape) * 0.3).astype(s.dtype)
-      if np.issubdtype(s.dtype, np.floating) else np.full(s.shape, 3, s.dtype), shapes)
+    lambda s: (
+      (rng.normal(size=s.shape) * 0.3).astype(s.dtype)
+      if np.issubdtype(s.dtype, np.floating)
+      else np.full(s.shape, 3, s.dtype)
+    ),
+    shapes,
+  )
   return nnx.merge(graphdef, values), spec
 
 
@@ -85,18 +94,28 @@ def saved(tmp_path_factory):
   """The tiny model in three layouts: checkpoint folder, training workdir, model export."""
   root = tmp_path_factory.mktemp("ckpt")
   model, spec = tiny_model()
-  config = {"format": train.CHECKPOINT_FORMAT, "has_optimizer": False,
-            "model": spec.to_dict(), "config": {}}
-  checkpointing.save_checkpoint_dir(root / "folder", state={"model": nnx.state(model)},
-                                    config=config)
+  config = {
+    "format": train.CHECKPOINT_FORMAT,
+    "has_optimizer": False,
+    "model": spec.to_dict(),
+    "config": {},
+  }
+  checkpointing.save_checkpoint_dir(
+    root / "folder", state={"model": nnx.state(model)}, config=config
+  )
   # A training run: steps with metrics, and optimizer state that inference must skip.
   momentum = jax.tree.map(np.zeros_like, nnx.state(model, nnx.Param))
-  with checkpointing.Checkpointer(root / "run" / "checkpoints", best_metric="select",
-                                  async_save=False) as ckptr:
+  with checkpointing.Checkpointer(
+    root / "run" / "checkpoints", best_metric="select", async_save=False
+  ) as ckptr:
     for step, select in ((4, 50.0), (7, 40.0)):
-      ckptr.save(step, state={"model": nnx.state(model), "optimizer": {"momentum": momentum}},
-                 data_state={}, config={**config, "has_optimizer": True},
-                 metrics={"select": select})
+      ckptr.save(
+        step,
+        state={"model": nnx.state(model), "optimizer": {"momentum": momentum}},
+        data_state={},
+        config={**config, "has_optimizer": True},
+        metrics={"select": select},
+      )
   reference.export_model(model, spec.clip, root / "export")
   return {"root": root, "model": model, "spec": spec}
 
@@ -120,13 +139,14 @@ def media(tmp_path_factory):
   (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
   # A real face photograph moved by a few pixels per frame (2 s at 10 fps), at 240 px.
   from skimage import data as skdata  # shipped inside the wheel: no download
+
   photo = skdata.astronaut()
   offsets, frames = [], []
   for i in range(20):
     dx, dy = int(round(8 * np.sin(i / 3))), int(round(5 * np.cos(i / 4)))
     x0, y0 = 60 + dx, 40 + dy
     offsets.append((x0, y0))
-    crop = Image.fromarray(photo[y0:y0 + 400, x0:x0 + 400])
+    crop = Image.fromarray(photo[y0 : y0 + 400, x0 : x0 + 400])
     frames.append(np.asarray(crop.resize((240, 240), Image.Resampling.BILINEAR)))
   write_video(root / "astronaut.mp4", frames)
   # Two faces (the same photo at two sizes) on a grey background, moving apart and together.
@@ -136,8 +156,8 @@ def media(tmp_path_factory):
   for i in range(20):
     f = np.full((160, 320, 3), 90, np.uint8)
     dx = int(round(4 * np.sin(i / 3)))
-    f[20:140, 20 + dx:140 + dx] = big
-    f[40:130, 200 - dx:290 - dx] = small
+    f[20:140, 20 + dx : 140 + dx] = big
+    f[40:130, 200 - dx : 290 - dx] = small
     two.append(f)
   write_video(root / "two_faces.mp4", two)
   ramp = np.linspace(0, 255, 96, dtype=np.uint8)
@@ -191,19 +211,34 @@ def test_tracking_follows_the_main_face_and_drops_false_alarms():
 
 def test_discover_inputs(media, tmp_path):
   root = media["root"]
-  found = sources.discover_inputs([str(root / "synth.mp4"), str(root / "frames_clip"),
-                                   str(root / "*.mp4"), str(tmp_path / "missing.mp4"),
-                                   str(tmp_path)])
+  found = sources.discover_inputs(
+    [
+      str(root / "synth.mp4"),
+      str(root / "frames_clip"),
+      str(root / "*.mp4"),
+      str(tmp_path / "missing.mp4"),
+      str(tmp_path),
+    ]
+  )
   kinds = [(it.path.name, it.kind) for it in found.items]
   assert kinds[:2] == [("synth.mp4", "video"), ("frames_clip", "frames")]
-  assert sorted(kinds[2:]) == [("astronaut.mp4", "video"), ("corrupt.mp4", "video"),
-                               ("no_face.mp4", "video"), ("two_faces.mp4", "video")]
+  assert sorted(kinds[2:]) == [
+    ("astronaut.mp4", "video"),
+    ("corrupt.mp4", "video"),
+    ("no_face.mp4", "video"),
+    ("two_faces.mp4", "video"),
+  ]
   assert [p[0] for p in found.problems] == [str(tmp_path / "missing.mp4"), str(tmp_path)]
   assert "does not exist" in found.problems[0][1]
   # A folder of videos and frame folders gives one input each.
   assert {it.path.name for it in sources.discover_inputs([str(root)]).items} == {
-      "synth.mp4", "frames_clip", "astronaut.mp4", "corrupt.mp4", "no_face.mp4",
-      "two_faces.mp4"}
+    "synth.mp4",
+    "frames_clip",
+    "astronaut.mp4",
+    "corrupt.mp4",
+    "no_face.mp4",
+    "two_faces.mp4",
+  }
 
 
 def test_variable_frame_rate_and_rotation(tmp_path):
@@ -243,12 +278,14 @@ def test_checkpoint_layouts_give_the_same_model(saved, predictor):
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(probs[4:], predictor(clip[4:]), atol=1e-6)
   want = jax.tree.leaves(nnx.state(saved["model"]))
-  for path, which, kind, step in ((root / "run", "latest", "workdir", 7),
-                                  (root / "run", "best", "workdir", 4),
-                                  (root / "run" / "checkpoints", "4", "workdir", 4),
-                                  (root / "run" / "checkpoints" / "7", "best", "checkpoint", 7),
-                                  (root / "folder", "latest", "checkpoint", None),
-                                  (root / "export", "latest", "export", None)):
+  for path, which, kind, step in (
+    (root / "run", "latest", "workdir", 7),
+    (root / "run", "best", "workdir", 4),
+    (root / "run" / "checkpoints", "4", "workdir", 4),
+    (root / "run" / "checkpoints" / "7", "best", "checkpoint", 7),
+    (root / "folder", "latest", "checkpoint", None),
+    (root / "export", "latest", "export", None),
+  ):
     ref = restore.resolve_checkpoint(path, which)
     assert (ref.kind, ref.step) == (kind, step)
     model, spec, _ = restore.load_model(ref)
@@ -270,26 +307,39 @@ def test_checkpoint_layouts_give_the_same_model(saved, predictor):
 
 def test_cli_whole_frames_with_a_corrupt_input(saved, media, predictor, tmp_path, capsys):
   root, out = media["root"], tmp_path / "out"
-  rc = predict.main([f"--checkpoint={saved['root'] / 'folder'}",
-                     f"--input={root / 'synth.mp4'}", f"--input={root / 'corrupt.mp4'}",
-                     f"--input={root / 'frames_clip'}", f"--out={out}", "--face=none",
-                     "--window_s=1.5", "--stride_s=0.5", "--annotate", "--batch_size=4"])
+  rc = predict.main(
+    [
+      f"--checkpoint={saved['root'] / 'folder'}",
+      f"--input={root / 'synth.mp4'}",
+      f"--input={root / 'corrupt.mp4'}",
+      f"--input={root / 'frames_clip'}",
+      f"--out={out}",
+      "--face=none",
+      "--window_s=1.5",
+      "--stride_s=0.5",
+      "--annotate",
+      "--batch_size=4",
+    ]
+  )
   assert rc == 1  # one input failed, the others were processed
   printed = capsys.readouterr()
   assert "corrupt.mp4: cannot open it as a video" in printed.err
   assert "2 of 3 inputs succeeded" in printed.out
 
   pred = json.loads((out / "synth" / "predictions.json").read_text())
-  assert pred["format"] == predict.FORMAT and pred["class_names"] == list(
-      saved["spec"].class_names)
+  assert pred["format"] == predict.FORMAT and pred["class_names"] == list(saved["spec"].class_names)
   info = pred["input"]
   assert (info["kind"], info["num_frames"], info["width"], info["height"]) == ("video", 30, 64, 64)
   assert info["duration_s"] == pytest.approx(3.0, abs=1e-3) and not info["variable_frame_rate"]
   assert pred["model"]["num_frames"] == NUM_FRAMES and pred["face_detector"] is None
   (track,) = pred["tracks"]
   rows = track["windows"]
-  assert [(w["start_s"], w["end_s"]) for w in rows] == [(0.0, 1.5), (0.5, 2.0), (1.0, 2.5),
-                                                        (1.5, 3.0)]
+  assert [(w["start_s"], w["end_s"]) for w in rows] == [
+    (0.0, 1.5),
+    (0.5, 2.0),
+    (1.0, 2.5),
+    (1.5, 3.0),
+  ]
   for w in rows:
     assert w["status"] == "ok" and len(w["frame_indices"]) == NUM_FRAMES
     assert all(w["start_s"] <= t < w["end_s"] for t in w["frame_times_s"])
@@ -325,10 +375,18 @@ def test_cli_whole_frames_with_a_corrupt_input(saved, media, predictor, tmp_path
 
 def test_cli_finds_the_face_in_a_photograph(saved, media, tmp_path, capsys):
   root, out = media["root"], tmp_path / "out"
-  rc = predict.main([f"--checkpoint={saved['root'] / 'export'}", "--input",
-                     str(root / "astronaut.mp4"), str(root / "no_face.mp4"),
-                     str(root / "two_faces.mp4"), f"--out={out}", "--batch_size=4",
-                     "--all_faces"])
+  rc = predict.main(
+    [
+      f"--checkpoint={saved['root'] / 'export'}",
+      "--input",
+      str(root / "astronaut.mp4"),
+      str(root / "no_face.mp4"),
+      str(root / "two_faces.mp4"),
+      f"--out={out}",
+      "--batch_size=4",
+      "--all_faces",
+    ]
+  )
   assert rc == 1
   assert "no_face.mp4: no face found in the 5 frames examined" in capsys.readouterr().err
   pred = json.loads((out / "astronaut" / "predictions.json").read_text())
@@ -359,12 +417,21 @@ def test_cli_finds_the_face_in_a_photograph(saved, media, tmp_path, capsys):
 
 def test_cli_on_a_converted_reference_checkpoint(reference_dir, media, tmp_path):
   from dfer_clip_jax import convert
+
   export = tmp_path / "export"
-  assert convert.main([f"--reference={reference_dir / 'tiny_forward.npz'}",
-                       f"--out={export}"]) == 0
+  assert convert.main([f"--reference={reference_dir / 'tiny_forward.npz'}", f"--out={export}"]) == 0
   out = tmp_path / "out"
-  assert predict.main([f"--checkpoint={export}", f"--input={media['root'] / 'synth.mp4'}",
-                       f"--out={out}", "--face=none"]) == 0
+  assert (
+    predict.main(
+      [
+        f"--checkpoint={export}",
+        f"--input={media['root'] / 'synth.mp4'}",
+        f"--out={out}",
+        "--face=none",
+      ]
+    )
+    == 0
+  )
   pred = json.loads((out / "synth" / "predictions.json").read_text())
   assert pred["model"]["checkpoint"].startswith("export ")
   assert not pred["model"]["normalize"]  # the reference feeds [0, 1] pixels

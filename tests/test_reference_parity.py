@@ -10,15 +10,19 @@ import optax
 import pytest
 from flax import nnx
 
-from dfer_clip_jax import convert
-from dfer_clip_jax.conversion import clip_weights
-from dfer_clip_jax.conversion import reference
-from dfer_clip_jax.conversion.clip_weights import CheckpointMismatchError
-from dfer_clip_jax import config_lib
-from dfer_clip_jax.optim import groups_from_config, present_groups
-from dfer_clip_jax.optim import make_optimizer, momentum_buffers, path_name
 # The reference's prompt assembly loop, written once for both test files.
 from test_dfer_clip import np_prompts  # pylint: disable=g-bad-import-order
+
+from dfer_clip_jax import config_lib, convert
+from dfer_clip_jax.conversion import clip_weights, reference
+from dfer_clip_jax.conversion.clip_weights import CheckpointMismatchError
+from dfer_clip_jax.optim import (
+  groups_from_config,
+  make_optimizer,
+  momentum_buffers,
+  path_name,
+  present_groups,
+)
 
 LAYERS = "temporal_net.temporal_transformer.layers."
 
@@ -57,10 +61,20 @@ def forward_fn():
 def test_inferred_config(imported, fwd):
   cfg, clip_cfg = imported.config, imported.clip_config
   assert (cfg.num_classes, cfg.n_ctx, cfg.class_specific, cfg.position) == (7, 8, True, "end")
-  assert (cfg.temporal_depth, cfg.temporal_heads, cfg.temporal_dim_head, cfg.temporal_mlp_dim,
-          cfg.num_frames) == (1, 8, 64, 1024, 16)
-  assert (clip_cfg.vision.image_size, clip_cfg.vision.patch_size, clip_cfg.vision.width,
-          clip_cfg.vision.layers, clip_cfg.vision.heads) == (64, 16, 128, 2, 2)
+  assert (
+    cfg.temporal_depth,
+    cfg.temporal_heads,
+    cfg.temporal_dim_head,
+    cfg.temporal_mlp_dim,
+    cfg.num_frames,
+  ) == (1, 8, 64, 1024, 16)
+  assert (
+    clip_cfg.vision.image_size,
+    clip_cfg.vision.patch_size,
+    clip_cfg.vision.width,
+    clip_cfg.vision.layers,
+    clip_cfg.vision.heads,
+  ) == (64, 16, 128, 2, 2)
   assert (clip_cfg.text.width, clip_cfg.text.layers, clip_cfg.embed_dim) == (128, 2, 512)
   np.testing.assert_array_equal(imported.model.prompt_learner.name_lens[...], fwd["_name_lens"])
   report = imported.report
@@ -68,8 +82,11 @@ def test_inferred_config(imported, fwd):
   # Every clip_model_ tensor except the two only stored there is a checked duplicate.
   dup = [k for k in fwd if k.startswith("clip_model_.")]
   assert len(dup) == 2 + sum(1 for k in report.ignored if k.startswith("clip_model_."))
-  assert all(why.startswith("duplicate of") for k, why in report.ignored.items()
-             if k.startswith("clip_model_."))
+  assert all(
+    why.startswith("duplicate of")
+    for k, why in report.ignored.items()
+    if k.startswith("clip_model_.")
+  )
 
 
 def test_forward_matches_reference(imported, fwd, forward_fn):
@@ -85,7 +102,7 @@ def test_forward_matches_reference(imported, fwd, forward_fn):
 
 def test_clip_from_clip_model_keys_encodes_images(fwd):
   """The CLIP kept under `clip_model_.` is an OpenAI-named checkpoint (issue 2's check)."""
-  state = {k[len("clip_model_."):]: v for k, v in fwd.items() if k.startswith("clip_model_.")}
+  state = {k[len("clip_model_.") :]: v for k, v in fwd.items() if k.startswith("clip_model_.")}
   clip, _ = clip_weights.load_clip(state)
   frames = to_bthwc(fwd["_video"]).reshape(32, 64, 64, 3)
   feats = nnx.jit(lambda m, x: m.encode_image(x))(clip, frames)
@@ -94,7 +111,8 @@ def test_clip_from_clip_model_keys_encodes_images(fwd):
 
 def test_token_ids_give_the_same_end_positions(weights, fwd):
   cfg, _, name_lens, _ = reference.infer_reference_config(
-      weights, token_ids=fwd["_tokenized_prompts"])
+    weights, token_ids=fwd["_tokenized_prompts"]
+  )
   np.testing.assert_array_equal(name_lens, fwd["_name_lens"])
   wrong = fwd["_tokenized_prompts"].copy()
   wrong[0, 12] += 1
@@ -107,9 +125,15 @@ def test_token_ids_give_the_same_end_positions(weights, fwd):
 
 
 def _np_temporal(state, frames_BxTxD, depth, heads, dim_head):
-  x = np.concatenate([np.broadcast_to(state["temporal_net.cls_token"],
-                                      (frames_BxTxD.shape[0], 1, frames_BxTxD.shape[2])),
-                      frames_BxTxD], axis=1).astype(np.float64)
+  x = np.concatenate(
+    [
+      np.broadcast_to(
+        state["temporal_net.cls_token"], (frames_BxTxD.shape[0], 1, frames_BxTxD.shape[2])
+      ),
+      frames_BxTxD,
+    ],
+    axis=1,
+  ).astype(np.float64)
   x = x + state["temporal_net.pos_embedding"]
 
   def ln(y, p):
@@ -120,16 +144,17 @@ def _np_temporal(state, frames_BxTxD, depth, heads, dim_head):
     p = f"{LAYERS}{i}"
     b, n, _ = x.shape
     qkv = ln(x, f"{p}.0.fn.norm") @ state[f"{p}.0.fn.fn.to_qkv.weight"].T
-    q, k, v = (t.reshape(b, n, heads, dim_head).transpose(0, 2, 1, 3)
-               for t in np.split(qkv, 3, axis=-1))
-    att = q @ k.transpose(0, 1, 3, 2) * dim_head ** -0.5
+    q, k, v = (
+      t.reshape(b, n, heads, dim_head).transpose(0, 2, 1, 3) for t in np.split(qkv, 3, axis=-1)
+    )
+    att = q @ k.transpose(0, 1, 3, 2) * dim_head**-0.5
     att = np.exp(att - att.max(-1, keepdims=True))
     att /= att.sum(-1, keepdims=True)
     o = (att @ v).transpose(0, 2, 1, 3).reshape(b, n, heads * dim_head)
     x = x + o @ state[f"{p}.0.fn.fn.to_out.0.weight"].T + state[f"{p}.0.fn.fn.to_out.0.bias"]
     h = ln(x, f"{p}.1.fn.norm") @ state[f"{p}.1.fn.fn.net.0.weight"].T
     h = h + state[f"{p}.1.fn.fn.net.0.bias"]
-    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
     x = x + h @ state[f"{p}.1.fn.fn.net.3.weight"].T + state[f"{p}.1.fn.fn.net.3.bias"]
   return x[:, 0]
 
@@ -141,39 +166,55 @@ def _variant(weights, *, shared: bool, classes: list[int], depth: int):
   for key in ("prompt_learner.token_prefix", "prompt_learner.token_suffix"):
     state[key] = weights[key][classes]
   ctx = weights["prompt_learner.ctx"][classes] + 0.02 * rng.standard_normal(
-      (len(classes),) + weights["prompt_learner.ctx"].shape[1:]).astype(np.float32)
+    (len(classes),) + weights["prompt_learner.ctx"].shape[1:]
+  ).astype(np.float32)
   state["prompt_learner.ctx"] = ctx[0] if shared else ctx
   for i in range(depth):  # layer i: layer 0's tensors, perturbed so that the layers differ
     for k, v in weights.items():
       if k.startswith(f"{LAYERS}0."):
         noise = rng.standard_normal(v.shape).astype(np.float32) * 0.3 * v.std()
-        state[f"{LAYERS}{i}." + k[len(f"{LAYERS}0."):]] = v + noise * (i > 0)
+        state[f"{LAYERS}{i}." + k[len(f"{LAYERS}0.") :]] = v + noise * (i > 0)
   return state
 
 
-@pytest.mark.parametrize("shared,position,classes,depth", [
+@pytest.mark.parametrize(
+  "shared,position,classes,depth",
+  [
     (True, "middle", list(range(7)), 2),
     (False, "front", list(range(7)) + [1, 2, 5, 6], 3),
-], ids=["shared-middle-depth2", "11classes-front-depth3"])
+  ],
+  ids=["shared-middle-depth2", "11classes-front-depth3"],
+)
 def test_other_configurations(weights, fwd, forward_fn, shared, position, classes, depth):
   state = _variant(weights, shared=shared, classes=classes, depth=depth)
   model, cfg, _, report = reference.load_reference_checkpoint(state, position=position)
   assert (cfg.num_classes, cfg.class_specific, cfg.position, cfg.temporal_depth) == (
-      len(classes), not shared, position, depth)
+    len(classes),
+    not shared,
+    position,
+    depth,
+  )
   name_lens = fwd["_name_lens"][classes]
   np.testing.assert_array_equal(model.prompt_learner.name_lens[...], name_lens)
   assert not report.warnings
 
   logits, aux = forward_fn(model, to_bthwc(fwd["_video"]))
   assert logits.shape == (2, len(classes))
-  prompts = np_prompts(state["prompt_learner.token_prefix"], state["prompt_learner.token_suffix"],
-                        state["prompt_learner.ctx"], name_lens, position)
+  prompts = np_prompts(
+    state["prompt_learner.token_prefix"],
+    state["prompt_learner.token_suffix"],
+    state["prompt_learner.ctx"],
+    name_lens,
+    position,
+  )
   np.testing.assert_array_equal(aux["prompts"], prompts)
   eot = 1 + cfg.n_ctx + name_lens
   # The end-of-text row is the end token's embedding in every mode.
   end_emb = weights["clip_model_.token_embedding.weight"][49407]
-  np.testing.assert_array_equal(prompts[np.arange(len(classes)), eot], np.broadcast_to(
-      end_emb, (len(classes), end_emb.shape[0])))
+  np.testing.assert_array_equal(
+    prompts[np.arange(len(classes)), eot],
+    np.broadcast_to(end_emb, (len(classes), end_emb.shape[0])),
+  )
   video_raw = _np_temporal(state, fwd["_image_features"].reshape(2, 16, -1), depth, 8, 64)
   assert rel(aux["video_features_raw"], video_raw) < 1e-4
   v = video_raw / np.linalg.norm(video_raw, axis=-1, keepdims=True)
@@ -217,9 +258,13 @@ class RecorderMeter:
 
 def test_reference_pth_checkpoint_and_cli_export(weights, tmp_path, capsys):
   torch = pytest.importorskip("torch")
-  ckpt = {"state_dict": {"module." + k: torch.from_numpy(np.array(v)) for k, v in weights.items()},
-          "epoch": 7, "best_acc": 61.5, "optimizer": {"state": {}, "param_groups": []},
-          "recorder": RecorderMeter()}
+  ckpt = {
+    "state_dict": {"module." + k: torch.from_numpy(np.array(v)) for k, v in weights.items()},
+    "epoch": 7,
+    "best_acc": 61.5,
+    "optimizer": {"state": {}, "param_groups": []},
+    "recorder": RecorderMeter(),
+  }
   path = tmp_path / "model_best.pth"
   torch.save(ckpt, path)
 
@@ -257,15 +302,15 @@ def test_train_steps_match_reference(reference_dir, imported):
     return {path_name(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
   init = arrays(nnx.state(model, nnx.Param))
-  trained = sorted(k[len("init/"):] for k in ref if k.startswith("init/"))
+  trained = sorted(k[len("init/") :] for k in ref if k.startswith("init/"))
   for name in trained:
     ours, how = key_map[name]
-    np.testing.assert_array_equal(reference.to_reference_layout(init[ours], how),
-                                  ref[f"init/{name}"])
+    np.testing.assert_array_equal(
+      reference.to_reference_layout(init[ours], how), ref[f"init/{name}"]
+    )
 
   groups = present_groups(model, groups_from_config(config_lib.base_config().optim))
-  optimizer = make_optimizer(model, groups, optimizer="sgd",
-                             momentum=0.9, weight_decay=1e-4)
+  optimizer = make_optimizer(model, groups, optimizer="sgd", momentum=0.9, weight_decay=1e-4)
   assert sorted(ours_to_ref[n][0] for n in optimizer.wrt.names) == trained
   frozen_before = reference.model_arrays(model)
   frozen_before = {k: v for k, v in frozen_before.items() if k not in optimizer.wrt.names}
@@ -275,14 +320,16 @@ def test_train_steps_match_reference(reference_dir, imported):
     def loss_fn(model):
       logits, _ = model(video, train=True)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(model)
     optimizer.update(model, grads)
     return loss, grads
 
   losses = []
   for step in range(5):
-    loss, grads = train_step(model, optimizer, to_bthwc(ref["_videos"][step]),
-                             jnp.asarray(ref["_labels"][step], jnp.int32))
+    loss, grads = train_step(
+      model, optimizer, to_bthwc(ref["_videos"][step]), jnp.asarray(ref["_labels"][step], jnp.int32)
+    )
     losses.append(float(loss))
     if step == 0:
       grad0 = arrays(grads)
@@ -300,8 +347,9 @@ def test_train_steps_match_reference(reference_dir, imported):
     assert rel(back(grad0[ours]), ref[f"grad0/{name}"]) < 1e-4, name
     assert rel(back(final[ours]), ref[f"final/{name}"]) < 1e-4, name
     update_tol = 5e-3 if name.startswith("image_encoder.") else 1e-4
-    assert rel(back(final[ours] - init[ours]),
-               ref[f"final/{name}"] - ref[f"init/{name}"]) < update_tol, name
+    assert (
+      rel(back(final[ours] - init[ours]), ref[f"final/{name}"] - ref[f"init/{name}"]) < update_tol
+    ), name
     assert rel(back(momentum[ours]), ref[f"momentum/{name}"]) < 1e-4, name
 
   after = reference.model_arrays(model)

@@ -29,25 +29,34 @@ def _one_step(workdir, *, remat="none", microbatches=1, dtype="float32"):
   """One real training step (paper recipe, tiny CLIP, 8 devices) without weight decay and with
   learning rates of 1, so the updates are the gradients, far above float32 rounding of the
   parameters: (metrics, trained-parameter updates)."""
-  c = ts.load_config("tiny", frames=FRAMES, batch=BATCH, dtype=dtype, remat=remat,
-                     attention="xla", microbatches=microbatches)
+  c = ts.load_config(
+    "tiny",
+    frames=FRAMES,
+    batch=BATCH,
+    dtype=dtype,
+    remat=remat,
+    attention="xla",
+    microbatches=microbatches,
+  )
   c.optim.weight_decay = 0.0
   c.optim.lr.image = c.optim.lr.temporal = c.optim.lr.prompt = 1.0
   mesh = sharding_lib.make_mesh(c.mesh.data, c.mesh.fsdp)
-  model, _, groups = state_lib.build_model(c, workdir, datasets.DFEW_CLASSES,
-                                           rngs=nnx.Rngs(c.seed))
+  model, _, groups = state_lib.build_model(c, workdir, datasets.DFEW_CLASSES, rngs=nnx.Rngs(c.seed))
   optimizer = state_lib.build_optimizer(c, model, groups, steps_per_epoch=10)
   graphdef, model_state = nnx.split(model)
   opt_graphdef, opt_state = nnx.split(optimizer)
   before = jax.device_get(nnx.state(model, optimizer.wrt))
   model_state, _ = state_lib.shard_state(model_state, mesh, c.mesh.fsdp_min_size)
-  step = jax.jit(train_lib.make_train_step(graphdef, opt_graphdef, dropout=False,
-                                           microbatches=microbatches))
+  step = jax.jit(
+    train_lib.make_train_step(graphdef, opt_graphdef, dropout=False, microbatches=microbatches)
+  )
   rng = np.random.default_rng(0)
-  batch = {"video": rng.integers(0, 256, (BATCH, FRAMES, 32, 32, 3), np.uint8),
-           "label": rng.integers(0, 7, (BATCH,)).astype(np.int32),
-           "index": np.arange(BATCH, dtype=np.int32),
-           "mask": np.ones((BATCH,), bool)}
+  batch = {
+    "video": rng.integers(0, 256, (BATCH, FRAMES, 32, 32, 3), np.uint8),
+    "label": rng.integers(0, 7, (BATCH,)).astype(np.int32),
+    "index": np.arange(BATCH, dtype=np.int32),
+    "mask": np.ones((BATCH,), bool),
+  }
   batch["mask"][-3:] = False  # padded rows count nowhere, whichever micro-batch holds them
   batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh))
   new_state, _, metrics = step(model_state, opt_state, batch, jax.random.key(0))
@@ -122,8 +131,15 @@ def test_every_preset_flag_is_known_to_xla(tmp_path):
   """XLA aborts on an unknown flag: start a backend with every preset flag set."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   flags = sorted({f for p in xla_flags.PRESETS.values() for f in p})
   env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"],
-                       env=env, capture_output=True, text=True, timeout=120, check=False)
+  out = subprocess.run(
+    [sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert out.returncode == 0 and out.stdout.strip() == "2.0", out.stderr[-2000:]

@@ -7,8 +7,19 @@ import pytest
 
 from dfer_clip_jax import tokenizer as tok_lib
 
-NAMES = ["happiness", "sadness", "neutral", "anger", "surprise", "disgust", "fear", "contempt",
-         "anxiety", "helplessness", "disappointment"]
+NAMES = [
+  "happiness",
+  "sadness",
+  "neutral",
+  "anger",
+  "surprise",
+  "disgust",
+  "fear",
+  "contempt",
+  "anxiety",
+  "helplessness",
+  "disappointment",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +37,13 @@ def _compare(ids, eot, ref):
   np.testing.assert_array_equal(eot, ref_eot)
   for row, ref_row, e in zip(ids, ref_ids, ref_eot):
     # The reference pads with 0, HF with the end-of-text id: compare up to and including eot.
-    np.testing.assert_array_equal(row[:e + 1], ref_row[:e + 1])
+    np.testing.assert_array_equal(row[: e + 1], ref_row[: e + 1])
 
 
-@pytest.mark.parametrize("text_type,template", [("class_names", "{}."),
-                                                ("class_names_with_context",
-                                                 "an expression of {}.")])
+@pytest.mark.parametrize(
+  "text_type,template",
+  [("class_names", "{}."), ("class_names_with_context", "an expression of {}.")],
+)
 def test_prompt_ids_equal_reference(tok, reference_tokens, text_type, template):
   for dataset, by_type in reference_tokens.items():
     for n_ctx, ref in by_type[text_type].items():

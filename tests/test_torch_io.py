@@ -77,13 +77,13 @@ def test_plain_state_dict_round_trip(tmp_path):
 def test_strided_views_offsets_and_shared_storage(tmp_path):
   base = torch.arange(35, dtype=torch.float32).reshape(5, 7)
   tensors = {
-      "base": base,
-      "transposed": base.t(),
-      "slice": base[1:4, 2:6],
-      "tail": base.view(-1)[9:],
-      "every_other_col": base[:, ::2],
-      "expanded": torch.arange(3, dtype=torch.int32).expand(4, 3),  # stride 0
-      "empty": base[:, :0],
+    "base": base,
+    "transposed": base.t(),
+    "slice": base[1:4, 2:6],
+    "tail": base.view(-1)[9:],
+    "every_other_col": base[:, ::2],
+    "expanded": torch.arange(3, dtype=torch.int32).expand(4, 3),  # stride 0
+    "empty": base[:, :0],
   }
   path = tmp_path / "views.pt"
   torch.save(tensors, path)
@@ -142,15 +142,15 @@ def reference_like_checkpoint(tmp_path):
     opt.step()
     state = {"module.x": torch.randn(2, 3), "module.y": torch.arange(4, dtype=torch.int64)}
     checkpoint = {
-        "state_dict": state,
-        "epoch": 5,
-        "best_acc": 71.2,
-        "best_uar": torch.tensor(59.5),
-        "lr": np.float64(1e-3),
-        "optimizer": opt.state_dict(),
-        "recorder": helpers.RecorderMeter(),
-        "shell": helpers.ShellPayload(str(markers["shell"])),
-        "exec": helpers.ExecPayload(str(markers["exec"])),
+      "state_dict": state,
+      "epoch": 5,
+      "best_acc": 71.2,
+      "best_uar": torch.tensor(59.5),
+      "lr": np.float64(1e-3),
+      "optimizer": opt.state_dict(),
+      "recorder": helpers.RecorderMeter(),
+      "shell": helpers.ShellPayload(str(markers["shell"])),
+      "exec": helpers.ExecPayload(str(markers["exec"])),
     }
     path = tmp_path / "model_best.pth"
     torch.save(checkpoint, path)
@@ -164,8 +164,11 @@ def reference_like_checkpoint(tmp_path):
 def test_training_checkpoint_stubs_unknown_classes_and_runs_no_code(reference_like_checkpoint):
   path, state, markers = reference_like_checkpoint
   with zipfile.ZipFile(path) as zf:  # the payloads are really in the pickle
-    globals_in_pickle = {arg for op, arg, _ in pickletools.genops(zf.read("model_best/data.pkl"))
-                         if op.name == "GLOBAL"}
+    globals_in_pickle = {
+      arg
+      for op, arg, _ in pickletools.genops(zf.read("model_best/data.pkl"))
+      if op.name == "GLOBAL"
+    }
   assert f"{os.system.__module__} system" in globals_in_pickle
   assert "__builtin__ exec" in globals_in_pickle
 
@@ -174,19 +177,27 @@ def test_training_checkpoint_stubs_unknown_classes_and_runs_no_code(reference_li
   assert report.format == "torch_zip"
   assert report.metadata == {"epoch": 5, "best_acc": 71.2, "best_uar": 59.5, "lr": 1e-3}
   assert report.ignored_keys == [
-      "epoch", "best_acc", "best_uar", "lr", "optimizer", "recorder", "shell", "exec"]
+    "epoch",
+    "best_acc",
+    "best_uar",
+    "lr",
+    "optimizer",
+    "recorder",
+    "shell",
+    "exec",
+  ]
   assert "dferclip_throwaway_utils.RecorderMeter" in report.stubbed_classes
   assert f"{os.system.__module__}.system" in report.stubbed_classes
   assert "builtins.exec" in report.stubbed_classes
   assert not markers["shell"].exists() and not markers["exec"].exists()
 
-  with pytest.raises(torch_io.CheckpointFormatError,
-                     match=r"dferclip_throwaway_utils\.RecorderMeter"):
+  with pytest.raises(
+    torch_io.CheckpointFormatError, match=r"dferclip_throwaway_utils\.RecorderMeter"
+  ):
     torch_io.load_state_dict(path, strict_classes=True)
 
 
 class _Block(nn.Module):
-
   def __init__(self):
     super().__init__()
     self.ln = nn.LayerNorm(7)
@@ -203,7 +214,6 @@ class _Block(nn.Module):
 
 
 class _TinyClip(nn.Module):
-
   def __init__(self):
     super().__init__()
     self.logit_scale = nn.Parameter(torch.tensor(4.6052))
@@ -251,17 +261,18 @@ def test_whole_pickled_module(tmp_path):
   _assert_same(arrays, model.state_dict())
   assert "2.scratch" in report.ignored_keys  # non-persistent buffer
   assert "torch.nn.modules.batchnorm.BatchNorm1d" in report.stubbed_classes
-  with pytest.raises(torch_io.CheckpointFormatError,
-                     match=r"torch\.nn\.modules\.container\.Sequential"):
+  with pytest.raises(
+    torch_io.CheckpointFormatError, match=r"torch\.nn\.modules\.container\.Sequential"
+  ):
     torch_io.load_state_dict(path, strict_classes=True)
 
 
 def test_legacy_torch_save(tmp_path):
   base = torch.arange(12, dtype=torch.float64).reshape(3, 4)
   tensors = {
-      "w": base.t(),
-      "p": nn.Parameter(torch.randn(2, 3)),
-      "i": torch.tensor([7, 8], dtype=torch.int16),
+    "w": base.t(),
+    "p": nn.Parameter(torch.randn(2, 3)),
+    "i": torch.tensor([7, 8], dtype=torch.int16),
   }
   path = tmp_path / "legacy.pt"
   torch.save(tensors, path, _use_new_zipfile_serialization=False)
@@ -276,10 +287,10 @@ def test_dtypes_without_typed_storage_and_tensor_attributes(tmp_path):
   param = nn.Parameter(torch.randn(2))
   param.note = "pickled via _rebuild_parameter_with_state"
   tensors = {
-      "u16": torch.tensor([1, 2**16 - 1], dtype=torch.uint16),
-      "f8": torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn),
-      "tagged": tagged,
-      "param": param,
+    "u16": torch.tensor([1, 2**16 - 1], dtype=torch.uint16),
+    "f8": torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn),
+    "tagged": tagged,
+    "param": param,
   }
   path = tmp_path / "v3.pt"
   torch.save(tensors, path)
@@ -310,9 +321,9 @@ def test_checkpoint_wrappers(tmp_path, wrapper):
 
 def test_big_endian_archive(tmp_path):
   tensors = {
-      "f": torch.randn(2, 3),
-      "i": torch.tensor([1, -2, 3**30]),
-      "c": torch.randn(3, dtype=torch.complex64),
+    "f": torch.randn(2, 3),
+    "i": torch.tensor([1, -2, 3**30]),
+    "c": torch.randn(3, dtype=torch.complex64),
   }
   little = tmp_path / "little.pt"
   torch.save(tensors, little)
@@ -333,9 +344,9 @@ def test_big_endian_archive(tmp_path):
 def test_safetensors_and_npz_round_trips(tmp_path):
   safetensors_torch = pytest.importorskip("safetensors.torch")
   tensors = {
-      "a.weight": torch.randn(3, 5),
-      "b": torch.randn(4).bfloat16(),
-      "c": torch.arange(6).reshape(2, 3),
+    "a.weight": torch.randn(3, 5),
+    "b": torch.randn(4).bfloat16(),
+    "c": torch.arange(6).reshape(2, 3),
   }
   st_path = tmp_path / "w.safetensors"
   safetensors_torch.save_file(tensors, st_path, metadata={"format": "pt"})
@@ -345,8 +356,8 @@ def test_safetensors_and_npz_round_trips(tmp_path):
 
   npz_path = tmp_path / "w.npz"
   expected = {
-      "x": np.arange(6, dtype=np.float32).reshape(2, 3),
-      "y/z": np.array([1, 2], dtype=np.int64),
+    "x": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "y/z": np.array([1, 2], dtype=np.int64),
   }
   np.savez(npz_path, **expected)
   arrays, report = torch_io.load_state_dict(npz_path)
@@ -376,28 +387,32 @@ def test_missing_truncated_and_random_files(tmp_path, small_checkpoint):
   truncated = tmp_path / "truncated.pt"
   data = small_checkpoint.read_bytes()
   truncated.write_bytes(data[: len(data) // 2])
-  with pytest.raises(torch_io.CheckpointFormatError,
-                     match="truncated.pt: zip archive is truncated"):
+  with pytest.raises(
+    torch_io.CheckpointFormatError, match="truncated.pt: zip archive is truncated"
+  ):
     torch_io.load_state_dict(truncated)
 
   noise = tmp_path / "noise.pth"
   noise.write_bytes(np.random.default_rng(0).bytes(4096))
-  with pytest.raises(torch_io.CheckpointFormatError,
-                     match="noise.pth: not a recognised checkpoint"):
+  with pytest.raises(
+    torch_io.CheckpointFormatError, match="noise.pth: not a recognised checkpoint"
+  ):
     torch_io.load_state_dict(noise)
 
 
 def test_damaged_archive_entries(tmp_path, small_checkpoint):
   no_data = tmp_path / "no_data.pt"
   _rewrite_zip(small_checkpoint, no_data, {"small/data/0": None})
-  with pytest.raises(torch_io.CheckpointFormatError,
-                     match=r"no_data.pt: .*no entry 'small/data/0'"):
+  with pytest.raises(
+    torch_io.CheckpointFormatError, match=r"no_data.pt: .*no entry 'small/data/0'"
+  ):
     torch_io.load_state_dict(no_data)
 
   short = tmp_path / "short.pt"
   _rewrite_zip(small_checkpoint, short, {"small/data/0": b"\0" * 8})
-  with pytest.raises(torch_io.CheckpointFormatError,
-                     match="short.pt: entry small/data/0 holds 8 bytes"):
+  with pytest.raises(
+    torch_io.CheckpointFormatError, match="short.pt: entry small/data/0 holds 8 bytes"
+  ):
     torch_io.load_state_dict(short)
 
   # A stride that walks past the storage must be refused, not read out of bounds.
@@ -406,8 +421,9 @@ def test_damaged_archive_entries(tmp_path, small_checkpoint):
   stride_3_1 = b"K\x03K\x01\x86"  # BININT1 3, BININT1 1, TUPLE2
   assert pickled.count(stride_3_1) == 1
   bad_stride = tmp_path / "bad_stride.pt"
-  _rewrite_zip(small_checkpoint, bad_stride,
-               {"small/data.pkl": pickled.replace(stride_3_1, b"K\x09K\x01\x86")})
+  _rewrite_zip(
+    small_checkpoint, bad_stride, {"small/data.pkl": pickled.replace(stride_3_1, b"K\x09K\x01\x86")}
+  )
   with pytest.raises(torch_io.CheckpointFormatError, match="bad_stride.pt: .*reach element 11"):
     torch_io.load_state_dict(bad_stride)
 

@@ -29,16 +29,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from dfer_clip_jax import demo_tokenizer
+from dfer_clip_jax import config_lib, demo_tokenizer, optim
 from dfer_clip_jax import state as state_lib
 from dfer_clip_jax import train as train_lib
 from dfer_clip_jax.benchmarks import train_step as ts
 from dfer_clip_jax.conversion import clip_weights
-from dfer_clip_jax import config_lib
-from dfer_clip_jax import optim
 from dfer_clip_jax.data import datasets
 from dfer_clip_jax.models import clip as clip_lib
 from dfer_clip_jax.models import dfer_clip as dfer_lib
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -61,11 +60,23 @@ BATCH, FRAMES, STEPS = 3, 3, 3
 TEMPORAL = dict(temporal_heads=3, temporal_dim_head=5, temporal_mlp_dim=20)  # inner 15, D 24
 VOCAB = state_lib.DEMO_VOCAB  # the demo tokenizer's: its end-of-text id is VOCAB - 1
 HF_SIZES = dict(
-    vision=dict(hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=5,
-                image_size=30, patch_size=6),
-    text=dict(hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=77),
-    projection_dim=24)
+  vision=dict(
+    hidden_size=40,
+    intermediate_size=72,
+    num_hidden_layers=2,
+    num_attention_heads=5,
+    image_size=30,
+    patch_size=6,
+  ),
+  text=dict(
+    hidden_size=48,
+    intermediate_size=88,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+  ),
+  projection_dim=24,
+)
 
 
 def _texts():
@@ -75,12 +86,19 @@ def _texts():
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
   """A tiny HF CLIP folder with its own vocabulary (the demo tokenizer of the DFEW texts)."""
-  text = transformers.CLIPTextConfig(vocab_size=VOCAB, eos_token_id=VOCAB - 1,
-                                     bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1,
-                                     **HF_SIZES["text"])
+  text = transformers.CLIPTextConfig(
+    vocab_size=VOCAB,
+    eos_token_id=VOCAB - 1,
+    bos_token_id=VOCAB - 2,
+    pad_token_id=VOCAB - 1,
+    **HF_SIZES["text"],
+  )
   vision = transformers.CLIPVisionConfig(**HF_SIZES["vision"])
-  cfg = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                projection_dim=HF_SIZES["projection_dim"])
+  cfg = transformers.CLIPConfig(
+    text_config=text.to_dict(),
+    vision_config=vision.to_dict(),
+    projection_dim=HF_SIZES["projection_dim"],
+  )
   torch.manual_seed(0)
   model = transformers.CLIPModel(cfg)
   # Random LayerNorm affine parameters, biases and class embedding, so none can be skipped.
@@ -108,8 +126,10 @@ def _our_config(clip_folder=None, variant="tiny", frames=FRAMES, batch=BATCH):
 
 
 def _flat(module, kind=nnx.Param):
-  return {".".join(str(p) for p in path): np.asarray(v.get_value())
-          for path, v in nnx.to_flat_state(nnx.state(module, kind))}
+  return {
+    ".".join(str(p) for p in path): np.asarray(v.get_value())
+    for path, v in nnx.to_flat_state(nnx.state(module, kind))
+  }
 
 
 def _rel_err(a, b):
@@ -137,17 +157,20 @@ def copy_ours_into_torch(ours: dfer_lib.DFERCLIP, theirs) -> None:
 def pair(clip_folder, tmp_path_factory):
   """Both models from the same folder; ours with its optimizer, torch's with our weights."""
   c = _our_config(clip_folder)
-  ours, spec, groups = state_lib.build_model(c, tmp_path_factory.mktemp("ours"),
-                                                datasets.DFEW_CLASSES, rngs=nnx.Rngs(c.seed))
+  ours, spec, groups = state_lib.build_model(
+    c, tmp_path_factory.mktemp("ours"), datasets.DFEW_CLASSES, rngs=nnx.Rngs(c.seed)
+  )
   optimizer = state_lib.build_optimizer(c, ours, groups, steps_per_epoch=100)
   # The torch model of our model's config (temporal sizes, prompts, logit scale).
-  theirs = tstep.build(clip_dir=str(clip_folder), frames=FRAMES, device="cpu", seed=1,
-                       config=spec.model)
+  theirs = tstep.build(
+    clip_dir=str(clip_folder), frames=FRAMES, device="cpu", seed=1, config=spec.model
+  )
   # It tokenized the same prompts into the same buffers as our model.
   pl = theirs.prompt_learner
   for name in ("token_prefix", "token_suffix"):
-    np.testing.assert_array_equal(getattr(pl, name).numpy(),
-                                  np.asarray(getattr(ours.prompt_learner, name)[...]), name)
+    np.testing.assert_array_equal(
+      getattr(pl, name).numpy(), np.asarray(getattr(ours.prompt_learner, name)[...]), name
+    )
   np.testing.assert_array_equal(pl.eot.numpy(), np.asarray(ours.prompt_learner.eot))
   copy_ours_into_torch(ours, theirs)
   return dict(config=c, ours=ours, optimizer=optimizer, spec=spec, theirs=theirs)
@@ -156,8 +179,13 @@ def pair(clip_folder, tmp_path_factory):
 def _batches(n, seed=0):
   rs = np.random.RandomState(seed)
   size = HF_SIZES["vision"]["image_size"]
-  return [(rs.randint(0, 256, (BATCH, FRAMES, size, size, 3)).astype(np.uint8),
-           rs.randint(0, 7, (BATCH,)).astype(np.int32)) for _ in range(n)]
+  return [
+    (
+      rs.randint(0, 256, (BATCH, FRAMES, size, size, 3)).astype(np.uint8),
+      rs.randint(0, 7, (BATCH,)).astype(np.int32),
+    )
+    for _ in range(n)
+  ]
 
 
 def _clip_params(ours_clip=None, theirs_clip=None):
@@ -165,8 +193,9 @@ def _clip_params(ours_clip=None, theirs_clip=None):
   if ours_clip is not None:
     flat = clip_weights.params_to_openai(ours_clip)
   else:
-    flat = clip_weights.hf_to_openai({k: v.detach().numpy()
-                                      for k, v in theirs_clip.state_dict().items()})
+    flat = clip_weights.hf_to_openai(
+      {k: v.detach().numpy() for k, v in theirs_clip.state_dict().items()}
+    )
   return {k: np.asarray(v, np.float64) for k, v in flat.items()}
 
 
@@ -175,40 +204,49 @@ def test_same_features(pair):
   enough: the temporal class token and positions, N(0, 1), dwarf the frame features)."""
   video, _ = _batches(1)[0]
   # Jitted: one compile costs less than running the model op by op.
-  aux = nnx.jit(lambda m, x: m(m.preprocess(x), train=True)[1])(
-      pair["ours"], jnp.asarray(video))
+  aux = nnx.jit(lambda m, x: m(m.preprocess(x), train=True)[1])(pair["ours"], jnp.asarray(video))
   theirs = pair["theirs"]
   with torch.no_grad():
     frames = theirs.encode_frames(torch.from_numpy(video))
-    got = {"frame_features": frames, "video_features_raw": theirs.temporal_net(frames),
-           "text_features_raw": theirs.encode_prompts()}
+    got = {
+      "frame_features": frames,
+      "video_features_raw": theirs.temporal_net(frames),
+      "text_features_raw": theirs.encode_prompts(),
+    }
   for name, value in got.items():
-    assert _rel_err(value.numpy().astype(np.float64), np.asarray(aux[name], np.float64)) < 1e-5, \
-        name
+    assert _rel_err(value.numpy().astype(np.float64), np.asarray(aux[name], np.float64)) < 1e-5, (
+      name
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(pair):
   """STEPS training steps of each on the same batches: losses and parameter changes. (Of a copy
   of the torch model: the other tests see `pair` as built.)"""
-  c, ours, optimizer = pair["config"], pair["ours"], pair["optimizer"]
+  ours, optimizer = pair["ours"], pair["optimizer"]
   theirs = copy.deepcopy(pair["theirs"])
   graphdef, model_state = nnx.split(ours)
   opt_graphdef, opt_state = nnx.split(optimizer)
-  step = jax.jit(train_lib.make_train_step(graphdef, opt_graphdef,
-                                           dropout=False))
+  step = jax.jit(train_lib.make_train_step(graphdef, opt_graphdef, dropout=False))
   torch_step = tstep.make_train_step(theirs, tstep.make_optimizer(theirs), "fp32")
-  before = dict(ours_clip=_clip_params(ours_clip=ours.clip),
-                theirs_clip=_clip_params(theirs_clip=theirs.clip),
-                ours_temporal=_flat(ours.temporal_net),
-                theirs_temporal={k: v.detach().numpy().copy()
-                                 for k, v in theirs.temporal_net.named_parameters()},
-                ours_ctx=np.asarray(ours.prompt_learner.ctx[...]),
-                theirs_ctx=theirs.prompt_learner.ctx.detach().numpy().copy())
+  before = dict(
+    ours_clip=_clip_params(ours_clip=ours.clip),
+    theirs_clip=_clip_params(theirs_clip=theirs.clip),
+    ours_temporal=_flat(ours.temporal_net),
+    theirs_temporal={
+      k: v.detach().numpy().copy() for k, v in theirs.temporal_net.named_parameters()
+    },
+    ours_ctx=np.asarray(ours.prompt_learner.ctx[...]),
+    theirs_ctx=theirs.prompt_learner.ctx.detach().numpy().copy(),
+  )
   losses = []
   for video, labels in _batches(STEPS):
-    batch = {"video": jnp.asarray(video), "label": jnp.asarray(labels),
-             "index": jnp.arange(BATCH, dtype=jnp.int32), "mask": jnp.ones((BATCH,), bool)}
+    batch = {
+      "video": jnp.asarray(video),
+      "label": jnp.asarray(labels),
+      "index": jnp.arange(BATCH, dtype=jnp.int32),
+      "mask": jnp.ones((BATCH,), bool),
+    }
     model_state, opt_state, metrics = step(model_state, opt_state, batch, jax.random.key(0))
     loss, _ = torch_step(torch.from_numpy(video), torch.from_numpy(labels).long())
     losses.append((float(metrics["loss"]), float(loss)))
@@ -234,8 +272,7 @@ def test_same_updates_per_group(trained):
   differences of float32 parameters (the image tower's, lr 1e-5, lose digits to rounding)."""
   b, ours, theirs = trained["before"], trained["ours"], trained["theirs"]
   d_ours = {k: v - b["ours_clip"][k] for k, v in _clip_params(ours_clip=ours.clip).items()}
-  d_theirs = {k: v - b["theirs_clip"][k]
-              for k, v in _clip_params(theirs_clip=theirs.clip).items()}
+  d_theirs = {k: v - b["theirs_clip"][k] for k, v in _clip_params(theirs_clip=theirs.clip).items()}
   assert set(d_ours) == set(d_theirs)
   image = [k for k in d_ours if k.startswith("visual.")]
   text = [k for k in d_ours if not k.startswith("visual.")]
@@ -273,8 +310,9 @@ def _ours_random_init(variant, frames, batch):
   c = _our_config(variant=variant, frames=frames, batch=batch)
   clip_cfg = clip_lib.preset(variant)
   clip_cfg = clip_cfg.replace(
-      vision=dataclasses.replace(clip_cfg.vision, image_size=c.clip.image_size),
-      text=dataclasses.replace(clip_cfg.text, vocab_size=VOCAB))
+    vision=dataclasses.replace(clip_cfg.vision, image_size=c.clip.image_size),
+    text=dataclasses.replace(clip_cfg.text, vocab_size=VOCAB),
+  )
   dfer_cfg = state_lib.model_config(c, datasets.DFEW_CLASSES)
   groups = optim.groups_from_config(c.optim)
   return c, clip_cfg, dfer_cfg, groups
@@ -289,10 +327,12 @@ def test_random_init_variants_match_ours():
     assert tstep.clip_config_of(tstep.hf_clip_config(variant)) == clip_cfg, variant
     assert tstep.paper_config(16) == dfer_cfg
   lrs = {g.name: g.lr for g in groups if g.trainable and g.lr > 0 and g.name != "head"}
-  assert lrs == {"temporal": tstep.LR_TEMPORAL, "image": tstep.LR_IMAGE,
-                 "prompt": tstep.LR_PROMPT}
+  assert lrs == {"temporal": tstep.LR_TEMPORAL, "image": tstep.LR_IMAGE, "prompt": tstep.LR_PROMPT}
   assert (tstep.MOMENTUM, tstep.WEIGHT_DECAY, c.optim.name) == (
-      c.optim.momentum, c.optim.weight_decay, "sgd")
+    c.optim.momentum,
+    c.optim.weight_decay,
+    "sgd",
+  )
 
 
 def test_groups_and_frozen_parameters(pair):
@@ -300,8 +340,11 @@ def test_groups_and_frozen_parameters(pair):
   image tower (with its projection) and the context, at their learning rates."""
   theirs = pair["theirs"]
   groups = {g["name"]: g for g in tstep.make_optimizer(theirs).param_groups}
-  assert {k: g["lr"] for k, g in groups.items()} == {"temporal": 1e-2, "image": 1e-5,
-                                                     "prompt": 1e-3}
+  assert {k: g["lr"] for k, g in groups.items()} == {
+    "temporal": 1e-2,
+    "image": 1e-5,
+    "prompt": 1e-3,
+  }
   assert all(g["momentum"] == 0.9 and g["weight_decay"] == 1e-4 for g in groups.values())
   trained_ids = {id(p) for g in groups.values() for p in g["params"]}
   for name, p in theirs.named_parameters():
@@ -320,11 +363,33 @@ def test_prompt_path_is_hfs_text_tower(pair):
 # The script on the CPU
 
 TINY = ["--variant=tiny", "--frames=2", "--batch=2", "--steps=1", "--warmup=1", "--device=cpu"]
-REQUIRED = ("compile_s", "step_ms_p50", "step_ms_p90", "step_ms_min", "step_ms_pipelined",
-            "clips_per_s", "frames_per_s", "model_tflops_per_step", "analytic_tflops_per_step",
-            "analytic_tflops_breakdown", "achieved_tflops", "mfu", "peak_memory_gb",
-            "device_kind", "device_count", "platform", "torch_version", "transformers_version",
-            "arithmetic", "peak_tflops", "config", "last_metrics", "status", "framework", "impl")
+REQUIRED = (
+  "compile_s",
+  "step_ms_p50",
+  "step_ms_p90",
+  "step_ms_min",
+  "step_ms_pipelined",
+  "clips_per_s",
+  "frames_per_s",
+  "model_tflops_per_step",
+  "analytic_tflops_per_step",
+  "analytic_tflops_breakdown",
+  "achieved_tflops",
+  "mfu",
+  "peak_memory_gb",
+  "device_kind",
+  "device_count",
+  "platform",
+  "torch_version",
+  "transformers_version",
+  "arithmetic",
+  "peak_tflops",
+  "config",
+  "last_metrics",
+  "status",
+  "framework",
+  "impl",
+)
 
 
 def _check_record(record, impl):
@@ -347,14 +412,18 @@ def _check_record(record, impl):
   _, clip_cfg, dfer_cfg, _ = _ours_random_init("tiny", 2, 2)
   ours = ts.analytic_flops(clip_cfg, dfer_cfg, 2, "train")
   assert record["model_tflops_per_step"] == ours["total"] / 1e12
-  assert record["analytic_tflops_breakdown"] == {k: v / 1e12 for k, v in ours.items()
-                                                 if k != "total"}
+  assert record["analytic_tflops_breakdown"] == {
+    k: v / 1e12 for k, v in ours.items() if k != "total"
+  }
 
 
 def _table_row(text, impl):
   """The record's row in the printed table (framework, variant and impl in its cells)."""
-  rows = [ln for ln in text.splitlines() if ln.startswith("|")
-          and {"torch", "tiny", impl} <= {c.strip() for c in ln.split("|")}]
+  rows = [
+    ln
+    for ln in text.splitlines()
+    if ln.startswith("|") and {"torch", "tiny", impl} <= {c.strip() for c in ln.split("|")}
+  ]
   return rows
 
 
@@ -365,9 +434,13 @@ def test_script_runs_on_the_cpu(tmp_path, capsys):
   demo_tokenizer.build_demo_tokenizer(tmp_path / "tokenizer", _texts(), vocab_size=VOCAB)
   fp32 = tmp_path / "fp32.json"
   proc = subprocess.Popen(
-      [sys.executable, str(SCRIPT), *TINY, "--impl=fp32", f"--json={fp32}",
-       f"--workdir={tmp_path}"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [sys.executable, str(SCRIPT), *TINY, "--impl=fp32", f"--json={fp32}", f"--workdir={tmp_path}"],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   try:
     bf16 = tmp_path / "bf16.json"
     assert tstep.main(TINY + ["--impl=bf16", f"--json={bf16}", f"--workdir={tmp_path}"]) == 0
@@ -381,16 +454,22 @@ def test_script_runs_on_the_cpu(tmp_path, capsys):
 
 
 @pytest.mark.skipif(
-    not os.environ.get("TORCH_STEP_TEST_COMPILE"),
-    reason="torch.compile (Dynamo + Inductor's C++ kernels) of the tiny step took over 300 s on "
-           "this 2-core CPU; set TORCH_STEP_TEST_COMPILE=1 to run it (gpu_check.sh runs it on "
-           "the GPU)")
+  not os.environ.get("TORCH_STEP_TEST_COMPILE"),
+  reason="torch.compile (Dynamo + Inductor's C++ kernels) of the tiny step took over 300 s on "
+  "this 2-core CPU; set TORCH_STEP_TEST_COMPILE=1 to run it (gpu_check.sh runs it on "
+  "the GPU)",
+)
 def test_compile_variant_on_the_cpu(tmp_path):
   out = tmp_path / "compile.json"
   proc = subprocess.run(
-      [sys.executable, str(SCRIPT), *TINY, "--impl=bf16-compile", f"--json={out}"], cwd=REPO,
-      env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=3600,
-      check=False)
+    [sys.executable, str(SCRIPT), *TINY, "--impl=bf16-compile", f"--json={out}"],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+    capture_output=True,
+    text=True,
+    timeout=3600,
+    check=False,
+  )
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
   _check_record(json.loads(out.read_text()), "bf16-compile")
 

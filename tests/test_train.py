@@ -14,8 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from dfer_clip_jax import evaluate
-from dfer_clip_jax import train
+from dfer_clip_jax import evaluate, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -24,9 +23,15 @@ from dfer_clip_jax import config_lib  # noqa: E402
 
 # Tiny run: 42 synthetic clips of 24 px, 4 frames at 16 px, batch 8, 2 epochs.
 TINY_ARGS = "clips=42,epochs=2,frames=4"
-TINY_OVERRIDES = {"data.synthetic_size": 24, "clip.image_size": 16, "train.batch_size": 8,
-                  "train.eval_batch_size": 8, "train.checkpoint_every_steps": 2,
-                  "train.log_every_steps": 1, "data.validate": True}
+TINY_OVERRIDES = {
+  "data.synthetic_size": 24,
+  "clip.image_size": 16,
+  "train.batch_size": 8,
+  "train.eval_batch_size": 8,
+  "train.checkpoint_every_steps": 2,
+  "train.log_every_steps": 1,
+  "data.validate": True,
+}
 
 
 def tiny_config(workdir_synth, **extra):
@@ -38,8 +43,10 @@ def tiny_config(workdir_synth, **extra):
 
 
 def cli_overrides(workdir_synth, **extra):
-  out = [f"--config={REPO / 'configs' / 'demo.py'}:{TINY_ARGS}",
-         f"--config.data.synthetic_dir={workdir_synth}"]
+  out = [
+    f"--config={REPO / 'configs' / 'demo.py'}:{TINY_ARGS}",
+    f"--config.data.synthetic_dir={workdir_synth}",
+  ]
   out += [f"--config.{k}={v}" for k, v in {**TINY_OVERRIDES, **extra}.items()]
   return out
 
@@ -48,6 +55,7 @@ def cli_overrides(workdir_synth, **extra):
 def synth(tmp_path_factory):
   """The synthetic dataset, generated once for the module."""
   from dfer_clip_jax.data import synthetic
+
   root = tmp_path_factory.mktemp("synth")
   synthetic.generate(root, num_classes=7, num_clips=42, seed=0, image_size=24, processes=1)
   return root
@@ -65,10 +73,23 @@ def test_all_configs_parse_and_typos_fail():
     for fold in range(1, 6):
       assert module.get_config(f"fold={fold}").fold == fold
   ferv39k.get_config()
-  for arg in ("variant=B/16", "variant=L/14", "ctx=4", "ctx=16", "depth=0", "depth=3",
-              "text=class_name", "text=name_with_context", "text=template", "baseline=zeroshot",
-              "baseline=linear_probe", "baseline=finetune", "baseline=finetune_tm",
-              "baseline=coop", "protocol=paper"):
+  for arg in (
+    "variant=B/16",
+    "variant=L/14",
+    "ctx=4",
+    "ctx=16",
+    "depth=0",
+    "depth=3",
+    "text=class_name",
+    "text=name_with_context",
+    "text=template",
+    "baseline=zeroshot",
+    "baseline=linear_probe",
+    "baseline=finetune",
+    "baseline=finetune_tm",
+    "baseline=coop",
+    "protocol=paper",
+  ):
     dfew.get_config(arg)
   paper = dfew.get_config()
   assert (paper.clip.variant, paper.model.n_ctx, paper.model.temporal_depth) == ("B/32", 8, 1)
@@ -89,9 +110,19 @@ def test_all_configs_parse_and_typos_fail():
 
 def test_main_rejects_unknown_override(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "dfer_clip_jax.main", f"--config={REPO / 'configs/dfew.py'}",
-       f"--workdir={tmp_path}", "--config.train.epochz=3"],
-      capture_output=True, text=True, timeout=120, cwd=REPO)
+    [
+      sys.executable,
+      "-m",
+      "dfer_clip_jax.main",
+      f"--config={REPO / 'configs/dfew.py'}",
+      f"--workdir={tmp_path}",
+      "--config.train.epochz=3",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO,
+  )
   assert proc.returncode != 0
   assert "epochz" in proc.stderr
 
@@ -101,14 +132,27 @@ def test_train_and_evaluate_writes_everything(finished_run):
   rows = report["rows"]
   assert set(rows) == {"last epoch", "best by validation", "paper protocol (selected on test)"}
   assert len(report["history"]) == 2
-  for name in ("report.json", "metrics.jsonl", "eval/last/metrics.json",
-               "eval/last/predictions.csv", "eval/last/confusion_matrix.png"):
+  for name in (
+    "report.json",
+    "metrics.jsonl",
+    "eval/last/metrics.json",
+    "eval/last/predictions.csv",
+    "eval/last/confusion_matrix.png",
+  ):
     assert (workdir / name).is_file(), name
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   train_lines = [x for x in lines if "train/loss" in x]
-  assert {"train/loss", "train/accuracy", "train/grad_norm", "train/param_norm",
-          "train/clips_per_s", "lr/image", "lr/temporal", "lr/prompt"} <= set(train_lines[0])
+  assert {
+    "train/loss",
+    "train/accuracy",
+    "train/grad_norm",
+    "train/param_norm",
+    "train/clips_per_s",
+    "lr/image",
+    "lr/temporal",
+    "lr/prompt",
+  } <= set(train_lines[0])
   with open(workdir / "eval/last/predictions.csv") as fh:
     rows_csv = list(csv.DictReader(fh))
   assert len(rows_csv) == report["last_test"]["counts"]["total"]
@@ -154,18 +198,19 @@ def test_kill_and_resume_is_bit_identical(finished_run, synth, tmp_path):
   run (same devices, CPU)."""
   ref_dir, _ = finished_run
   workdir = tmp_path / "killed"
-  cmd = [sys.executable, "-m", "dfer_clip_jax.main", f"--workdir={workdir}",
-         *cli_overrides(synth)]
+  cmd = [sys.executable, "-m", "dfer_clip_jax.main", f"--workdir={workdir}", *cli_overrides(synth)]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   deadline = time.time() + 240
   ckpt = workdir / "checkpoints"
   try:
     # Kill once a mid-run checkpoint (step 2 or 4 of 6) is complete.
     while time.time() < deadline and proc.poll() is None:
-      steps = [p for p in ckpt.glob("[0-9]*")
-               if p.name.isdigit() and (p / "commit_success.txt").exists()]
+      steps = [
+        p for p in ckpt.glob("[0-9]*") if p.name.isdigit() and (p / "commit_success.txt").exists()
+      ]
       if any(int(p.name) in (2, 4) for p in steps):
         break
       time.sleep(0.2)
@@ -179,8 +224,9 @@ def test_kill_and_resume_is_bit_identical(finished_run, synth, tmp_path):
   done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "Resumed from checkpoint step" in done.stdout
-  assert ((workdir / "eval/last/predictions.csv").read_text()
-          == (ref_dir / "eval/last/predictions.csv").read_text())
+  assert (workdir / "eval/last/predictions.csv").read_text() == (
+    ref_dir / "eval/last/predictions.csv"
+  ).read_text()
 
 
 def test_corrupt_latest_checkpoint_falls_back(finished_run, synth, tmp_path):
@@ -200,8 +246,11 @@ def test_one_device_and_eight_devices_agree(synth, tmp_path):
   """The same first steps on 1 device, on 8 (data parallel) and on 8 with FSDP sharding."""
   assert jax.device_count() == 8
   losses = {}
-  for name, mesh in (("1", dict(data=1, fsdp=1)), ("8", dict(data=8, fsdp=1)),
-                     ("fsdp", dict(data=2, fsdp=4))):
+  for name, mesh in (
+    ("1", dict(data=1, fsdp=1)),
+    ("8", dict(data=8, fsdp=1)),
+    ("fsdp", dict(data=2, fsdp=4)),
+  ):
     c = tiny_config(synth, **{"train.epochs": 1})
     with c.unlocked():
       c.mesh.data, c.mesh.fsdp = mesh["data"], mesh["fsdp"]
@@ -217,17 +266,24 @@ def test_one_device_and_eight_devices_agree(synth, tmp_path):
   np.testing.assert_allclose(losses["fsdp"], losses["1"], rtol=1e-5, atol=1e-5)
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_the_last_good_checkpoint(synth, tmp_path,
-                                                                             monkeypatch):
+def test_non_finite_loss_stops_with_step_and_keeps_the_last_good_checkpoint(
+  synth, tmp_path, monkeypatch
+):
   """The learning rates become infinite after step 2 (saved): the run stops naming the first
   non-finite step, 3, before the epoch-end save, and the kept step 2, which evaluates."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from dfer_clip_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(state_lib, "make_schedule", lambda config, steps_per_epoch: (
-      lambda count: jnp.where(count < 2, 1.0, jnp.inf)))
+
+  monkeypatch.setattr(
+    state_lib,
+    "make_schedule",
+    lambda config, steps_per_epoch: lambda count: jnp.where(count < 2, 1.0, jnp.inf),
+  )
   workdir = tmp_path / "nan"
-  with pytest.raises(train.NonFiniteError,
-                     match=r"at step 3 .*last good checkpoint \(step 2\) is kept") as info:
+  with pytest.raises(
+    train.NonFiniteError, match=r"at step 3 .*last good checkpoint \(step 2\) is kept"
+  ) as info:
     train.train_and_evaluate(tiny_config(synth), workdir)
   assert "non-finite" in str(info.value)
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -238,6 +294,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_the_last_good_checkpoint(synt
 
 def test_folds_summary_reuses_finished_folds(finished_run, synth, tmp_path, capsys):
   from dfer_clip_jax import folds
+
   ref_dir, report = finished_run
   shutil.copytree(ref_dir, tmp_path / "fold1")
   summary = folds.run_folds(tiny_config(synth), tmp_path)
@@ -252,6 +309,7 @@ def test_folds_summary_reuses_finished_folds(finished_run, synth, tmp_path, caps
 def test_eval_mode_on_converted_reference_checkpoint(synth, tmp_path, reference_dir):
   """`--mode=eval --checkpoint=DIR` accepts a reference checkpoint converted by the CLI."""
   from dfer_clip_jax.conversion import reference
+
   imported = reference.load_reference_checkpoint(reference_dir / "tiny_forward.npz")
   export = reference.export_model(imported.model, imported.clip_config, tmp_path / "export")
   result = evaluate.evaluate_checkpoint(tiny_config(synth), tmp_path / "wd", str(export))
@@ -262,6 +320,7 @@ def test_eval_mode_on_converted_reference_checkpoint(synth, tmp_path, reference_
 
 def test_cudnn_failures_name_the_setting_that_avoids_them():
   from dfer_clip_jax import train as train_lib
+
   with pytest.raises(RuntimeError, match="attention_impl=xla") as info:
     with train_lib._explain_attention_failure("auto"):
       raise ValueError("INTERNAL: cuDNN graph failed to build")
@@ -278,10 +337,19 @@ def test_custom_dataset_with_a_classes_file_trains_and_evaluates(synth, tmp_path
   names = ["calm", "joy", "grief", "rage", "shock", "revulsion", "dread"]
   classes_file = tmp_path / "classes.txt"
   classes_file.write_text("# one class per line, in label order\n" + "\n".join(names) + "\n")
-  c = tiny_config(synth, **{"dataset": "custom", "data.source": "folders",
-                            "data.root": str(synth), "data.train_list": "train.txt",
-                            "data.test_list": "test.txt", "data.classes_file": str(classes_file),
-                            "model.text_type": "name_with_context", "train.epochs": 1})
+  c = tiny_config(
+    synth,
+    **{
+      "dataset": "custom",
+      "data.source": "folders",
+      "data.root": str(synth),
+      "data.train_list": "train.txt",
+      "data.test_list": "test.txt",
+      "data.classes_file": str(classes_file),
+      "model.text_type": "name_with_context",
+      "train.epochs": 1,
+    },
+  )
   report = train.train_and_evaluate(c, tmp_path / "run")
   assert report["class_names"] == names and len(report["history"]) == 1
   with open(tmp_path / "run" / "eval/last/predictions.csv") as fh:
@@ -291,16 +359,19 @@ def test_custom_dataset_with_a_classes_file_trains_and_evaluates(synth, tmp_path
   assert result["uar"] == report["last_test"]["uar"]
   with pytest.raises(ValueError, match="data.classes_file"):
     from dfer_clip_jax.data import sources  # pylint: disable=g-import-not-at-top
+
     bad = tiny_config(synth, **{"dataset": "custom"})
     sources.class_names(bad)
 
 
-def test_preemption_saves_the_step_and_resumes_to_the_same_result(finished_run, synth, tmp_path,
-                                                                    monkeypatch):
+def test_preemption_saves_the_step_and_resumes_to_the_same_result(
+  finished_run, synth, tmp_path, monkeypatch
+):
   """A SIGTERM after step 1 (not a checkpoint step): the run saves step 1, stops with the
   preemption exit status and says how to resume; the rerun resumes there and ends with the
   uninterrupted run's predictions. (Two processes agreeing on the step: test_distributed.)"""
   from dfer_clip_jax import preemption  # pylint: disable=g-import-not-at-top
+
   ref_dir, _ = finished_run
   workdir = tmp_path / "preempted"
   monkeypatch.setenv(preemption.ENV_TEST_SIGNAL, "0:1")
@@ -311,5 +382,6 @@ def test_preemption_saves_the_step_and_resumes_to_the_same_result(finished_run, 
   assert steps == [1] and not (workdir / "report.json").exists()
   monkeypatch.delenv(preemption.ENV_TEST_SIGNAL)
   train.train_and_evaluate(tiny_config(synth), workdir)
-  assert ((workdir / "eval/last/predictions.csv").read_text()
-          == (ref_dir / "eval/last/predictions.csv").read_text())
+  assert (workdir / "eval/last/predictions.csv").read_text() == (
+    ref_dir / "eval/last/predictions.csv"
+  ).read_text()

@@ -19,29 +19,43 @@ from typing import Any
 
 # (record key, column title, format)
 COLUMNS = (
-    ("framework", "framework", "{}"), ("variant", "variant", "{}"), ("mode", "mode", "{}"),
-    ("precision", "precision", "{}"), ("remat", "remat", "{}"),
-    ("attention_used", "attention", "{}"), ("xla_gpu_flags", "XLA flags", "{}"),
-    ("batch", "batch", "{}"), ("microbatches", "micro", "{}"),
-    ("step_ms_p50", "step ms p50", "{:.1f}"), ("step_ms_pipelined", "step ms", "{:.1f}"),
-    ("clips_per_s", "clips/s", "{:.1f}"), ("frames_per_s", "frames/s", "{:.0f}"),
-    ("model_tflops_per_step", "model TFLOP/step", "{:.2f}"),
-    ("xla_over_analytic", "XLA/analytic", "{:.2f}"),
-    ("achieved_tflops", "TFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
-    ("text_share", "text share", "{:.0%}"),
-    ("peak_memory_gb", "peak GB", "{:.1f}"), ("max_batch_per_device", "max batch/dev", "{}"),
-    ("fastest_batch_per_device", "fastest batch/dev", "{}"),
-    ("compile_s", "compile s", "{:.1f}"), ("status", "status", "{}"),
+  ("framework", "framework", "{}"),
+  ("variant", "variant", "{}"),
+  ("mode", "mode", "{}"),
+  ("precision", "precision", "{}"),
+  ("remat", "remat", "{}"),
+  ("attention_used", "attention", "{}"),
+  ("xla_gpu_flags", "XLA flags", "{}"),
+  ("batch", "batch", "{}"),
+  ("microbatches", "micro", "{}"),
+  ("step_ms_p50", "step ms p50", "{:.1f}"),
+  ("step_ms_pipelined", "step ms", "{:.1f}"),
+  ("clips_per_s", "clips/s", "{:.1f}"),
+  ("frames_per_s", "frames/s", "{:.0f}"),
+  ("model_tflops_per_step", "model TFLOP/step", "{:.2f}"),
+  ("xla_over_analytic", "XLA/analytic", "{:.2f}"),
+  ("achieved_tflops", "TFLOP/s", "{:.1f}"),
+  ("mfu", "MFU", "{:.1%}"),
+  ("text_share", "text share", "{:.0%}"),
+  ("peak_memory_gb", "peak GB", "{:.1f}"),
+  ("max_batch_per_device", "max batch/dev", "{}"),
+  ("fastest_batch_per_device", "fastest batch/dev", "{}"),
+  ("compile_s", "compile s", "{:.1f}"),
+  ("status", "status", "{}"),
 )
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> str:
   """A markdown table of benchmark records (one row each), with the device named above it."""
-  devices = sorted({f"{r['device_kind']} x{r.get('device_count')}" for r in records
-                    if r.get("device_kind")})
-  lines = [f"Device: {', '.join(devices) if devices else 'unknown'}", "",
-           "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-           "|" + "---|" * len(COLUMNS)]
+  devices = sorted(
+    {f"{r['device_kind']} x{r.get('device_count')}" for r in records if r.get("device_kind")}
+  )
+  lines = [
+    f"Device: {', '.join(devices) if devices else 'unknown'}",
+    "",
+    "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+    "|" + "---|" * len(COLUMNS),
+  ]
   for r in records:
     cells = []
     for key, _, fmt in COLUMNS:
@@ -90,28 +104,49 @@ def compare(records: Sequence[dict[str, Any]], batch: int | None = None) -> str:
   if batch is None:
     batches = [r.get("batch") for r in records if framework(r) == "torch" and _ok(r)]
     batch = max(set(batches), key=batches.count) if batches else 48
-  train = [r for r in records if _ok(r) and r.get("mode", "train") == "train"
-           and r.get("batch") == batch]
+  train = [
+    r for r in records if _ok(r) and r.get("mode", "train") == "train" and r.get("batch") == batch
+  ]
   variants = sorted({r.get("variant") for r in train if r.get("variant")})
-  lines = [f"Ours / PyTorch, training step, batch {batch} (clips/s):", "",
-           "| variant | ours precision | ours | ours' switches | torch fp32 | torch bf16 | "
-           "torch bf16-compile | ours / torch fp32 | ours / torch bf16-compile |",
-           "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+  lines = [
+    f"Ours / PyTorch, training step, batch {batch} (clips/s):",
+    "",
+    "| variant | ours precision | ours | ours' switches | torch fp32 | torch bf16 | "
+    "torch bf16-compile | ours / torch fp32 | ours / torch bf16-compile |",
+    "|---|---|---:|---|---:|---:|---:|---:|---:|",
+  ]
 
   def best(rows):
     return max(rows, key=lambda r: r["clips_per_s"]) if rows else None
 
   for v in variants:
-    torch_rows = {impl: best([r for r in train if framework(r) == "torch"
-                              and r.get("variant") == v and r.get("impl") == impl])
-                  for impl in ("fp32", "bf16", "bf16-compile")}
+    torch_rows = {
+      impl: best(
+        [
+          r
+          for r in train
+          if framework(r) == "torch" and r.get("variant") == v and r.get("impl") == impl
+        ]
+      )
+      for impl in ("fp32", "bf16", "bf16-compile")
+    }
     for dtype in ("bfloat16", "float32"):
-      ours = best([r for r in train if framework(r) == "jax" and r.get("variant") == v
-                   and r.get("dtype") == dtype and not r.get("max_batch_search")])
+      ours = best(
+        [
+          r
+          for r in train
+          if framework(r) == "jax"
+          and r.get("variant") == v
+          and r.get("dtype") == dtype
+          and not r.get("max_batch_search")
+        ]
+      )
       if ours is None:
         continue
-      switches = (f"attention {ours.get('attention_used')}, remat {ours.get('remat')}, XLA "
-                  f"flags {ours.get('xla_gpu_flags', 'none')}, micro {ours.get('microbatches', 1)}")
+      switches = (
+        f"attention {ours.get('attention_used')}, remat {ours.get('remat')}, XLA "
+        f"flags {ours.get('xla_gpu_flags', 'none')}, micro {ours.get('microbatches', 1)}"
+      )
       cells = [v, dtype, f"{ours['clips_per_s']:.1f}", switches]
       for impl in ("fp32", "bf16", "bf16-compile"):
         t = torch_rows[impl]
@@ -121,9 +156,11 @@ def compare(records: Sequence[dict[str, Any]], batch: int | None = None) -> str:
         cells.append("-" if t is None else f"{ours['clips_per_s'] / t['clips_per_s']:.2f}x")
       lines.append("| " + " | ".join(cells) + " |")
   skipped = [r.get("run", "?") for r in records if str(r.get("status", "")).startswith("skipped")]
-  failed = [f"{r.get('run', '?')} ({r.get('status')})" for r in records
-            if r.get("status") not in ("ok", None) and not str(r.get("status")).startswith(
-                "skipped")]
+  failed = [
+    f"{r.get('run', '?')} ({r.get('status')})"
+    for r in records
+    if r.get("status") not in ("ok", None) and not str(r.get("status")).startswith("skipped")
+  ]
   if skipped:
     lines += ["", "Skipped (budget): " + ", ".join(skipped)]
   if failed:

@@ -76,10 +76,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfer_clip_jax import config_lib
+from dfer_clip_jax import config_lib, xla_flags
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
-from dfer_clip_jax import xla_flags
 from dfer_clip_jax.benchmarks import report
 from dfer_clip_jax.data import datasets
 from dfer_clip_jax.models import clip as clip_lib
@@ -92,16 +91,16 @@ NUM_BATCHES = 4  # distinct random batches the timed steps cycle through
 # have no TF32: float32 matmuls at default precision run as one bf16 pass (so "tf32" = bf16
 # peak) and at "highest" as six (fp32 = bf16 / 6).
 PEAK_TFLOPS: tuple[tuple[tuple[str, ...], str, dict[str, float]], ...] = (
-    (("H100 PCIe",), "H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
-    (("H100 NVL",), "H100 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
-    (("H200 NVL",), "H200 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
-    (("H100",), "H100 SXM", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    (("H200",), "H200 SXM", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    (("A100",), "A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    (("TPU v5 lite", "TPU v5e"), "TPU v5e", {"bf16": 197.0, "tf32": 197.0, "fp32": 197.0 / 6}),
-    (("TPU v6 lite", "TPU v6e"), "TPU v6e", {"bf16": 918.0, "tf32": 918.0, "fp32": 918.0 / 6}),
-    (("TPU v5p", "TPU v5"), "TPU v5p", {"bf16": 459.0, "tf32": 459.0, "fp32": 459.0 / 6}),
-    (("TPU v4",), "TPU v4", {"bf16": 275.0, "tf32": 275.0, "fp32": 275.0 / 6}),
+  (("H100 PCIe",), "H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+  (("H100 NVL",), "H100 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+  (("H200 NVL",), "H200 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+  (("H100",), "H100 SXM", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+  (("H200",), "H200 SXM", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+  (("A100",), "A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+  (("TPU v5 lite", "TPU v5e"), "TPU v5e", {"bf16": 197.0, "tf32": 197.0, "fp32": 197.0 / 6}),
+  (("TPU v6 lite", "TPU v6e"), "TPU v6e", {"bf16": 918.0, "tf32": 918.0, "fp32": 918.0 / 6}),
+  (("TPU v5p", "TPU v5"), "TPU v5p", {"bf16": 459.0, "tf32": 459.0, "fp32": 459.0 / 6}),
+  (("TPU v4",), "TPU v4", {"bf16": 275.0, "tf32": 275.0, "fp32": 275.0 / 6}),
 )
 
 # Substrings of XLA / PJRT errors that mean "does not fit in device memory".
@@ -137,8 +136,9 @@ def is_oom(err: BaseException) -> bool:
 # Analytic FLOPs
 
 
-def transformer_flops(tokens: int, width: int, layers: int, mlp_dim: int, inner: int
-                  ) -> tuple[float, float]:
+def transformer_flops(
+  tokens: int, width: int, layers: int, mlp_dim: int, inner: int
+) -> tuple[float, float]:
   """Forward FLOPs of `layers` pre-LN transformer blocks on one sequence: (linear layers,
   attention products). Fused q/k/v width -> 3*inner, output inner -> width, MLP width ->
   mlp_dim -> width; attention q.k and p.v, 2 * tokens^2 * inner each (causal masks counted
@@ -148,8 +148,9 @@ def transformer_flops(tokens: int, width: int, layers: int, mlp_dim: int, inner:
   return layers * linear, layers * attn
 
 
-def analytic_flops(clip_cfg: clip_lib.CLIPConfig, dfer_cfg, batch: int, mode: str
-                   ) -> dict[str, float]:
+def analytic_flops(
+  clip_cfg: clip_lib.CLIPConfig, dfer_cfg, batch: int, mode: str
+) -> dict[str, float]:
   """Model FLOPs of one step, by part (image, temporal, text, logits) and `total`.
 
   Training: every trained matrix product costs 3x its forward (forward, input gradient, weight
@@ -172,8 +173,9 @@ def analytic_flops(clip_cfg: clip_lib.CLIPConfig, dfer_cfg, batch: int, mode: st
   d = clip_cfg.embed_dim
   if dfer_cfg.temporal == "transformer":
     inner = dfer_cfg.temporal_heads * dfer_cfg.temporal_dim_head
-    lin, att = transformer_flops(dfer_cfg.num_frames + 1, d, dfer_cfg.temporal_depth,
-                             dfer_cfg.temporal_mlp_dim, inner)
+    lin, att = transformer_flops(
+      dfer_cfg.num_frames + 1, d, dfer_cfg.temporal_depth, dfer_cfg.temporal_mlp_dim, inner
+    )
     out["temporal"] = batch * (lin + att) * (3 if train else 1)
   if dfer_cfg.head == "prompt":
     if train:
@@ -193,6 +195,7 @@ def analytic_flops(clip_cfg: clip_lib.CLIPConfig, dfer_cfg, batch: int, mode: st
 @dataclasses.dataclass
 class Trial:
   """One attempted per-device batch: fits = compiled within memory and ran."""
+
   batch: int
   fits: bool
   predicted_bytes: float | None = None  # XLA's memory estimate of the compiled step
@@ -221,9 +224,16 @@ def _fit_batch(points: list[tuple[int, float]], target_bytes: float) -> int | No
   return int(math.floor(b0 + (target_bytes - m0) / slope))
 
 
-def search_max_batch(trial: Callable[[int], Trial], *, start: int, limit: int, granularity: int,
-                     budget_s: float, bytes_limit: float | None = None,
-                     clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+def search_max_batch(
+  trial: Callable[[int], Trial],
+  *,
+  start: int,
+  limit: int,
+  granularity: int,
+  budget_s: float,
+  bytes_limit: float | None = None,
+  clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
   """Largest per-device batch for which `trial` succeeds, to within `granularity`.
 
   Doubles from `start` until a trial fails (or `limit` is reached; if `start` fails, halves
@@ -237,8 +247,10 @@ def search_max_batch(trial: Callable[[int], Trial], *, start: int, limit: int, g
   batch or None), exact (bracket closed to `granularity`, or `limit` reached), trials, seconds.
   """
   if start < 1 or limit < start or granularity < 1:
-    raise ValueError(f"need 1 <= start <= limit and granularity >= 1, got start={start}, "
-                     f"limit={limit}, granularity={granularity}")
+    raise ValueError(
+      f"need 1 <= start <= limit and granularity >= 1, got start={start}, "
+      f"limit={limit}, granularity={granularity}"
+    )
   t0 = clock()
   lo, hi = 0, None
   trials: list[Trial] = []
@@ -267,8 +279,9 @@ def search_max_batch(trial: Callable[[int], Trial], *, start: int, limit: int, g
     if guess is not None and lo < guess < upper and guess not in {x.batch for x in trials}:
       nxt = guess
       confirmed_prediction = False
-    elif (guess is not None and lo >= guess and not confirmed_prediction
-          and lo + granularity < upper):
+    elif (
+      guess is not None and lo >= guess and not confirmed_prediction and lo + granularity < upper
+    ):
       nxt = lo + granularity  # the prediction held: probe just above it
       confirmed_prediction = True
     elif hi is None:
@@ -286,16 +299,29 @@ def search_max_batch(trial: Callable[[int], Trial], *, start: int, limit: int, g
       break
     b = nxt
   exact = (hi is not None and hi - lo <= granularity) or (hi is None and lo >= limit)
-  return {"max_batch_per_device": lo or None, "upper_bound": hi, "exact": bool(exact),
-          "trials": [dataclasses.asdict(x) for x in trials], "seconds": clock() - t0}
+  return {
+    "max_batch_per_device": lo or None,
+    "upper_bound": hi,
+    "exact": bool(exact),
+    "trials": [dataclasses.asdict(x) for x in trials],
+    "seconds": clock() - t0,
+  }
 
 
 # ----------------------------------------------------------------------------------------------
 # Building the real step
 
 
-def load_config(variant: str, *, frames: int, batch: int, dtype: str, remat: str,
-                attention: str, microbatches: int = 1):
+def load_config(
+  variant: str,
+  *,
+  frames: int,
+  batch: int,
+  dtype: str,
+  remat: str,
+  attention: str,
+  microbatches: int = 1,
+):
   """`configs/dfew.py` (the paper recipe) with the benchmark's overrides."""
   c = config_lib.paper_config("dfew", f"variant={variant}")
   c.clip.dtype = dtype
@@ -316,8 +342,9 @@ def _memory_bytes(compiled) -> float | None:
     return None
   if m is None:
     return None
-  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+  return float(
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
 
 
 def _flops(stage) -> float | None:
@@ -354,32 +381,50 @@ class StepBench:
   def __init__(self, args: argparse.Namespace, workdir: pathlib.Path, attention: str):
     from dfer_clip_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
     from dfer_clip_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+
     self.args = args
     self.mode = args.mode
-    self.config = load_config(args.variant, frames=args.frames, batch=args.batch,
-                              dtype=args.dtype, remat=args.remat, attention=attention,
-                              microbatches=args.microbatches)
+    self.config = load_config(
+      args.variant,
+      frames=args.frames,
+      batch=args.batch,
+      dtype=args.dtype,
+      remat=args.remat,
+      attention=attention,
+      microbatches=args.microbatches,
+    )
     c = self.config
     self.mesh = sharding_lib.make_mesh(c.mesh.data, c.mesh.fsdp)
     self.n_dev = self.mesh.devices.size
     self.class_names = datasets.DFEW_CLASSES
-    model, self.spec, groups = state_lib.build_model(c, workdir, self.class_names,
-                                                     rngs=nnx.Rngs(c.seed))
-    optimizer = (state_lib.build_optimizer(c, model, groups, steps_per_epoch=100)
-                 if self.mode == "train" else None)
+    model, self.spec, groups = state_lib.build_model(
+      c, workdir, self.class_names, rngs=nnx.Rngs(c.seed)
+    )
+    optimizer = (
+      state_lib.build_optimizer(c, model, groups, steps_per_epoch=100)
+      if self.mode == "train"
+      else None
+    )
     self.graphdef, model_state = nnx.split(model)
     self.model_state, self.model_shardings = state_lib.shard_state(
-        model_state, self.mesh, c.mesh.fsdp_min_size)
+      model_state, self.mesh, c.mesh.fsdp_min_size
+    )
     self.opt_state = self.opt_shardings = None
     if optimizer is not None:
       opt_graphdef, opt_state = nnx.split(optimizer)
       self.opt_state, self.opt_shardings = state_lib.shard_state(
-          opt_state, self.mesh, c.mesh.fsdp_min_size)
+        opt_state, self.mesh, c.mesh.fsdp_min_size
+      )
       self.fn = jax.jit(
-          train_lib.make_train_step(self.graphdef, opt_graphdef,
-                                    dropout=c.model.temporal_dropout > 0,
-                                    microbatches=c.train.microbatches),
-          donate_argnums=(0, 1), out_shardings=(self.model_shardings, self.opt_shardings, None))
+        train_lib.make_train_step(
+          self.graphdef,
+          opt_graphdef,
+          dropout=c.model.temporal_dropout > 0,
+          microbatches=c.train.microbatches,
+        ),
+        donate_argnums=(0, 1),
+        out_shardings=(self.model_shardings, self.opt_shardings, None),
+      )
     else:
       evaluator = evaluate_lib.Evaluator(self.graphdef, self.mesh)
       # The evaluator's per-batch function and its once-per-evaluation text features.
@@ -399,10 +444,12 @@ class StepBench:
 
     def make(key):
       kv, kl = jax.random.split(key)
-      return {"video": jax.random.bits(kv, (batch, frames, size, size, 3), jnp.uint8),
-              "label": jax.random.randint(kl, (batch,), 0, classes, jnp.int32),
-              "index": jnp.arange(batch, dtype=jnp.int32),
-              "mask": jnp.ones((batch,), bool)}
+      return {
+        "video": jax.random.bits(kv, (batch, frames, size, size, 3), jnp.uint8),
+        "label": jax.random.randint(kl, (batch,), 0, classes, jnp.int32),
+        "index": jnp.arange(batch, dtype=jnp.int32),
+        "mask": jnp.ones((batch,), bool),
+      }
 
     return jax.jit(make, out_shardings=self.batch_sharding)(jax.random.key(seed))
 
@@ -427,8 +474,9 @@ class StepBench:
   def call(self, compiled, batch: dict[str, jax.Array], key: jax.Array):
     """One step; the train step's new state replaces the (donated) old one."""
     if self.mode == "train":
-      self.model_state, self.opt_state, metrics = compiled(self.model_state, self.opt_state,
-                                                           batch, key)
+      self.model_state, self.opt_state, metrics = compiled(
+        self.model_state, self.opt_state, batch, key
+      )
       return metrics
     return compiled(self.model_state, batch["video"], self.text_features)
 
@@ -441,6 +489,7 @@ class StepBench:
 def _text_tower_step(graphdef, wrt):
   """The text side of a training step alone: the C class prompts through the text tower and
   the gradient back to what trains (the context), with a fixed cotangent."""
+
   def text_step(model_state):
     model = nnx.merge(graphdef, model_state)
 
@@ -448,6 +497,7 @@ def _text_tower_step(graphdef, wrt):
       return jnp.sum(m.text_features()[0] * 0.01)
 
     return nnx.grad(features, argnums=nnx.DiffState(0, wrt))(model)
+
   return text_step
 
 
@@ -464,8 +514,14 @@ def _time_text(bench: StepBench, steps: int) -> dict[str, Any]:
   return {"text_ms": (time.perf_counter() - t) / steps * 1e3}
 
 
-def _time_steps(bench: StepBench, compiled, batches: Sequence[dict[str, jax.Array]],
-                keys: Sequence[jax.Array], warmup: int, steps: int) -> dict[str, Any]:
+def _time_steps(
+  bench: StepBench,
+  compiled,
+  batches: Sequence[dict[str, jax.Array]],
+  keys: Sequence[jax.Array],
+  warmup: int,
+  steps: int,
+) -> dict[str, Any]:
   k = iter(keys)
   b = iter(batches[i % len(batches)] for i in range(1, len(keys) + 1))
   for _ in range(warmup):
@@ -484,9 +540,13 @@ def _time_steps(bench: StepBench, compiled, batches: Sequence[dict[str, jax.Arra
     jax.block_until_ready(bench.outputs(result))
     pipelined = (time.perf_counter() - t) / steps
   ms = np.asarray(times) * 1e3
-  out = {"step_ms_p50": float(np.percentile(ms, 50)), "step_ms_p90": float(np.percentile(ms, 90)),
-         "step_ms_min": float(ms.min()), "step_ms_mean": float(ms.mean()),
-         "step_ms_pipelined": pipelined * 1e3}
+  out = {
+    "step_ms_p50": float(np.percentile(ms, 50)),
+    "step_ms_p90": float(np.percentile(ms, 90)),
+    "step_ms_min": float(ms.min()),
+    "step_ms_mean": float(ms.mean()),
+    "step_ms_pipelined": pipelined * 1e3,
+  }
   if bench.mode == "train":
     metrics = {name: float(v) for name, v in jax.device_get(result).items()}
     out["last_metrics"] = metrics
@@ -511,19 +571,34 @@ def _versions() -> dict[str, Any]:
 
 def _config_record(bench: StepBench, args: argparse.Namespace) -> dict[str, Any]:
   clip_cfg, dfer_cfg = bench.spec.clip, bench.spec.model
-  return {"variant": args.variant, "mode": args.mode, "frames": args.frames, "batch": args.batch,
-          "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
-          "matmul_precision": args.matmul_precision, "image_size": clip_cfg.vision.image_size,
-          "patch_size": clip_cfg.vision.patch_size, "vision_width": clip_cfg.vision.width,
-          "vision_layers": clip_cfg.vision.layers, "text_width": clip_cfg.text.width,
-          "text_layers": clip_cfg.text.layers, "embed_dim": clip_cfg.embed_dim,
-          "num_classes": dfer_cfg.num_classes, "n_ctx": dfer_cfg.n_ctx,
-          "temporal_depth": dfer_cfg.temporal_depth, "optimizer": bench.config.optim.name,
-          "mesh": dict(bench.mesh.shape), "config_file": "configs/dfew.py"}
+  return {
+    "variant": args.variant,
+    "mode": args.mode,
+    "frames": args.frames,
+    "batch": args.batch,
+    "dtype": args.dtype,
+    "remat": args.remat,
+    "attention": args.attention,
+    "matmul_precision": args.matmul_precision,
+    "image_size": clip_cfg.vision.image_size,
+    "patch_size": clip_cfg.vision.patch_size,
+    "vision_width": clip_cfg.vision.width,
+    "vision_layers": clip_cfg.vision.layers,
+    "text_width": clip_cfg.text.width,
+    "text_layers": clip_cfg.text.layers,
+    "embed_dim": clip_cfg.embed_dim,
+    "num_classes": dfer_cfg.num_classes,
+    "n_ctx": dfer_cfg.n_ctx,
+    "temporal_depth": dfer_cfg.temporal_depth,
+    "optimizer": bench.config.optim.name,
+    "mesh": dict(bench.mesh.shape),
+    "config_file": "configs/dfew.py",
+  }
 
 
-def _compile_and_first_step(bench: StepBench, batch, key, bytes_limit: float | None,
-                            record: dict[str, Any]):
+def _compile_and_first_step(
+  bench: StepBench, batch, key, bytes_limit: float | None, record: dict[str, Any]
+):
   """Lowers and compiles the step (timings, XLA's FLOP and memory estimates into `record`),
   refuses a step that XLA's estimate says cannot fit, then runs it once (the first warm-up
   step: kernels that fail at run time fail here). Returns the compiled step."""
@@ -544,19 +619,24 @@ def _compile_and_first_step(bench: StepBench, batch, key, bytes_limit: float | N
   need = _memory_bytes(compiled)
   record["compiled_memory_gb"] = None if need is None else need / 1e9
   if bytes_limit is not None and need is not None and need > bytes_limit:
-    raise MemoryError(f"RESOURCE_EXHAUSTED: XLA's estimate for the step, {need / 1e9:.1f} GB, "
-                      f"exceeds the device memory of {bytes_limit / 1e9:.1f} GB")
+    raise MemoryError(
+      f"RESOURCE_EXHAUSTED: XLA's estimate for the step, {need / 1e9:.1f} GB, "
+      f"exceeds the device memory of {bytes_limit / 1e9:.1f} GB"
+    )
   jax.block_until_ready(bench.outputs(bench.call(compiled, batch, key)))
   return compiled
 
 
-def _find_max_batch(args: argparse.Namespace, bench: StepBench, host_state,
-                    bytes_limit: float | None) -> dict[str, Any]:
+def _find_max_batch(
+  args: argparse.Namespace, bench: StepBench, host_state, bytes_limit: float | None
+) -> dict[str, Any]:
   limit = args.max_batch_limit
   if limit is None:
     if bytes_limit is None:
-      raise ValueError("--find_max_batch on a backend without device memory stats (e.g. CPU) "
-                       "needs --max_batch_limit (it would otherwise grow until the host swaps)")
+      raise ValueError(
+        "--find_max_batch on a backend without device memory stats (e.g. CPU) "
+        "needs --max_batch_limit (it would otherwise grow until the host swaps)"
+      )
     limit = 1 << 14
   per_device = args.batch // bench.n_dev
 
@@ -568,7 +648,8 @@ def _find_max_batch(args: argparse.Namespace, bench: StepBench, host_state,
       key = bench.keys(1)[0]
       if bench.mode == "train":
         bench.model_state, bench.opt_state = jax.device_put(
-            host_state, (bench.model_shardings, bench.opt_shardings))
+          host_state, (bench.model_shardings, bench.opt_shardings)
+        )
       compiled = bench.lower(batch, key).compile()
       need = _memory_bytes(compiled)
       if bytes_limit is not None and need is not None and need > bytes_limit:
@@ -580,8 +661,7 @@ def _find_max_batch(args: argparse.Namespace, bench: StepBench, host_state,
         result = bench.call(compiled, batch, key)
       jax.block_until_ready(bench.outputs(result))
       step_s = (time.perf_counter() - t_steps) / TRIAL_STEPS
-      return Trial(b, True, need, time.perf_counter() - t,
-                   clips_per_s=b * bench.n_dev / step_s)
+      return Trial(b, True, need, time.perf_counter() - t, clips_per_s=b * bench.n_dev / step_s)
     except Exception as err:  # pylint: disable=broad-except
       if not is_oom(err):
         raise
@@ -590,9 +670,14 @@ def _find_max_batch(args: argparse.Namespace, bench: StepBench, host_state,
       del batch, key, compiled
       gc.collect()
 
-  return search_max_batch(trial, start=per_device, limit=limit,
-                          granularity=args.max_batch_granularity,
-                          budget_s=args.max_batch_budget_s, bytes_limit=bytes_limit)
+  return search_max_batch(
+    trial,
+    start=per_device,
+    limit=limit,
+    granularity=args.max_batch_granularity,
+    budget_s=args.max_batch_budget_s,
+    bytes_limit=bytes_limit,
+  )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -602,8 +687,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   precision = args.matmul_precision or ("highest" if args.dtype == "float32" else "default")
   args.matmul_precision = precision
   # The precision applies while tracing, so the whole run (build, compile, steps) sits inside.
-  with (jax.default_matmul_precision(precision) if precision != "default"
-        else contextlib.nullcontext()):
+  with (
+    jax.default_matmul_precision(precision) if precision != "default" else contextlib.nullcontext()
+  ):
     return _run(args, precision)
 
 
@@ -614,40 +700,66 @@ def _run(args: argparse.Namespace, precision: str) -> dict[str, Any]:
   arithmetic = arithmetic_of(args.dtype, precision, platform)
   chip, peak = peak_tflops(kind, arithmetic)
   record: dict[str, Any] = {
-      "benchmark": "dfer_clip_jax.benchmarks.train_step", "framework": "jax", "status": "ok",
-      "device_kind": kind, "device_count": len(jax.devices()), "platform": platform,
-      "process_count": jax.process_count(), **_versions(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
-      "compilation_cache_dir": os.environ.get("JAX_COMPILATION_CACHE_DIR", ""),
-      "arithmetic": arithmetic, "tf32": arithmetic == "tf32" and platform in ("gpu", "cuda"),
-      "peak_chip": chip, "peak_tflops": peak,
+    "benchmark": "dfer_clip_jax.benchmarks.train_step",
+    "framework": "jax",
+    "status": "ok",
+    "device_kind": kind,
+    "device_count": len(jax.devices()),
+    "platform": platform,
+    "process_count": jax.process_count(),
+    **_versions(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
+    "compilation_cache_dir": os.environ.get("JAX_COMPILATION_CACHE_DIR", ""),
+    "arithmetic": arithmetic,
+    "tf32": arithmetic == "tf32" and platform in ("gpu", "cuda"),
+    "peak_chip": chip,
+    "peak_tflops": peak,
   }
-  record.update({k: getattr(args, k) for k in ("variant", "mode", "frames", "batch", "dtype",
-                                              "remat", "attention", "matmul_precision",
-                                              "microbatches", "xla_gpu_flags")})
-  workdir = pathlib.Path(args.workdir) if args.workdir else pathlib.Path(
-      tempfile.mkdtemp(prefix="dfer_bench_"))
+  record.update(
+    {
+      k: getattr(args, k)
+      for k in (
+        "variant",
+        "mode",
+        "frames",
+        "batch",
+        "dtype",
+        "remat",
+        "attention",
+        "matmul_precision",
+        "microbatches",
+        "xla_gpu_flags",
+      )
+    }
+  )
+  workdir = (
+    pathlib.Path(args.workdir)
+    if args.workdir
+    else pathlib.Path(tempfile.mkdtemp(prefix="dfer_bench_"))
+  )
   try:
     if args.batch % len(jax.devices()):
-      raise ValueError(f"--batch={args.batch} must be a multiple of the {len(jax.devices())} "
-                       "devices")
+      raise ValueError(
+        f"--batch={args.batch} must be a multiple of the {len(jax.devices())} devices"
+      )
     record["batch_per_device"] = args.batch // len(jax.devices())
     bench = StepBench(args, workdir, args.attention)
     head_dim = bench.spec.clip.vision.width // bench.spec.clip.vision.heads
-    record["attention_used"] = clip_lib.resolve_attention_impl(args.attention, args.dtype,
-                                                               head_dim)
+    record["attention_used"] = clip_lib.resolve_attention_impl(args.attention, args.dtype, head_dim)
     record["config"] = _config_record(bench, args)
     flops = analytic_flops(bench.spec.clip, bench.spec.model, args.batch, args.mode)
     record["analytic_tflops_per_step"] = flops["total"] / 1e12
-    record["analytic_tflops_breakdown"] = {k: v / 1e12 for k, v in flops.items()
-                                           if k != "total"}
+    record["analytic_tflops_breakdown"] = {k: v / 1e12 for k, v in flops.items() if k != "total"}
     record["model_tflops_per_step"] = flops["total"] / 1e12
     _, bytes_limit = _memory_stats()
     record["bytes_limit_gb"] = None if bytes_limit is None else bytes_limit / 1e9
     # The search starts from this state whatever the measurement does to it (donation).
-    host_state = (jax.device_get((bench.model_state, bench.opt_state))
-                  if args.find_max_batch and args.mode == "train" else None)
+    host_state = (
+      jax.device_get((bench.model_state, bench.opt_state))
+      if args.find_max_batch and args.mode == "train"
+      else None
+    )
     try:
       bench = _measure(args, bench, workdir, bytes_limit, peak, record)
     except Exception as err:  # pylint: disable=broad-except
@@ -687,9 +799,14 @@ def _record_error(record: dict[str, Any], err: BaseException) -> None:
   record["peak_memory_gb"] = None if peak_bytes is None else peak_bytes / 1e9
 
 
-def _measure(args: argparse.Namespace, bench: StepBench, workdir: pathlib.Path,
-             bytes_limit: float | None, peak: float | None, record: dict[str, Any]
-             ) -> StepBench:
+def _measure(
+  args: argparse.Namespace,
+  bench: StepBench,
+  workdir: pathlib.Path,
+  bytes_limit: float | None,
+  peak: float | None,
+  record: dict[str, Any],
+) -> StepBench:
   """Compiles and times the step at --batch into `record`; returns the bench it used (a new one
   if cuDNN attention had to be replaced by XLA's)."""
   n_keys = max(args.warmup, 1) + 2 * args.steps
@@ -712,12 +829,12 @@ def _measure(args: argparse.Namespace, bench: StepBench, workdir: pathlib.Path,
     batches, keys = bench.make_batches(args.batch), bench.keys(n_keys)
     compiled = _compile_and_first_step(bench, batches[0], keys[0], bytes_limit, record)
   record["attention_sites"] = dict(sorted(clip_lib.ATTENTION_SITES.items()))
-  record["attention_used"] = _attention_summary(record["attention_sites"],
-                                                record["attention_used"])
+  record["attention_used"] = _attention_summary(record["attention_sites"], record["attention_used"])
   if clip_lib.CUDNN_FALLBACKS and "attention_fallback_error" not in record:
     record["attention_fallback_error"] = sorted(clip_lib.CUDNN_FALLBACKS)[0][:300]
-  record.update(_time_steps(bench, compiled, batches, keys[1:], max(args.warmup, 1) - 1,
-                            args.steps))
+  record.update(
+    _time_steps(bench, compiled, batches, keys[1:], max(args.warmup, 1) - 1, args.steps)
+  )
   step_s = record["step_ms_pipelined"] / 1e3
   if args.mode == "train":
     record.update(_time_text(bench, args.steps))
@@ -726,52 +843,98 @@ def _measure(args: argparse.Namespace, bench: StepBench, workdir: pathlib.Path,
   record["clips_per_s"] = args.batch / step_s
   record["frames_per_s"] = args.batch * args.frames / step_s
   record["achieved_tflops"] = record["model_tflops_per_step"] / step_s
-  record["mfu"] = (None if peak is None
-                   else record["achieved_tflops"] / (peak * len(jax.devices())))
+  record["mfu"] = None if peak is None else record["achieved_tflops"] / (peak * len(jax.devices()))
   peak_bytes, _ = _memory_stats()
   record["peak_memory_gb"] = None if peak_bytes is None else peak_bytes / 1e9
   return bench
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--variant", default="B/32", choices=VARIANTS, help="CLIP size (random init)")
   p.add_argument("--frames", type=int, default=16, help="frames per clip (T)")
   p.add_argument("--batch", type=int, default=48, help="global batch of clips")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype (parameters and optimizer state stay float32)")
-  p.add_argument("--remat", default="none", choices=clip_lib.REMAT_MODES,
-                 help="image-tower activations recomputed in the backward pass "
-                      "(models.clip.remat_mode)")
-  p.add_argument("--microbatches", type=int, default=1,
-                 help="gradient accumulation: the batch runs as this many sequential slices")
-  p.add_argument("--xla_gpu_flags", default="none", choices=sorted(xla_flags.PRESETS),
-                 help="XLA GPU option preset (dfer_clip_jax/xla_flags.py), as the trainer's "
-                      "train.xla_gpu_flags")
+  p.add_argument(
+    "--dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="compute dtype (parameters and optimizer state stay float32)",
+  )
+  p.add_argument(
+    "--remat",
+    default="none",
+    choices=clip_lib.REMAT_MODES,
+    help="image-tower activations recomputed in the backward pass (models.clip.remat_mode)",
+  )
+  p.add_argument(
+    "--microbatches",
+    type=int,
+    default=1,
+    help="gradient accumulation: the batch runs as this many sequential slices",
+  )
+  p.add_argument(
+    "--xla_gpu_flags",
+    default="none",
+    choices=sorted(xla_flags.PRESETS),
+    help="XLA GPU option preset (dfer_clip_jax/xla_flags.py), as the trainer's train.xla_gpu_flags",
+  )
   p.add_argument("--mode", default="train", choices=("train", "eval"))
-  p.add_argument("--attention", default="auto", choices=clip_lib.ATTENTION_IMPLS,
-                 help="attention implementation; auto = cuDNN on GPUs in bf16, else XLA")
-  p.add_argument("--matmul_precision", default=None, choices=("default", "high", "highest"),
-                 help="jax_default_matmul_precision; default: highest for float32 (true fp32, "
-                      "as the reference), default for bfloat16")
+  p.add_argument(
+    "--attention",
+    default="auto",
+    choices=clip_lib.ATTENTION_IMPLS,
+    help="attention implementation; auto = cuDNN on GPUs in bf16, else XLA",
+  )
+  p.add_argument(
+    "--matmul_precision",
+    default=None,
+    choices=("default", "high", "highest"),
+    help="jax_default_matmul_precision; default: highest for float32 (true fp32, "
+    "as the reference), default for bfloat16",
+  )
   p.add_argument("--steps", type=int, default=20, help="timed steps (each of the two loops)")
-  p.add_argument("--warmup", type=int, default=3,
-                 help="untimed steps after compiling (at least 1: the first step also checks "
-                      "that the compiled kernels run)")
+  p.add_argument(
+    "--warmup",
+    type=int,
+    default=3,
+    help="untimed steps after compiling (at least 1: the first step also checks "
+    "that the compiled kernels run)",
+  )
   p.add_argument("--json", default="", help="write the record (or the summary's records) here")
-  p.add_argument("--workdir", default="",
-                 help="folder for the demo tokenizer (reused across runs); default: a temp dir")
-  p.add_argument("--find_max_batch", action="store_true",
-                 help="also search the largest per-device batch that fits")
-  p.add_argument("--max_batch_budget_s", type=float, default=300.0,
-                 help="time budget of the search")
-  p.add_argument("--max_batch_limit", type=int, default=None,
-                 help="largest per-device batch to try (required without device memory stats)")
-  p.add_argument("--max_batch_granularity", type=int, default=8,
-                 help="the search stops when the bracket is this narrow")
-  p.add_argument("--summarize", nargs="*", default=None, metavar="JSON",
-                 help="print a markdown table of these records (files or folders of *.json)")
+  p.add_argument(
+    "--workdir",
+    default="",
+    help="folder for the demo tokenizer (reused across runs); default: a temp dir",
+  )
+  p.add_argument(
+    "--find_max_batch",
+    action="store_true",
+    help="also search the largest per-device batch that fits",
+  )
+  p.add_argument(
+    "--max_batch_budget_s", type=float, default=300.0, help="time budget of the search"
+  )
+  p.add_argument(
+    "--max_batch_limit",
+    type=int,
+    default=None,
+    help="largest per-device batch to try (required without device memory stats)",
+  )
+  p.add_argument(
+    "--max_batch_granularity",
+    type=int,
+    default=8,
+    help="the search stops when the bracket is this narrow",
+  )
+  p.add_argument(
+    "--summarize",
+    nargs="*",
+    default=None,
+    metavar="JSON",
+    help="print a markdown table of these records (files or folders of *.json)",
+  )
   return p
 
 

@@ -21,7 +21,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -30,7 +29,10 @@ from dfer_clip_jax.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisi
 
 # Source keys that carry no weights we use (explicitly ignored, never silently dropped).
 OPENAI_IGNORED = ("input_resolution", "context_length", "vocab_size")
-HF_IGNORED_PATTERNS = (r"text_model\.embeddings\.position_ids", r"vision_model\.embeddings\.position_ids")
+HF_IGNORED_PATTERNS = (
+  r"text_model\.embeddings\.position_ids",
+  r"vision_model\.embeddings\.position_ids",
+)
 
 
 class CheckpointMismatchError(ValueError):
@@ -60,72 +62,81 @@ def _get(state: Mapping[str, Any], key: str) -> np.ndarray:
   return np.asarray(state[key])
 
 
-def config_from_openai(state: Mapping[str, Any], *, act: str = "quick_gelu",
-                       eps: float = 1e-5) -> CLIPConfig:
+def config_from_openai(
+  state: Mapping[str, Any], *, act: str = "quick_gelu", eps: float = 1e-5
+) -> CLIPConfig:
   """Infers a CLIPConfig from OpenAI-named tensors (as OpenAI's `build_model`). Head counts are
   width // 64 (OpenAI's rule); the activation can't be seen in the tensors (OpenCLIP's
   LAION models use `gelu`), so it is an argument."""
   if "visual.layer1.0.conv1.weight" in state:
-    raise CheckpointMismatchError("ResNet (ModifiedResNet) CLIP image towers are not supported: "
-                                  "only ViT checkpoints")
+    raise CheckpointMismatchError(
+      "ResNet (ModifiedResNet) CLIP image towers are not supported: only ViT checkpoints"
+    )
   conv = _get(state, "visual.conv1.weight")  # (W, 3, p, p)
   vwidth, _, patch, _ = conv.shape
   grid = round((_get(state, "visual.positional_embedding").shape[0] - 1) ** 0.5)
   vision = CLIPVisionConfig(
-      width=vwidth, layers=_count_blocks(state, "visual.transformer.resblocks."),
-      heads=max(vwidth // 64, 1),
-      mlp_dim=_get(state, "visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0],
-      patch_size=patch, image_size=patch * grid, act=act, eps=eps)
+    width=vwidth,
+    layers=_count_blocks(state, "visual.transformer.resblocks."),
+    heads=max(vwidth // 64, 1),
+    mlp_dim=_get(state, "visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0],
+    patch_size=patch,
+    image_size=patch * grid,
+    act=act,
+    eps=eps,
+  )
   twidth = _get(state, "ln_final.weight").shape[0]
   text = CLIPTextConfig(
-      width=twidth, layers=_count_blocks(state, "transformer.resblocks."),
-      heads=max(twidth // 64, 1),
-      mlp_dim=_get(state, "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
-      context_length=_get(state, "positional_embedding").shape[0],
-      vocab_size=_get(state, "token_embedding.weight").shape[0], act=act, eps=eps)
-  return CLIPConfig(vision=vision, text=text,
-                    embed_dim=_get(state, "text_projection").shape[1])
+    width=twidth,
+    layers=_count_blocks(state, "transformer.resblocks."),
+    heads=max(twidth // 64, 1),
+    mlp_dim=_get(state, "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
+    context_length=_get(state, "positional_embedding").shape[0],
+    vocab_size=_get(state, "token_embedding.weight").shape[0],
+    act=act,
+    eps=eps,
+  )
+  return CLIPConfig(vision=vision, text=text, embed_dim=_get(state, "text_projection").shape[1])
 
 
 def _block_map(src: str, dst: str) -> dict[str, tuple[str, str]]:
   """OpenAI block tensor names -> (our dotted name, transform)."""
   return {
-      f"{src}.ln_1.weight": (f"{dst}.ln_1.norm.scale", "id"),
-      f"{src}.ln_1.bias": (f"{dst}.ln_1.norm.bias", "id"),
-      f"{src}.attn.in_proj_weight": (f"{dst}.attn.in_proj.kernel", "T"),
-      f"{src}.attn.in_proj_bias": (f"{dst}.attn.in_proj.bias", "id"),
-      f"{src}.attn.out_proj.weight": (f"{dst}.attn.out_proj.kernel", "T"),
-      f"{src}.attn.out_proj.bias": (f"{dst}.attn.out_proj.bias", "id"),
-      f"{src}.ln_2.weight": (f"{dst}.ln_2.norm.scale", "id"),
-      f"{src}.ln_2.bias": (f"{dst}.ln_2.norm.bias", "id"),
-      f"{src}.mlp.c_fc.weight": (f"{dst}.mlp.c_fc.kernel", "T"),
-      f"{src}.mlp.c_fc.bias": (f"{dst}.mlp.c_fc.bias", "id"),
-      f"{src}.mlp.c_proj.weight": (f"{dst}.mlp.c_proj.kernel", "T"),
-      f"{src}.mlp.c_proj.bias": (f"{dst}.mlp.c_proj.bias", "id"),
+    f"{src}.ln_1.weight": (f"{dst}.ln_1.norm.scale", "id"),
+    f"{src}.ln_1.bias": (f"{dst}.ln_1.norm.bias", "id"),
+    f"{src}.attn.in_proj_weight": (f"{dst}.attn.in_proj.kernel", "T"),
+    f"{src}.attn.in_proj_bias": (f"{dst}.attn.in_proj.bias", "id"),
+    f"{src}.attn.out_proj.weight": (f"{dst}.attn.out_proj.kernel", "T"),
+    f"{src}.attn.out_proj.bias": (f"{dst}.attn.out_proj.bias", "id"),
+    f"{src}.ln_2.weight": (f"{dst}.ln_2.norm.scale", "id"),
+    f"{src}.ln_2.bias": (f"{dst}.ln_2.norm.bias", "id"),
+    f"{src}.mlp.c_fc.weight": (f"{dst}.mlp.c_fc.kernel", "T"),
+    f"{src}.mlp.c_fc.bias": (f"{dst}.mlp.c_fc.bias", "id"),
+    f"{src}.mlp.c_proj.weight": (f"{dst}.mlp.c_proj.kernel", "T"),
+    f"{src}.mlp.c_proj.bias": (f"{dst}.mlp.c_proj.bias", "id"),
   }
 
 
 def openai_key_map(config: CLIPConfig) -> dict[str, tuple[str, str]]:
   """OpenAI state-dict name -> (our dotted parameter name, transform)."""
   m = {
-      "visual.conv1.weight": ("visual.conv1.kernel", "OIHW->HWIO"),
-      "visual.class_embedding": ("visual.class_embedding", "id"),
-      "visual.positional_embedding": ("visual.positional_embedding", "posemb"),
-      "visual.ln_pre.weight": ("visual.ln_pre.norm.scale", "id"),
-      "visual.ln_pre.bias": ("visual.ln_pre.norm.bias", "id"),
-      "visual.ln_post.weight": ("visual.ln_post.norm.scale", "id"),
-      "visual.ln_post.bias": ("visual.ln_post.norm.bias", "id"),
-      "visual.proj": ("visual.proj", "id"),
-      "token_embedding.weight": ("text.token_embedding.embedding", "id"),
-      "positional_embedding": ("text.positional_embedding", "id"),
-      "ln_final.weight": ("text.ln_final.norm.scale", "id"),
-      "ln_final.bias": ("text.ln_final.norm.bias", "id"),
-      "text_projection": ("text.text_projection", "id"),
-      "logit_scale": ("logit_scale", "id"),
+    "visual.conv1.weight": ("visual.conv1.kernel", "OIHW->HWIO"),
+    "visual.class_embedding": ("visual.class_embedding", "id"),
+    "visual.positional_embedding": ("visual.positional_embedding", "posemb"),
+    "visual.ln_pre.weight": ("visual.ln_pre.norm.scale", "id"),
+    "visual.ln_pre.bias": ("visual.ln_pre.norm.bias", "id"),
+    "visual.ln_post.weight": ("visual.ln_post.norm.scale", "id"),
+    "visual.ln_post.bias": ("visual.ln_post.norm.bias", "id"),
+    "visual.proj": ("visual.proj", "id"),
+    "token_embedding.weight": ("text.token_embedding.embedding", "id"),
+    "positional_embedding": ("text.positional_embedding", "id"),
+    "ln_final.weight": ("text.ln_final.norm.scale", "id"),
+    "ln_final.bias": ("text.ln_final.norm.bias", "id"),
+    "text_projection": ("text.text_projection", "id"),
+    "logit_scale": ("logit_scale", "id"),
   }
   for i in range(config.vision.layers):
-    m.update(_block_map(f"visual.transformer.resblocks.{i}",
-                        f"visual.transformer.resblocks.{i}"))
+    m.update(_block_map(f"visual.transformer.resblocks.{i}", f"visual.transformer.resblocks.{i}"))
   for i in range(config.text.layers):
     m.update(_block_map(f"transformer.resblocks.{i}", f"text.transformer.resblocks.{i}"))
   return m
@@ -139,8 +150,11 @@ def _cubic_weights_OxI(n_out: int, n_in: int) -> np.ndarray:
 
   def kernel(t):
     t = np.abs(t)
-    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+    return np.where(
+      t <= 1,
+      ((a + 2) * t - (a + 3)) * t * t + 1,
+      np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0),
+    )
 
   src_O = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
   base_O = np.floor(src_O).astype(int)
@@ -158,25 +172,33 @@ def resample_posemb(posemb_PxW: np.ndarray, new_grid: int | tuple[int, int]) -> 
   cls_1xW, grid_PxW = posemb_PxW[:1], np.asarray(posemb_PxW[1:], np.float64)
   old_grid = round(grid_PxW.shape[0] ** 0.5)
   if old_grid * old_grid != grid_PxW.shape[0]:
-    raise CheckpointMismatchError(f"position embedding with {grid_PxW.shape[0]} patch rows is not "
-                                  "a square grid")
+    raise CheckpointMismatchError(
+      f"position embedding with {grid_PxW.shape[0]} patch rows is not a square grid"
+    )
   rows, cols = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
   width = grid_PxW.shape[1]
   grid_GxGxW = grid_PxW.reshape(old_grid, old_grid, width)  # row-major patches: (row, col)
-  new_RxCxW = np.einsum("rg,gkw,ck->rcw", _cubic_weights_OxI(rows, old_grid), grid_GxGxW,
-                        _cubic_weights_OxI(cols, old_grid))
+  new_RxCxW = np.einsum(
+    "rg,gkw,ck->rcw",
+    _cubic_weights_OxI(rows, old_grid),
+    grid_GxGxW,
+    _cubic_weights_OxI(cols, old_grid),
+  )
   return np.concatenate([cls_1xW, new_RxCxW.reshape(-1, width).astype(posemb_PxW.dtype)], axis=0)
 
 
-def openai_to_params(state: Mapping[str, Any], config: CLIPConfig, *,
-                     ignore: tuple[str, ...] = OPENAI_IGNORED) -> dict[str, np.ndarray]:
+def openai_to_params(
+  state: Mapping[str, Any], config: CLIPConfig, *, ignore: tuple[str, ...] = OPENAI_IGNORED
+) -> dict[str, np.ndarray]:
   """OpenAI-named tensors -> our flat parameters {dotted name: float32 array}. Strict."""
   key_map = openai_key_map(config)
   unused = sorted(k for k in state if k not in key_map and k not in ignore)
   missing = sorted(k for k in key_map if k not in state)
   if unused or missing:
-    raise _error("OpenAI-format CLIP checkpoint does not match the model",
-                 {"missing tensors": missing, "unexpected tensors": unused})
+    raise _error(
+      "OpenAI-format CLIP checkpoint does not match the model",
+      {"missing tensors": missing, "unexpected tensors": unused},
+    )
   out = {}
   for src, (dst, how) in key_map.items():
     x = np.asarray(state[src], dtype=np.float32)
@@ -184,24 +206,30 @@ def openai_to_params(state: Mapping[str, Any], config: CLIPConfig, *,
       x = x.T
     elif how == "OIHW->HWIO":
       x = x.transpose(2, 3, 1, 0)
-    elif how == "posemb" and x.shape[0] != config.vision.grid ** 2 + 1:
+    elif how == "posemb" and x.shape[0] != config.vision.grid**2 + 1:
       x = resample_posemb(x, config.vision.grid)
     out[dst] = x
   return out
 
 
-def config_from_hf(config_json: Mapping[str, Any], state: Mapping[str, Any] | None = None
-                   ) -> CLIPConfig:
+def config_from_hf(
+  config_json: Mapping[str, Any], state: Mapping[str, Any] | None = None
+) -> CLIPConfig:
   """CLIPConfig from a Hugging Face `config.json` dict (missing fields take transformers'
   defaults). The projection width comes from the weights when given: `text_config.projection_dim`
   may disagree with the real projection."""
   from transformers import CLIPConfig as HFCLIPConfig  # pylint: disable=g-import-not-at-top
+
   hf = HFCLIPConfig.from_dict(dict(config_json))
   v, t = hf.vision_config, hf.text_config
 
   def act(name: str) -> str:
-    known = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-             "gelu_pytorch_tanh": "gelu_tanh"}
+    known = {
+      "quick_gelu": "quick_gelu",
+      "gelu": "gelu",
+      "gelu_new": "gelu_tanh",
+      "gelu_pytorch_tanh": "gelu_tanh",
+    }
     if name not in known:
       raise CheckpointMismatchError(f"unsupported hidden_act {name!r} in config.json")
     return known[name]
@@ -210,16 +238,29 @@ def config_from_hf(config_json: Mapping[str, Any], state: Mapping[str, Any] | No
   if state is not None and "visual_projection.weight" in state:
     embed_dim = np.asarray(state["visual_projection.weight"]).shape[0]
   return CLIPConfig(
-      vision=CLIPVisionConfig(width=v.hidden_size, layers=v.num_hidden_layers,
-                              heads=v.num_attention_heads, mlp_dim=v.intermediate_size,
-                              patch_size=v.patch_size, image_size=v.image_size,
-                              act=act(v.hidden_act), eps=v.layer_norm_eps),
-      text=CLIPTextConfig(width=t.hidden_size, layers=t.num_hidden_layers,
-                          heads=t.num_attention_heads, mlp_dim=t.intermediate_size,
-                          context_length=t.max_position_embeddings, vocab_size=t.vocab_size,
-                          act=act(t.hidden_act), eps=t.layer_norm_eps),
-      embed_dim=embed_dim,
-      logit_scale_init=float(hf.logit_scale_init_value))
+    vision=CLIPVisionConfig(
+      width=v.hidden_size,
+      layers=v.num_hidden_layers,
+      heads=v.num_attention_heads,
+      mlp_dim=v.intermediate_size,
+      patch_size=v.patch_size,
+      image_size=v.image_size,
+      act=act(v.hidden_act),
+      eps=v.layer_norm_eps,
+    ),
+    text=CLIPTextConfig(
+      width=t.hidden_size,
+      layers=t.num_hidden_layers,
+      heads=t.num_attention_heads,
+      mlp_dim=t.intermediate_size,
+      context_length=t.max_position_embeddings,
+      vocab_size=t.vocab_size,
+      act=act(t.hidden_act),
+      eps=t.layer_norm_eps,
+    ),
+    embed_dim=embed_dim,
+    logit_scale_init=float(hf.logit_scale_init_value),
+  )
 
 
 def hf_to_openai(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -232,41 +273,52 @@ def hf_to_openai(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return np.asarray(_get(state, key))
 
   simple = {
-      "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-      "vision_model.embeddings.class_embedding": "visual.class_embedding",
-      "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-      "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-      "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-      "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-      "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-      "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-      "text_model.embeddings.position_embedding.weight": "positional_embedding",
-      "text_model.final_layer_norm.weight": "ln_final.weight",
-      "text_model.final_layer_norm.bias": "ln_final.bias",
-      "logit_scale": "logit_scale",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "logit_scale": "logit_scale",
   }
   for src, dst in simple.items():
     out[dst] = take(src)
   # HF projections are bias-free Linear layers (out, in); OpenAI's are (in, out) matrices.
   out["visual.proj"] = take("visual_projection.weight").T
   out["text_projection"] = take("text_projection.weight").T
-  for hf_tower, oa_prefix in (("vision_model", "visual.transformer.resblocks"),
-                              ("text_model", "transformer.resblocks")):
+  for hf_tower, oa_prefix in (
+    ("vision_model", "visual.transformer.resblocks"),
+    ("text_model", "transformer.resblocks"),
+  ):
     for i in range(_count_blocks(state, f"{hf_tower}.encoder.layers.")):
       src, dst = f"{hf_tower}.encoder.layers.{i}", f"{oa_prefix}.{i}"
       out[f"{dst}.attn.in_proj_weight"] = np.concatenate(
-          [take(f"{src}.self_attn.{n}_proj.weight") for n in "qkv"], axis=0)
+        [take(f"{src}.self_attn.{n}_proj.weight") for n in "qkv"], axis=0
+      )
       out[f"{dst}.attn.in_proj_bias"] = np.concatenate(
-          [take(f"{src}.self_attn.{n}_proj.bias") for n in "qkv"], axis=0)
-      for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                   ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+        [take(f"{src}.self_attn.{n}_proj.bias") for n in "qkv"], axis=0
+      )
+      for a, b in (
+        ("self_attn.out_proj", "attn.out_proj"),
+        ("layer_norm1", "ln_1"),
+        ("layer_norm2", "ln_2"),
+        ("mlp.fc1", "mlp.c_fc"),
+        ("mlp.fc2", "mlp.c_proj"),
+      ):
         out[f"{dst}.{b}.weight"] = take(f"{src}.{a}.weight")
         out[f"{dst}.{b}.bias"] = take(f"{src}.{a}.bias")
   ignored = [k for k in state if any(re.fullmatch(p, k) for p in HF_IGNORED_PATTERNS)]
   unused = sorted(set(state) - used - set(ignored))
   if unused:
-    raise _error("Hugging Face CLIP checkpoint has tensors the converter does not know",
-                 {"unexpected tensors": unused})
+    raise _error(
+      "Hugging Face CLIP checkpoint has tensors the converter does not know",
+      {"unexpected tensors": unused},
+    )
   return out
 
 
@@ -281,13 +333,16 @@ def assign_params(abstract_model: CLIP, params: Mapping[str, np.ndarray], *, dty
   target = {".".join(str(p) for p in path): path for path in flat}
   missing = sorted(set(target) - set(params))
   unexpected = sorted(set(params) - set(target))
-  wrong = sorted(f"{k}: checkpoint {tuple(params[k].shape)} vs model {tuple(flat[target[k]].shape)}"
-                 for k in set(target) & set(params)
-                 if tuple(params[k].shape) != tuple(flat[target[k]].shape))
+  wrong = sorted(
+    f"{k}: checkpoint {tuple(params[k].shape)} vs model {tuple(flat[target[k]].shape)}"
+    for k in set(target) & set(params)
+    if tuple(params[k].shape) != tuple(flat[target[k]].shape)
+  )
   if missing or unexpected or wrong:
-    raise _error("converted parameters do not fit the model",
-                 {"parameters not filled": missing, "unknown parameters": unexpected,
-                  "shape mismatch": wrong})
+    raise _error(
+      "converted parameters do not fit the model",
+      {"parameters not filled": missing, "unknown parameters": unexpected, "shape mismatch": wrong},
+    )
   new_flat = []
   for name, path in target.items():
     var = flat[path]
@@ -299,6 +354,7 @@ def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   # torch_io reads every format (safetensors, npz, torch zip, TorchScript) without torch and
   # without executing code from the file.
   from dfer_clip_jax.conversion import torch_io  # pylint: disable=g-import-not-at-top
+
   tensors, _ = torch_io.load_state_dict(path)
   return tensors
 
@@ -317,22 +373,27 @@ def _load_hf_folder(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[s
     for shard in shards:
       state.update(_read_tensors(shard))
     return state, config_json
-  raise FileNotFoundError(f"{folder} has config.json but no model.safetensors or "
-                          "pytorch_model.bin")
+  raise FileNotFoundError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin")
 
 
 def _strip_hf_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
   """Some exports prefix every key with `model.` or `clip.`; accept that unambiguous case."""
   for prefix in ("model.", "clip."):
     if state and all(k.startswith(prefix) for k in state):
-      return {k[len(prefix):]: v for k, v in state.items()}
+      return {k[len(prefix) :]: v for k, v in state.items()}
   return dict(state)
 
 
-def load_clip(source: str | os.PathLike | Mapping[str, Any], *, dtype=jnp.float32,
-              act: str | None = None, image_size: int | None = None,
-              attention_impl: str = "xla", remat: bool | str = "none",
-              config_json: Mapping[str, Any] | None = None) -> tuple[CLIP, CLIPConfig]:
+def load_clip(
+  source: str | os.PathLike | Mapping[str, Any],
+  *,
+  dtype=jnp.float32,
+  act: str | None = None,
+  image_size: int | None = None,
+  attention_impl: str = "xla",
+  remat: bool | str = "none",
+  config_json: Mapping[str, Any] | None = None,
+) -> tuple[CLIP, CLIPConfig]:
   """Loads a CLIP checkpoint into our NNX model.
 
   Args:
@@ -365,31 +426,38 @@ def load_clip(source: str | os.PathLike | Mapping[str, Any], *, dtype=jnp.float3
       raise FileNotFoundError(f"CLIP checkpoint {path} does not exist")
   if is_hf_naming(state):
     if cfg_json is None:
-      raise ValueError("Hugging Face-named CLIP weights need their config.json (pass a folder or "
-                       "config_json=...)")
+      raise ValueError(
+        "Hugging Face-named CLIP weights need their config.json (pass a folder or config_json=...)"
+      )
     config = config_from_hf(cfg_json, state)
     if act is not None:
-      config = config.replace(vision=dataclasses.replace(config.vision, act=act),
-                              text=dataclasses.replace(config.text, act=act))
+      config = config.replace(
+        vision=dataclasses.replace(config.vision, act=act),
+        text=dataclasses.replace(config.text, act=act),
+      )
     state = hf_to_openai(state)
   else:
     config = config_from_openai(state, act=act or "quick_gelu")
   if image_size is not None and image_size != config.vision.image_size:
     if image_size % config.vision.patch_size:
-      raise ValueError(f"image_size {image_size} is not a multiple of the patch size "
-                       f"{config.vision.patch_size}")
+      raise ValueError(
+        f"image_size {image_size} is not a multiple of the patch size {config.vision.patch_size}"
+      )
     config = config.replace(vision=dataclasses.replace(config.vision, image_size=image_size))
   params = openai_to_params(state, config)
-  abstract = nnx.eval_shape(lambda: CLIP(config, dtype=dtype, attention_impl=attention_impl,
-                                         remat=remat, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+    lambda: CLIP(config, dtype=dtype, attention_impl=attention_impl, remat=remat, rngs=nnx.Rngs(0))
+  )
   return assign_params(abstract, params), config
 
 
 def params_to_openai(model: CLIP) -> dict[str, np.ndarray]:
   """Our CLIP's parameters under OpenAI state-dict names (the inverse of `openai_to_params`),
   e.g. to export a fine-tuned image tower for PyTorch tools."""
-  flat = {".".join(str(p) for p in path): np.asarray(v.get_value())
-          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  flat = {
+    ".".join(str(p) for p in path): np.asarray(v.get_value())
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
   out = {}
   for src, (dst, how) in openai_key_map(model.config).items():
     x = flat[dst]

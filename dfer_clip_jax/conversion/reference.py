@@ -42,8 +42,8 @@ from flax import nnx
 
 from dfer_clip_jax.conversion import clip_weights
 from dfer_clip_jax.conversion.clip_weights import CheckpointMismatchError
-from dfer_clip_jax.models.clip import CLIP, CLIPConfig
 from dfer_clip_jax.data import datasets
+from dfer_clip_jax.models.clip import CLIP, CLIPConfig
 from dfer_clip_jax.models.dfer_clip import DFERCLIP, DFERCLIPConfig
 from dfer_clip_jax.models.prompts import PromptBuffer, PromptBuffers
 from dfer_clip_jax.tokenizer import END_OF_TEXT
@@ -67,6 +67,7 @@ class ImportReport:
     ignored: source keys not loaded, each with the reason.
     warnings: things the user should know (e.g. a degenerate depth-0 reference model).
   """
+
   source: str
   stubbed_classes: list[str] = dataclasses.field(default_factory=list)
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -82,11 +83,14 @@ class ImportedReference(NamedTuple):
 
 
 def _temporal_map(depth: int) -> dict[str, tuple[str, str]]:
-  m = {"temporal_net.cls_token": ("temporal_net.cls_token", "id"),
-       "temporal_net.pos_embedding": ("temporal_net.pos_embedding", "id")}
+  m = {
+    "temporal_net.cls_token": ("temporal_net.cls_token", "id"),
+    "temporal_net.pos_embedding": ("temporal_net.pos_embedding", "id"),
+  }
   for i in range(depth):
     src, dst = f"{_TEMPORAL}{i}", f"{_TEMPORAL}{i}"
-    m.update({
+    m.update(
+      {
         f"{src}.0.fn.norm.weight": (f"{dst}.attn.norm.scale", "id"),
         f"{src}.0.fn.norm.bias": (f"{dst}.attn.norm.bias", "id"),
         f"{src}.0.fn.fn.to_qkv.weight": (f"{dst}.attn.to_qkv.kernel", "T"),
@@ -98,23 +102,25 @@ def _temporal_map(depth: int) -> dict[str, tuple[str, str]]:
         f"{src}.1.fn.fn.net.0.bias": (f"{dst}.ff.fc1.bias", "id"),
         f"{src}.1.fn.fn.net.3.weight": (f"{dst}.ff.fc2.kernel", "T"),
         f"{src}.1.fn.fn.net.3.bias": (f"{dst}.ff.fc2.bias", "id"),
-    })
+      }
+    )
   return m
 
 
 def _openai_name(ref: str) -> str | None:
   """Reference CLIP tensor name -> OpenAI name (None for non-CLIP keys)."""
   if ref.startswith("image_encoder."):
-    return "visual." + ref[len("image_encoder."):]
+    return "visual." + ref[len("image_encoder.") :]
   if ref.startswith("text_encoder."):
-    return ref[len("text_encoder."):]
+    return ref[len("text_encoder.") :]
   if ref in ("clip_model_.token_embedding.weight", "clip_model_.logit_scale"):
-    return ref[len("clip_model_."):]
+    return ref[len("clip_model_.") :]
   return None
 
 
-def reference_key_map(config: DFERCLIPConfig, clip_config: CLIPConfig
-                      ) -> dict[str, tuple[str, str]]:
+def reference_key_map(
+  config: DFERCLIPConfig, clip_config: CLIPConfig
+) -> dict[str, tuple[str, str]]:
   """Reference tensor name -> (our dotted name, transform: "id", "T" or "OIHW->HWIO").
 
   Covers every tensor loaded (not the `clip_model_.*` duplicates, which are checked and ignored).
@@ -122,7 +128,7 @@ def reference_key_map(config: DFERCLIPConfig, clip_config: CLIPConfig
   m: dict[str, tuple[str, str]] = {}
   for oa_name, (ours, how) in clip_weights.openai_key_map(clip_config).items():
     if oa_name.startswith("visual."):
-      ref = "image_encoder." + oa_name[len("visual."):]
+      ref = "image_encoder." + oa_name[len("visual.") :]
     elif oa_name in ("token_embedding.weight", "logit_scale"):
       ref = "clip_model_." + oa_name
     else:
@@ -160,31 +166,38 @@ def _strip_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
   prefixed = [k for k in state if k.startswith("module.")]
   if prefixed and len(prefixed) != len(state):
     others = [k for k in state if not k.startswith("module.")][:5]
-    raise CheckpointMismatchError(f"some keys have the 'module.' prefix and some don't (e.g. "
-                                  f"{others})")
-  return {k[len("module."):]: v for k, v in state.items()} if prefixed else dict(state)
+    raise CheckpointMismatchError(
+      f"some keys have the 'module.' prefix and some don't (e.g. {others})"
+    )
+  return {k[len("module.") :]: v for k, v in state.items()} if prefixed else dict(state)
 
 
 def _count(state: Mapping[str, Any], prefix: str) -> int:
   pat = re.compile(re.escape(prefix) + r"(\d+)\.")
   idx = {int(m.group(1)) for k in state if (m := pat.match(k))}
   if idx and idx != set(range(max(idx) + 1)):
-    raise CheckpointMismatchError(f"layers under {prefix!r} are not numbered 0..n-1: "
-                                  f"{sorted(idx)}")
+    raise CheckpointMismatchError(f"layers under {prefix!r} are not numbered 0..n-1: {sorted(idx)}")
   return len(idx)
 
 
 def _need(state: Mapping[str, Any], key: str) -> np.ndarray:
   if key not in state:
-    raise CheckpointMismatchError(f"reference checkpoint has no tensor {key!r}: not a DFER-CLIP "
-                                  "checkpoint, or an unsupported variant")
+    raise CheckpointMismatchError(
+      f"reference checkpoint has no tensor {key!r}: not a DFER-CLIP "
+      "checkpoint, or an unsupported variant"
+    )
   return np.asarray(state[key])
 
 
-def infer_reference_config(state: Mapping[str, Any], *, position: str = "end",
-                           token_ids: np.ndarray | None = None, temporal_dim_head: int = 64,
-                           clip_act: str = "quick_gelu", **config_overrides
-                           ) -> tuple[DFERCLIPConfig, CLIPConfig, np.ndarray, list[str]]:
+def infer_reference_config(
+  state: Mapping[str, Any],
+  *,
+  position: str = "end",
+  token_ids: np.ndarray | None = None,
+  temporal_dim_head: int = 64,
+  clip_act: str = "quick_gelu",
+  **config_overrides,
+) -> tuple[DFERCLIPConfig, CLIPConfig, np.ndarray, list[str]]:
   """Infers (config, CLIP config, name_lens (C,), warnings) from prefix-free reference tensors.
 
   `config_overrides` set DFERCLIPConfig fields the tensors don't record (text_type,
@@ -202,46 +215,63 @@ def infer_reference_config(state: Mapping[str, Any], *, position: str = "end",
   elif ctx.ndim == 2:
     class_specific, num_classes, n_ctx = False, prefix.shape[0], ctx.shape[0]
   else:
-    raise CheckpointMismatchError(f"prompt_learner.ctx has shape {ctx.shape}: expected (C, M, W) "
-                                  "or (M, W)")
+    raise CheckpointMismatchError(
+      f"prompt_learner.ctx has shape {ctx.shape}: expected (C, M, W) or (M, W)"
+    )
   width = clip_config.text.width
   length = clip_config.text.context_length
-  if (prefix.shape != (num_classes, 1, width)
-      or suffix.shape != (num_classes, length - 1 - n_ctx, width) or ctx.shape[-1] != width):
+  if (
+    prefix.shape != (num_classes, 1, width)
+    or suffix.shape != (num_classes, length - 1 - n_ctx, width)
+    or ctx.shape[-1] != width
+  ):
     raise CheckpointMismatchError(
-        f"prompt tensors disagree with {num_classes} classes, {n_ctx} context tokens and text "
-        f"width {width}, context {length}: ctx {ctx.shape}, token_prefix {prefix.shape}, "
-        f"token_suffix {suffix.shape}")
+      f"prompt tensors disagree with {num_classes} classes, {n_ctx} context tokens and text "
+      f"width {width}, context {length}: ctx {ctx.shape}, token_prefix {prefix.shape}, "
+      f"token_suffix {suffix.shape}"
+    )
 
   name_lens = _name_lens(state, suffix, n_ctx, token_ids)
 
   depth = _count(state, _TEMPORAL)
   if depth == 0:
     num_frames = _need(state, "temporal_net.pos_embedding").shape[1] - 1
-    warn.append("the reference model has temporal depth 0: it maps every video to the same "
-                "feature (cls + pos), which this port does not reproduce; imported as depth 0 = "
-                "the mean of the frame features, cls_token / pos_embedding ignored")
+    warn.append(
+      "the reference model has temporal depth 0: it maps every video to the same "
+      "feature (cls + pos), which this port does not reproduce; imported as depth 0 = "
+      "the mean of the frame features, cls_token / pos_embedding ignored"
+    )
     mlp_dim, heads = 1024, 8
   else:
     pos = _need(state, "temporal_net.pos_embedding")
     num_frames = pos.shape[1] - 1
     if pos.shape[2] != clip_config.embed_dim:
-      raise CheckpointMismatchError(f"temporal_net.pos_embedding {pos.shape} does not match the "
-                                    f"CLIP embedding width {clip_config.embed_dim}")
+      raise CheckpointMismatchError(
+        f"temporal_net.pos_embedding {pos.shape} does not match the "
+        f"CLIP embedding width {clip_config.embed_dim}"
+      )
     inner = _need(state, f"{_TEMPORAL}0.0.fn.fn.to_qkv.weight").shape[0] // 3
     if inner % temporal_dim_head:
-      raise CheckpointMismatchError(f"temporal attention width {inner} is not a multiple of "
-                                    f"temporal_dim_head={temporal_dim_head}")
+      raise CheckpointMismatchError(
+        f"temporal attention width {inner} is not a multiple of "
+        f"temporal_dim_head={temporal_dim_head}"
+      )
     heads = inner // temporal_dim_head
     mlp_dim = _need(state, f"{_TEMPORAL}0.1.fn.fn.net.0.weight").shape[0]
-  fields = dict(num_frames=num_frames, temporal_depth=depth,
-                temporal_heads=heads, temporal_dim_head=temporal_dim_head,
-                temporal_mlp_dim=mlp_dim, head="prompt", n_ctx=n_ctx,
-                class_specific=class_specific, position=position)
+  fields = dict(
+    num_frames=num_frames,
+    temporal_depth=depth,
+    temporal_heads=heads,
+    temporal_dim_head=temporal_dim_head,
+    temporal_mlp_dim=mlp_dim,
+    head="prompt",
+    n_ctx=n_ctx,
+    class_specific=class_specific,
+    position=position,
+  )
   clash = sorted(set(fields) & set(config_overrides))
   if clash:
-    raise ValueError(f"{clash} are inferred from the checkpoint's tensors and cannot be "
-                     "overridden")
+    raise ValueError(f"{clash} are inferred from the checkpoint's tensors and cannot be overridden")
   fields.update(config_overrides)
   # The tensors don't name the classes: the emotions in the reference's label order (7 = DFEW /
   # FERV39k, 11 = MAFW) unless given.
@@ -251,44 +281,57 @@ def infer_reference_config(state: Mapping[str, Any], *, position: str = "end",
   return DFERCLIPConfig(**fields), clip_config, name_lens, warn
 
 
-def _name_lens(state: Mapping[str, Any], suffix_CxSxW: np.ndarray, n_ctx: int,
-               token_ids: np.ndarray | None) -> np.ndarray:
+def _name_lens(
+  state: Mapping[str, Any], suffix_CxSxW: np.ndarray, n_ctx: int, token_ids: np.ndarray | None
+) -> np.ndarray:
   """Class-text token counts from the end-of-text positions (eot = 1 + M + name_len)."""
   tok_emb = state.get("clip_model_.token_embedding.weight")
   c = suffix_CxSxW.shape[0]
   if token_ids is not None:
     ids_CxL = np.asarray(token_ids)
     if ids_CxL.shape != (c, 1 + n_ctx + suffix_CxSxW.shape[1]):
-      raise ValueError(f"token_ids {ids_CxL.shape} do not match {c} prompts of "
-                       f"{1 + n_ctx + suffix_CxSxW.shape[1]} tokens")
+      raise ValueError(
+        f"token_ids {ids_CxL.shape} do not match {c} prompts of "
+        f"{1 + n_ctx + suffix_CxSxW.shape[1]} tokens"
+      )
     eot_C = ids_CxL.argmax(axis=-1)  # first occurrence of the largest id
     if tok_emb is not None:
-      expected = np.asarray(tok_emb, np.float32)[ids_CxL[:, 1 + n_ctx:]]
+      expected = np.asarray(tok_emb, np.float32)[ids_CxL[:, 1 + n_ctx :]]
       if not np.array_equal(expected, np.asarray(suffix_CxSxW, np.float32)):
-        raise CheckpointMismatchError("token_ids do not produce the checkpoint's "
-                                      "prompt_learner.token_suffix: not this model's prompts")
+        raise CheckpointMismatchError(
+          "token_ids do not produce the checkpoint's "
+          "prompt_learner.token_suffix: not this model's prompts"
+        )
   else:
     if tok_emb is None:
-      raise CheckpointMismatchError("no clip_model_.token_embedding.weight to find the "
-                                    "end-of-text tokens with: pass token_ids")
+      raise CheckpointMismatchError(
+        "no clip_model_.token_embedding.weight to find the end-of-text tokens with: pass token_ids"
+      )
     end_W = np.asarray(tok_emb)[END_OF_TEXT]
     is_end_CxS = np.all(np.asarray(suffix_CxSxW) == end_W, axis=-1)
     missing = [i for i in range(c) if not is_end_CxS[i].any()]
     if missing:
-      raise CheckpointMismatchError(f"prompts {missing} have no end-of-text token in "
-                                    "prompt_learner.token_suffix: pass token_ids")
+      raise CheckpointMismatchError(
+        f"prompts {missing} have no end-of-text token in "
+        "prompt_learner.token_suffix: pass token_ids"
+      )
     eot_C = 1 + n_ctx + is_end_CxS.argmax(axis=-1)
   name_lens_C = eot_C - 1 - n_ctx
   if (name_lens_C < 0).any():
-    raise CheckpointMismatchError(f"end-of-text positions {eot_C.tolist()} fall inside the "
-                                  f"{n_ctx} context tokens")
+    raise CheckpointMismatchError(
+      f"end-of-text positions {eot_C.tolist()} fall inside the {n_ctx} context tokens"
+    )
   return name_lens_C.astype(np.int32)
 
 
-def reference_to_params(state: Mapping[str, Any], config: DFERCLIPConfig,
-                        clip_config: CLIPConfig, name_lens: np.ndarray, *,
-                        allow_stale_duplicates: bool = False
-                        ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def reference_to_params(
+  state: Mapping[str, Any],
+  config: DFERCLIPConfig,
+  clip_config: CLIPConfig,
+  name_lens: np.ndarray,
+  *,
+  allow_stale_duplicates: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Prefix-free reference tensors -> ({our dotted name: array}, {ignored key: reason}). Strict:
   every key is loaded, a checked duplicate, or an explicitly ignored one."""
   key_map = reference_key_map(config, clip_config)
@@ -298,9 +341,12 @@ def reference_to_params(state: Mapping[str, Any], config: DFERCLIPConfig,
     if key in key_map:
       continue
     if key.startswith("clip_model_."):
-      rest = key[len("clip_model_."):]
-      twin = ("image_encoder." + rest[len("visual."):] if rest.startswith("visual.")
-              else "text_encoder." + rest)
+      rest = key[len("clip_model_.") :]
+      twin = (
+        "image_encoder." + rest[len("visual.") :]
+        if rest.startswith("visual.")
+        else "text_encoder." + rest
+      )
       if twin not in state:
         unexpected.append(key)
       elif not np.array_equal(np.asarray(state[key]), np.asarray(state[twin])):
@@ -308,21 +354,25 @@ def reference_to_params(state: Mapping[str, Any], config: DFERCLIPConfig,
         ignored[key] = f"differs from {twin}, which the reference's forward uses"
       else:
         ignored[key] = f"duplicate of {twin}"
-    elif config.temporal_depth == 0 and key in ("temporal_net.cls_token",
-                                                "temporal_net.pos_embedding"):
+    elif config.temporal_depth == 0 and key in (
+      "temporal_net.cls_token",
+      "temporal_net.pos_embedding",
+    ):
       ignored[key] = "unused: depth 0 is the frame mean here"
     else:
       unexpected.append(key)
   missing = sorted(k for k in key_map if k not in state)
   if missing or unexpected:
     raise clip_weights._error(  # pylint: disable=protected-access
-        "reference checkpoint does not match the inferred DFER-CLIP model",
-        {"missing tensors": missing, "unexpected tensors": sorted(unexpected)})
+      "reference checkpoint does not match the inferred DFER-CLIP model",
+      {"missing tensors": missing, "unexpected tensors": sorted(unexpected)},
+    )
   if stale and not allow_stale_duplicates:
     raise CheckpointMismatchError(
-        f"{len(stale)} clip_model_.* tensors differ from the image_encoder / text_encoder "
-        f"tensors the reference computes with (e.g. {stale[:3]}); pass "
-        "allow_stale_duplicates=True to load the latter anyway")
+      f"{len(stale)} clip_model_.* tensors differ from the image_encoder / text_encoder "
+      f"tensors the reference computes with (e.g. {stale[:3]}); pass "
+      "allow_stale_duplicates=True to load the latter anyway"
+    )
   params = {}
   for ref, (ours, how) in key_map.items():
     params[ours] = _from_reference_layout(np.asarray(state[ref], np.float32), how)
@@ -331,12 +381,14 @@ def reference_to_params(state: Mapping[str, Any], config: DFERCLIPConfig,
   return params, ignored
 
 
-def _read_source(source: str | os.PathLike | Mapping[str, Any], report: ImportReport
-                 ) -> dict[str, Any]:
+def _read_source(
+  source: str | os.PathLike | Mapping[str, Any], report: ImportReport
+) -> dict[str, Any]:
   if isinstance(source, Mapping):
     state = dict(source)
   else:
     from dfer_clip_jax.conversion import torch_io  # pylint: disable=g-import-not-at-top
+
     path = pathlib.Path(source)
     if not path.is_file():
       raise FileNotFoundError(f"reference checkpoint {path} does not exist")
@@ -352,12 +404,19 @@ def _read_source(source: str | os.PathLike | Mapping[str, Any], report: ImportRe
   return _strip_prefix(state)
 
 
-def load_reference_checkpoint(source: str | os.PathLike | Mapping[str, Any], *,
-                              position: str = "end", token_ids: np.ndarray | None = None,
-                              temporal_dim_head: int = 64, clip_act: str = "quick_gelu",
-                              allow_stale_duplicates: bool = False, dtype=jnp.float32,
-                              attention_impl: str = "xla", remat: bool | str = "none",
-                              **config_overrides) -> ImportedReference:
+def load_reference_checkpoint(
+  source: str | os.PathLike | Mapping[str, Any],
+  *,
+  position: str = "end",
+  token_ids: np.ndarray | None = None,
+  temporal_dim_head: int = 64,
+  clip_act: str = "quick_gelu",
+  allow_stale_duplicates: bool = False,
+  dtype=jnp.float32,
+  attention_impl: str = "xla",
+  remat: bool | str = "none",
+  **config_overrides,
+) -> ImportedReference:
   """Loads a reference DFER-CLIP checkpoint into our model.
 
   Args:
@@ -382,46 +441,70 @@ def load_reference_checkpoint(source: str | os.PathLike | Mapping[str, Any], *,
   report = ImportReport(source="<mapping>" if isinstance(source, Mapping) else os.fspath(source))
   state = _read_source(source, report)
   config, clip_config, name_lens, warn = infer_reference_config(
-      state, position=position, token_ids=token_ids, temporal_dim_head=temporal_dim_head,
-      clip_act=clip_act, **config_overrides)
-  params, ignored = reference_to_params(state, config, clip_config, name_lens,
-                                        allow_stale_duplicates=allow_stale_duplicates)
+    state,
+    position=position,
+    token_ids=token_ids,
+    temporal_dim_head=temporal_dim_head,
+    clip_act=clip_act,
+    **config_overrides,
+  )
+  params, ignored = reference_to_params(
+    state, config, clip_config, name_lens, allow_stale_duplicates=allow_stale_duplicates
+  )
   report.ignored.update(ignored)
   report.warnings.extend(warn)
   stale = [k for k, why in ignored.items() if why.startswith("differs")]
   if stale:
-    report.warnings.append(f"{len(stale)} clip_model_.* tensors differ from the towers' tensors "
-                           "(the towers' were loaded)")
+    report.warnings.append(
+      f"{len(stale)} clip_model_.* tensors differ from the towers' tensors "
+      "(the towers' were loaded)"
+    )
   for w in report.warnings:
     warnings.warn(w, stacklevel=2)
-  model = build_model(config, clip_config, params, dtype=dtype, attention_impl=attention_impl,
-                      remat=remat)
-  logging.info("imported reference DFER-CLIP from %s: %d classes, %d context tokens (%s), "
-               "temporal depth %d; stubbed classes %s", report.source, config.num_classes,
-               config.n_ctx, "class-specific" if config.class_specific else "shared",
-               config.temporal_depth, report.stubbed_classes)
+  model = build_model(
+    config, clip_config, params, dtype=dtype, attention_impl=attention_impl, remat=remat
+  )
+  logging.info(
+    "imported reference DFER-CLIP from %s: %d classes, %d context tokens (%s), "
+    "temporal depth %d; stubbed classes %s",
+    report.source,
+    config.num_classes,
+    config.n_ctx,
+    "class-specific" if config.class_specific else "shared",
+    config.temporal_depth,
+    report.stubbed_classes,
+  )
   return ImportedReference(model, config, clip_config, report)
 
 
-def abstract_model(config: DFERCLIPConfig, clip_config: CLIPConfig, *, dtype=jnp.float32,
-                   attention_impl: str = "xla", remat: bool | str = "none") -> DFERCLIP:
+def abstract_model(
+  config: DFERCLIPConfig,
+  clip_config: CLIPConfig,
+  *,
+  dtype=jnp.float32,
+  attention_impl: str = "xla",
+  remat: bool | str = "none",
+) -> DFERCLIP:
   """The model's structure without allocating weights (`nnx.eval_shape`)."""
   buffers = None
   if config.head == "prompt":
-    buffers = PromptBuffers.zeros(config.num_classes, config.n_ctx,
-                                  clip_config.text.context_length, clip_config.text.width)
+    buffers = PromptBuffers.zeros(
+      config.num_classes, config.n_ctx, clip_config.text.context_length, clip_config.text.width
+    )
 
   def make():
     rngs = nnx.Rngs(0)
     clip = CLIP(clip_config, dtype=dtype, attention_impl=attention_impl, remat=remat, rngs=rngs)
-    return DFERCLIP(config, clip, prompt_buffers=buffers, dtype=dtype,
-                    attention_impl=attention_impl, rngs=rngs)
+    return DFERCLIP(
+      config, clip, prompt_buffers=buffers, dtype=dtype, attention_impl=attention_impl, rngs=rngs
+    )
 
   return nnx.eval_shape(make)
 
 
-def build_model(config: DFERCLIPConfig, clip_config: CLIPConfig,
-                params: Mapping[str, np.ndarray], **kwargs) -> DFERCLIP:
+def build_model(
+  config: DFERCLIPConfig, clip_config: CLIPConfig, params: Mapping[str, np.ndarray], **kwargs
+) -> DFERCLIP:
   """A model with every parameter and buffer taken from `params` (strict on names and shapes)."""
   return clip_weights.assign_params(abstract_model(config, clip_config, **kwargs), params)
 
@@ -432,39 +515,56 @@ def model_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
   return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
 
-def export_model(model: DFERCLIP, clip_config: CLIPConfig, out_dir: str | os.PathLike,
-                 *, extra: Mapping[str, Any] | None = None) -> pathlib.Path:
+def export_model(
+  model: DFERCLIP,
+  clip_config: CLIPConfig,
+  out_dir: str | os.PathLike,
+  *,
+  extra: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
   """Writes `model.safetensors` (our dotted names) and `config.json` into `out_dir`."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   # np.array, not np.ascontiguousarray, which turns 0-d arrays (logit_scale) into (1,).
-  save_file({k: np.array(v, order="C") for k, v in model_arrays(model).items()},
-            str(out / EXPORT_WEIGHTS))
-  meta = {"format": EXPORT_FORMAT, "dfer_clip": model.config.to_dict(),
-          "clip": clip_config.to_dict()}
+  save_file(
+    {k: np.array(v, order="C") for k, v in model_arrays(model).items()}, str(out / EXPORT_WEIGHTS)
+  )
+  meta = {
+    "format": EXPORT_FORMAT,
+    "dfer_clip": model.config.to_dict(),
+    "clip": clip_config.to_dict(),
+  }
   if extra:
     meta["extra"] = dict(extra)
   (out / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
   return out
 
 
-def load_exported_model(export_dir: str | os.PathLike, *, dtype=jnp.float32,
-                        attention_impl: str = "xla", remat: bool | str = "none"
-                        ) -> tuple[DFERCLIP, DFERCLIPConfig, CLIPConfig]:
+def load_exported_model(
+  export_dir: str | os.PathLike,
+  *,
+  dtype=jnp.float32,
+  attention_impl: str = "xla",
+  remat: bool | str = "none",
+) -> tuple[DFERCLIP, DFERCLIPConfig, CLIPConfig]:
   """Restores a model written by `export_model`."""
   from dfer_clip_jax.conversion import torch_io  # pylint: disable=g-import-not-at-top
+
   folder = pathlib.Path(export_dir)
   cfg_path = folder / EXPORT_CONFIG
   if not cfg_path.is_file() or not (folder / EXPORT_WEIGHTS).is_file():
-    raise FileNotFoundError(f"{folder} is not a model export: expected {EXPORT_CONFIG} and "
-                            f"{EXPORT_WEIGHTS}")
+    raise FileNotFoundError(
+      f"{folder} is not a model export: expected {EXPORT_CONFIG} and {EXPORT_WEIGHTS}"
+    )
   meta = json.loads(cfg_path.read_text())
   if meta.get("format") != EXPORT_FORMAT:
     raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
   config = DFERCLIPConfig.from_dict(meta["dfer_clip"])
   clip_config = CLIPConfig.from_dict(meta["clip"])
   params, _ = torch_io.load_state_dict(folder / EXPORT_WEIGHTS)
-  model = build_model(config, clip_config, params, dtype=dtype, attention_impl=attention_impl,
-                      remat=remat)
+  model = build_model(
+    config, clip_config, params, dtype=dtype, attention_impl=attention_impl, remat=remat
+  )
   return model, config, clip_config

@@ -51,8 +51,8 @@ _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001
 
 _RESAVE_HINT = (
-    "re-save it with a current PyTorch, where the zip format is the default: "
-    "torch.save(torch.load(path, weights_only=True), new_path)"
+  "re-save it with a current PyTorch, where the zip format is the default: "
+  "torch.save(torch.load(path, weights_only=True), new_path)"
 )
 
 
@@ -87,67 +87,68 @@ class LoadReport:
 
 # torch dtype name (as pickled: `torch.<name>`) -> numpy dtype.
 _TORCH_DTYPES: dict[str, np.dtype] = {
-    "float64": np.dtype(np.float64),
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "complex128": np.dtype(np.complex128),
-    "complex64": np.dtype(np.complex64),
-    "int64": np.dtype(np.int64),
-    "int32": np.dtype(np.int32),
-    "int16": np.dtype(np.int16),
-    "int8": np.dtype(np.int8),
-    "uint64": np.dtype(np.uint64),
-    "uint32": np.dtype(np.uint32),
-    "uint16": np.dtype(np.uint16),
-    "uint8": np.dtype(np.uint8),
-    "bool": np.dtype(np.bool_),
-    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
-    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-    "float8_e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
-    "float8_e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
+  "float64": np.dtype(np.float64),
+  "float32": np.dtype(np.float32),
+  "float16": np.dtype(np.float16),
+  "bfloat16": np.dtype(ml_dtypes.bfloat16),
+  "complex128": np.dtype(np.complex128),
+  "complex64": np.dtype(np.complex64),
+  "int64": np.dtype(np.int64),
+  "int32": np.dtype(np.int32),
+  "int16": np.dtype(np.int16),
+  "int8": np.dtype(np.int8),
+  "uint64": np.dtype(np.uint64),
+  "uint32": np.dtype(np.uint32),
+  "uint16": np.dtype(np.uint16),
+  "uint8": np.dtype(np.uint8),
+  "bool": np.dtype(np.bool_),
+  "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+  "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+  "float8_e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
+  "float8_e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
 }
 
 # Typed storage class name (`torch.<Name>Storage`) -> element dtype. `UntypedStorage` holds bytes.
 _STORAGE_DTYPES: dict[str, np.dtype] = {
-    "DoubleStorage": _TORCH_DTYPES["float64"],
-    "FloatStorage": _TORCH_DTYPES["float32"],
-    "HalfStorage": _TORCH_DTYPES["float16"],
-    "BFloat16Storage": _TORCH_DTYPES["bfloat16"],
-    "ComplexDoubleStorage": _TORCH_DTYPES["complex128"],
-    "ComplexFloatStorage": _TORCH_DTYPES["complex64"],
-    "LongStorage": _TORCH_DTYPES["int64"],
-    "IntStorage": _TORCH_DTYPES["int32"],
-    "ShortStorage": _TORCH_DTYPES["int16"],
-    "CharStorage": _TORCH_DTYPES["int8"],
-    "ByteStorage": _TORCH_DTYPES["uint8"],
-    "BoolStorage": _TORCH_DTYPES["bool"],
-    "UntypedStorage": _TORCH_DTYPES["uint8"],
+  "DoubleStorage": _TORCH_DTYPES["float64"],
+  "FloatStorage": _TORCH_DTYPES["float32"],
+  "HalfStorage": _TORCH_DTYPES["float16"],
+  "BFloat16Storage": _TORCH_DTYPES["bfloat16"],
+  "ComplexDoubleStorage": _TORCH_DTYPES["complex128"],
+  "ComplexFloatStorage": _TORCH_DTYPES["complex64"],
+  "LongStorage": _TORCH_DTYPES["int64"],
+  "IntStorage": _TORCH_DTYPES["int32"],
+  "ShortStorage": _TORCH_DTYPES["int16"],
+  "CharStorage": _TORCH_DTYPES["int8"],
+  "ByteStorage": _TORCH_DTYPES["uint8"],
+  "BoolStorage": _TORCH_DTYPES["bool"],
+  "UntypedStorage": _TORCH_DTYPES["uint8"],
 }
 
 # safetensors dtype tag -> numpy dtype (safetensors.numpy itself cannot build bfloat16 / float8).
 _SAFETENSORS_DTYPES: dict[str, np.dtype] = {
-    "F64": _TORCH_DTYPES["float64"],
-    "F32": _TORCH_DTYPES["float32"],
-    "F16": _TORCH_DTYPES["float16"],
-    "BF16": _TORCH_DTYPES["bfloat16"],
-    "C64": _TORCH_DTYPES["complex64"],
-    "I64": _TORCH_DTYPES["int64"],
-    "I32": _TORCH_DTYPES["int32"],
-    "I16": _TORCH_DTYPES["int16"],
-    "I8": _TORCH_DTYPES["int8"],
-    "U64": _TORCH_DTYPES["uint64"],
-    "U32": _TORCH_DTYPES["uint32"],
-    "U16": _TORCH_DTYPES["uint16"],
-    "U8": _TORCH_DTYPES["uint8"],
-    "BOOL": _TORCH_DTYPES["bool"],
-    "F8_E4M3": _TORCH_DTYPES["float8_e4m3fn"],
-    "F8_E5M2": _TORCH_DTYPES["float8_e5m2"],
+  "F64": _TORCH_DTYPES["float64"],
+  "F32": _TORCH_DTYPES["float32"],
+  "F16": _TORCH_DTYPES["float16"],
+  "BF16": _TORCH_DTYPES["bfloat16"],
+  "C64": _TORCH_DTYPES["complex64"],
+  "I64": _TORCH_DTYPES["int64"],
+  "I32": _TORCH_DTYPES["int32"],
+  "I16": _TORCH_DTYPES["int16"],
+  "I8": _TORCH_DTYPES["int8"],
+  "U64": _TORCH_DTYPES["uint64"],
+  "U32": _TORCH_DTYPES["uint32"],
+  "U16": _TORCH_DTYPES["uint16"],
+  "U8": _TORCH_DTYPES["uint8"],
+  "BOOL": _TORCH_DTYPES["bool"],
+  "F8_E4M3": _TORCH_DTYPES["float8_e4m3fn"],
+  "F8_E5M2": _TORCH_DTYPES["float8_e5m2"],
 }
 
 
-def _to_native(data: bytes | bytearray | memoryview, dtype: np.dtype,
-               little_endian: bool) -> np.ndarray:
+def _to_native(
+  data: bytes | bytearray | memoryview, dtype: np.dtype, little_endian: bool
+) -> np.ndarray:
   """Views raw bytes as a 1-D array of `dtype` in native byte order."""
   flat = np.frombuffer(data, dtype=dtype)
   if little_endian == np.little_endian or dtype.itemsize == 1:
@@ -190,8 +191,13 @@ class _StorageType:
 class _StorageSource:
   """Reads storage blobs by key, caching the decoded arrays so shared storages are read once."""
 
-  def __init__(self, path: str, read: Callable[[str], bytes], little_endian: bool,
-               describe: Callable[[str], str]):
+  def __init__(
+    self,
+    path: str,
+    read: Callable[[str], bytes],
+    little_endian: bool,
+    describe: Callable[[str], str],
+  ):
     self.path = path
     self._read = read
     self._little_endian = little_endian
@@ -205,8 +211,9 @@ class _StorageSource:
       raw = self._read(key)
       if len(raw) < nbytes:
         raise CheckpointFormatError(
-            f"{self.path}: {self._describe(key)} holds {len(raw)} bytes, but its record says "
-            f"{nbytes} bytes ({dtype}); the file is truncated or corrupt")
+          f"{self.path}: {self._describe(key)} holds {len(raw)} bytes, but its record says "
+          f"{nbytes} bytes ({dtype}); the file is truncated or corrupt"
+        )
       cached = _to_native(memoryview(raw)[:nbytes], dtype, self._little_endian)
       self._cache[(key, dtype)] = cached
     return cached
@@ -238,7 +245,8 @@ class _TensorRef:
     where = f"{self.storage.source.path}: tensor on storage {self.storage.key!r}"
     if nbytes % self.dtype.itemsize:
       raise CheckpointFormatError(
-          f"{where}: {nbytes} storage bytes are not a whole number of {self.dtype}")
+        f"{where}: {nbytes} storage bytes are not a whole number of {self.dtype}"
+      )
     flat = self.storage.source.array(self.storage.key, self.dtype, nbytes)
     if 0 in self.size:
       return np.zeros(self.size, self.dtype)
@@ -246,11 +254,13 @@ class _TensorRef:
     last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
     if last >= flat.size:
       raise CheckpointFormatError(
-          f"{where}: size {self.size}, stride {self.stride}, offset {self.offset} reach element "
-          f"{last}, but the storage has {flat.size} elements of {self.dtype}")
+        f"{where}: size {self.size}, stride {self.stride}, offset {self.offset} reach element "
+        f"{last}, but the storage has {flat.size} elements of {self.dtype}"
+      )
     strides = [s * self.dtype.itemsize for s in self.stride]
     view = np.lib.stride_tricks.as_strided(
-        flat[self.offset:], shape=self.size, strides=strides, writeable=False)
+      flat[self.offset :], shape=self.size, strides=strides, writeable=False
+    )
     return np.array(view, order="C", copy=True)
 
 
@@ -293,7 +303,8 @@ def _check_ints(name: str, values: Any, *, scalar: bool = False) -> Any:
   """Validates a size / stride tuple (or one offset) taken from the pickle."""
   items = (values,) if scalar else values
   if not isinstance(items, tuple | list) or not all(
-      isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
+    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items
+  ):
     expected = "a non-negative int" if scalar else "a tuple of non-negative ints"
     raise _UnsupportedRecord(f"tensor {name} must be {expected}, got {values!r}")
   return values if scalar else tuple(values)
@@ -301,8 +312,7 @@ def _check_ints(name: str, values: Any, *, scalar: bool = False) -> Any:
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> _TensorRef:
   if not isinstance(storage, _Storage):
-    raise _UnsupportedRecord(
-        f"tensor storage must be a persistent storage record, got {storage!r}")
+    raise _UnsupportedRecord(f"tensor storage must be a persistent storage record, got {storage!r}")
   size, stride = _check_ints("size", size), _check_ints("stride", stride)
   if len(size) != len(stride):
     raise _UnsupportedRecord(f"tensor size {size} and stride {stride} differ in length")
@@ -314,15 +324,29 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -
 # and signature; the pickle calls them with its own arguments (REDUCE).
 
 
-def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any,
-                       requires_grad: Any, backward_hooks: Any, metadata: Any = None) -> _TensorRef:
+def _rebuild_tensor_v2(
+  storage: Any,
+  storage_offset: Any,
+  size: Any,
+  stride: Any,
+  requires_grad: Any,
+  backward_hooks: Any,
+  metadata: Any = None,
+) -> _TensorRef:
   del requires_grad, backward_hooks, metadata  # autograd flags and hooks do not affect values
   return _rebuild_tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any,
-                       requires_grad: Any, backward_hooks: Any, dtype: Any,
-                       metadata: Any = None) -> _TensorRef:
+def _rebuild_tensor_v3(
+  storage: Any,
+  storage_offset: Any,
+  size: Any,
+  stride: Any,
+  requires_grad: Any,
+  backward_hooks: Any,
+  dtype: Any,
+  metadata: Any = None,
+) -> _TensorRef:
   # Dtypes without a typed storage (uint16, float8, ...) sit on an untyped byte storage.
   del requires_grad, backward_hooks, metadata
   if not isinstance(dtype, _TorchDType):
@@ -336,8 +360,9 @@ def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> An
   return data
 
 
-def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any,
-                                  state: Any) -> Any:
+def _rebuild_parameter_with_state(
+  data: Any, requires_grad: Any, backward_hooks: Any, state: Any
+) -> Any:
   del requires_grad, backward_hooks, state  # Python attributes set on the Parameter object
   return data
 
@@ -350,13 +375,15 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
   return func(*args)
 
 
-def _rebuild_device_tensor_from_cpu_tensor(data: Any, dtype: Any, device: Any,
-                                           requires_grad: Any) -> Any:
+def _rebuild_device_tensor_from_cpu_tensor(
+  data: Any, dtype: Any, device: Any, requires_grad: Any
+) -> Any:
   # XLA / MTIA tensors are pickled as their CPU copy.
   del device, requires_grad
   if isinstance(data, _TensorRef) and isinstance(dtype, _TorchDType) and data.dtype != dtype.numpy:
     raise _UnsupportedRecord(
-        f"device tensor of dtype {dtype.name} wraps CPU data of dtype {data.dtype}")
+      f"device tensor of dtype {dtype.name} wraps CPU data of dtype {data.dtype}"
+    )
   return data
 
 
@@ -391,8 +418,9 @@ class _NumpyDType:
 
 def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
   """`numpy.core.multiarray.scalar` for numeric dtypes only (e.g. `best_acc` as np.float64)."""
-  if not (isinstance(dtype, _NumpyDType) and isinstance(dtype.spec, str)
-          and isinstance(data, bytes)):
+  if not (
+    isinstance(dtype, _NumpyDType) and isinstance(dtype.spec, str) and isinstance(data, bytes)
+  ):
     raise _UnsupportedRecord(f"numpy scalar of dtype {getattr(dtype, 'spec', dtype)!r}")
   try:
     np_dtype = np.dtype(dtype.spec)
@@ -404,44 +432,60 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
 
 
 _TORCH_UTILS_REBUILDERS = {
-    "_rebuild_tensor": _rebuild_tensor,
-    "_rebuild_tensor_v2": _rebuild_tensor_v2,
-    "_rebuild_tensor_v3": _rebuild_tensor_v3,
-    "_rebuild_parameter": _rebuild_parameter,
-    "_rebuild_parameter_with_state": _rebuild_parameter_with_state,
-    "_rebuild_device_tensor_from_cpu_tensor": _rebuild_device_tensor_from_cpu_tensor,
+  "_rebuild_tensor": _rebuild_tensor,
+  "_rebuild_tensor_v2": _rebuild_tensor_v2,
+  "_rebuild_tensor_v3": _rebuild_tensor_v3,
+  "_rebuild_parameter": _rebuild_parameter,
+  "_rebuild_parameter_with_state": _rebuild_parameter_with_state,
+  "_rebuild_device_tensor_from_cpu_tensor": _rebuild_device_tensor_from_cpu_tensor,
 }
 
 # The complete list of globals a pickle may resolve to something other than a stub.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    **{("torch._utils", name): fn for name, fn in _TORCH_UTILS_REBUILDERS.items()},
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): "torch.Tensor",
-    ("torch.nn.parameter", "Parameter"): "torch.nn.Parameter",
-    ("torch", "Size"): tuple,
-    ("torch", "device"): _torch_device,
-    ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage"),
-    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
-    **{("torch", name): _TorchDType(name) for name in _TORCH_DTYPES},
-    **{("torch.jit._pickle", name): _identity
-       for name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist",
-                    "restore_type_tag")},
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    **{("builtins", cls.__name__): cls
-       for cls in (set, frozenset, bytearray, complex, dict, list, tuple)},
-    ("_codecs", "encode"): _codecs_encode,
-    ("numpy", "dtype"): _NumpyDType,
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+  **{("torch._utils", name): fn for name, fn in _TORCH_UTILS_REBUILDERS.items()},
+  ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+  ("torch", "Tensor"): "torch.Tensor",
+  ("torch.nn.parameter", "Parameter"): "torch.nn.Parameter",
+  ("torch", "Size"): tuple,
+  ("torch", "device"): _torch_device,
+  ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage"),
+  **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+  **{("torch", name): _TorchDType(name) for name in _TORCH_DTYPES},
+  **{
+    ("torch.jit._pickle", name): _identity
+    for name in (
+      "build_intlist",
+      "build_tensorlist",
+      "build_doublelist",
+      "build_boollist",
+      "restore_type_tag",
+    )
+  },
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  **{
+    ("builtins", cls.__name__): cls
+    for cls in (set, frozenset, bytearray, complex, dict, list, tuple)
+  },
+  ("_codecs", "encode"): _codecs_encode,
+  ("numpy", "dtype"): _NumpyDType,
+  ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+  ("numpy._core.multiarray", "scalar"): _numpy_scalar,
 }
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
   """Unpickler that resolves only `_ALLOWED_GLOBALS`; every other global becomes a stub class."""
 
-  def __init__(self, file: BinaryIO, *, where: str, strict_classes: bool,
-               storage_record: Callable[[Any], Any], stubbed: list[str],
-               expected_classes: frozenset[str] = frozenset()):
+  def __init__(
+    self,
+    file: BinaryIO,
+    *,
+    where: str,
+    strict_classes: bool,
+    storage_record: Callable[[Any], Any],
+    stubbed: list[str],
+    expected_classes: frozenset[str] = frozenset(),
+  ):
     super().__init__(file)
     self._where = where
     self._strict = strict_classes
@@ -458,13 +502,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
     qualname = f"{module}.{name}"
     if module == "torch._utils" and name.startswith("_rebuild"):
       raise CheckpointFormatError(
-          f"{self._where}: tensors rebuilt by {qualname} (sparse, quantized, nested or "
-          "meta tensors) are not supported; convert them to dense CPU tensors before saving")
+        f"{self._where}: tensors rebuilt by {qualname} (sparse, quantized, nested or "
+        "meta tensors) are not supported; convert them to dense CPU tensors before saving"
+      )
     if self._strict and qualname not in self._expected:
       raise CheckpointFormatError(
-          f"{self._where}: the pickle references class {qualname!r}, which is not needed to "
-          "rebuild tensors; with strict_classes=True it is refused (strict_classes=False "
-          "replaces it by an inert stub)")
+        f"{self._where}: the pickle references class {qualname!r}, which is not needed to "
+        "rebuild tensors; with strict_classes=True it is refused (strict_classes=False "
+        "replaces it by an inert stub)"
+      )
     stub = self._stub_types.get(qualname)
     if stub is None:
       stub = type(name, (_Stub,), {"_stub_qualname": qualname, "__module__": __name__})
@@ -487,8 +533,7 @@ def _unpickle(data: bytes | BinaryIO, *, where: str, **kwargs: Any) -> Any:
   except _UnsupportedRecord as err:
     raise CheckpointFormatError(f"{where}: {err}") from err
   except Exception as err:  # pickle raises many types on corrupt input (EOFError, KeyError, ...)
-    raise CheckpointFormatError(
-        f"{where}: cannot unpickle ({type(err).__name__}: {err})") from err
+    raise CheckpointFormatError(f"{where}: cannot unpickle ({type(err).__name__}: {err})") from err
 
 
 def _storage_records(source: _StorageSource, *, legacy: bool) -> Callable[[Any], _Storage]:
@@ -501,11 +546,13 @@ def _storage_records(source: _StorageSource, *, legacy: bool) -> Callable[[Any],
       raise _UnsupportedRecord(f"persistent id {pid!r} is not a storage record")
     if len(pid) != expected_len:
       raise _UnsupportedRecord(
-          f"storage record {pid!r} has {len(pid)} fields, expected {expected_len}")
+        f"storage record {pid!r} has {len(pid)} fields, expected {expected_len}"
+      )
     storage_type, key, numel = pid[1], pid[2], pid[4]
     if legacy and pid[5] is not None:
       raise _UnsupportedRecord(
-          f"storage views (files from PyTorch < 0.4) are not supported; {_RESAVE_HINT}")
+        f"storage views (files from PyTorch < 0.4) are not supported; {_RESAVE_HINT}"
+      )
     if not isinstance(storage_type, _StorageType):
       name = getattr(storage_type, "_stub_qualname", storage_type)
       raise _UnsupportedRecord(f"storage type {name!r} is not supported (quantized or unknown)")
@@ -560,7 +607,8 @@ class _Collector:
     self._visits_left -= 1
     if self._visits_left < 0:
       raise CheckpointFormatError(
-          f"{self.path}: the pickled object graph has more than {_MAX_VISITS} paths to walk")
+        f"{self.path}: the pickled object graph has more than {_MAX_VISITS} paths to walk"
+      )
     if isinstance(obj, _TensorRef):
       self.add(prefix, obj)
       return
@@ -622,8 +670,9 @@ class _Collector:
       return
     if not isinstance(state, dict):
       raise CheckpointFormatError(
-          f"{self.path}: TorchScript module {obj._stub_qualname} at {prefix or '<root>'!r} was "
-          f"pickled with custom state ({type(state).__name__}), expected its attribute dict")
+        f"{self.path}: TorchScript module {obj._stub_qualname} at {prefix or '<root>'!r} was "
+        f"pickled with custom state ({type(state).__name__}), expected its attribute dict"
+      )
     for name, value in state.items():
       if name in info.parameters and isinstance(value, _TensorRef):
         self.add(_join(prefix, name), value)
@@ -636,7 +685,6 @@ class _Collector:
         self._collect_script_module(value, _join(prefix, name))
       elif isinstance(value, _TensorRef) and name not in info.parameters | info.buffers:
         self.ignored.append(_join(prefix, name))
-
 
 
 def _join(prefix: str, key: Any) -> str:
@@ -704,14 +752,16 @@ def _flatten_checkpoint(obj: Any, collector: _Collector, report: LoadReport) -> 
 
 def _zip_prefix(zf: zipfile.ZipFile, path: str) -> str:
   """The archive's top-level folder, which holds `data.pkl` (`ViT-B-32/`, `archive/`, ...)."""
-  prefixes = sorted({n[: -len("data.pkl")] for n in zf.namelist()
-                     if n.endswith("/data.pkl") and n.count("/") == 1} |
-                    ({""} if "data.pkl" in zf.namelist() else set()))
+  prefixes = sorted(
+    {n[: -len("data.pkl")] for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1}
+    | ({""} if "data.pkl" in zf.namelist() else set())
+  )
   if len(prefixes) != 1:
     found = ", ".join(repr(p + "data.pkl") for p in prefixes) or "none"
     raise CheckpointFormatError(
-        f"{path}: expected exactly one '<prefix>/data.pkl' entry in a torch.save / "
-        f"torch.jit.save zip archive, found {found}")
+      f"{path}: expected exactly one '<prefix>/data.pkl' entry in a torch.save / "
+      f"torch.jit.save zip archive, found {found}"
+    )
   return prefixes[0]
 
 
@@ -730,15 +780,16 @@ def _script_classes(zf: zipfile.ZipFile, prefix: str, path: str) -> dict[str, _S
   for entry in zf.namelist():
     if not (entry.startswith(code_dir) and entry.endswith(".py")):
       continue
-    module = entry[len(code_dir):-len(".py")].replace("/", ".")
+    module = entry[len(code_dir) : -len(".py")].replace("/", ".")
     try:
       text = zf.read(entry).decode("utf-8")
     except (UnicodeDecodeError, zipfile.BadZipFile, OSError) as err:
       raise CheckpointFormatError(
-          f"{path}: cannot read TorchScript code entry {entry!r}: {err}") from err
+        f"{path}: cannot read TorchScript code entry {entry!r}: {err}"
+      ) from err
     matches = list(_CLASS_RE.finditer(text))
     for i, match in enumerate(matches):
-      body = text[match.end():matches[i + 1].start() if i + 1 < len(matches) else len(text)]
+      body = text[match.end() : matches[i + 1].start() if i + 1 < len(matches) else len(text)]
       declared = {"__parameters__": frozenset(), "__buffers__": frozenset()}
       for decl in _DECL_RE.finditer(body):
         try:
@@ -746,22 +797,27 @@ def _script_classes(zf: zipfile.ZipFile, prefix: str, path: str) -> dict[str, _S
         except (ValueError, SyntaxError) as err:
           line = text.count("\n", 0, match.end() + decl.start()) + 1
           raise CheckpointFormatError(
-              f"{path}: {entry} line {line}: {decl.group(1)} is not a list of names") from err
+            f"{path}: {entry} line {line}: {decl.group(1)} is not a list of names"
+          ) from err
         declared[decl.group(1)] = frozenset(str(n) for n in names)
       bases = match.group(2) or ""
       classes[f"{module}.{match.group(1)}"] = _ScriptClass(
-          is_module="Module" in bases,
-          parameters=declared["__parameters__"], buffers=declared["__buffers__"])
+        is_module="Module" in bases,
+        parameters=declared["__parameters__"],
+        buffers=declared["__buffers__"],
+      )
   return classes
 
 
-def _load_torch_zip(path: str, zf: zipfile.ZipFile,
-                    strict_classes: bool) -> tuple[dict[str, np.ndarray], LoadReport]:
+def _load_torch_zip(
+  path: str, zf: zipfile.ZipFile, strict_classes: bool
+) -> tuple[dict[str, np.ndarray], LoadReport]:
   """A `torch.save` zip or a `torch.jit.save` archive (recognised by its `code/` folder)."""
   prefix = _zip_prefix(zf, path)
   names = set(zf.namelist())
-  is_script = (f"{prefix}constants.pkl" in names
-               or any(n.startswith(f"{prefix}code/") for n in names))
+  is_script = f"{prefix}constants.pkl" in names or any(
+    n.startswith(f"{prefix}code/") for n in names
+  )
   report = LoadReport(format="torchscript" if is_script else "torch_zip")
 
   byteorder = "little"
@@ -769,29 +825,36 @@ def _load_torch_zip(path: str, zf: zipfile.ZipFile,
     byteorder = zf.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
     if byteorder not in ("little", "big"):
       raise CheckpointFormatError(
-          f"{path}: {prefix}byteorder says {byteorder!r}, expected 'little' or 'big'")
+        f"{path}: {prefix}byteorder says {byteorder!r}, expected 'little' or 'big'"
+      )
 
   def read(key: str) -> bytes:
     entry = f"{prefix}data/{key}"
     if entry not in names:
       raise CheckpointFormatError(
-          f"{path}: the pickle references storage {key!r}, but the archive has no entry {entry!r}")
+        f"{path}: the pickle references storage {key!r}, but the archive has no entry {entry!r}"
+      )
     try:
       return zf.read(entry)
     except (zipfile.BadZipFile, OSError, EOFError) as err:  # CRC mismatch, truncated member
       raise CheckpointFormatError(f"{path}: cannot read entry {entry!r}: {err}") from err
 
   source = _StorageSource(
-      path, read, byteorder == "little", lambda key: f"entry {prefix}data/{key}")
+    path, read, byteorder == "little", lambda key: f"entry {prefix}data/{key}"
+  )
   script_classes = _script_classes(zf, prefix, path) if is_script else {}
   try:
     data = zf.read(f"{prefix}data.pkl")
   except (zipfile.BadZipFile, OSError, EOFError) as err:
     raise CheckpointFormatError(f"{path}: cannot read entry {prefix}data.pkl: {err}") from err
   obj = _unpickle(
-      data, where=f"{path} (entry {prefix}data.pkl)", strict_classes=strict_classes,
-      storage_record=_storage_records(source, legacy=False),
-      expected_classes=frozenset(script_classes), stubbed=report.stubbed_classes)
+    data,
+    where=f"{path} (entry {prefix}data.pkl)",
+    strict_classes=strict_classes,
+    storage_record=_storage_records(source, legacy=False),
+    expected_classes=frozenset(script_classes),
+    stubbed=report.stubbed_classes,
+  )
   collector = _Collector(path, script_classes)
   if is_script:
     collector.collect(obj, "")
@@ -805,8 +868,9 @@ def _no_storage(pid: Any) -> Any:
   raise _UnsupportedRecord(f"unexpected persistent id {pid!r} outside the main pickle")
 
 
-def _load_torch_legacy(path: str, f: BinaryIO,
-                       strict_classes: bool) -> tuple[dict[str, np.ndarray], LoadReport]:
+def _load_torch_legacy(
+  path: str, f: BinaryIO, strict_classes: bool
+) -> tuple[dict[str, np.ndarray], LoadReport]:
   """Pre-1.6 `torch.save`: magic, version, sys_info, main pickle, storage keys, then the blobs.
 
   Each blob is an int64 element count followed by the storage's bytes, in storage-key order.
@@ -814,14 +878,23 @@ def _load_torch_legacy(path: str, f: BinaryIO,
   report = LoadReport(format="torch_legacy")
 
   def header(what: str) -> Any:  # plain ints, lists and dicts: no globals are allowed
-    return _unpickle(f, where=f"{path} (legacy {what})", strict_classes=True,
-                     storage_record=_no_storage, stubbed=[])
+    return _unpickle(
+      f,
+      where=f"{path} (legacy {what})",
+      strict_classes=True,
+      storage_record=_no_storage,
+      stubbed=[],
+    )
 
   magic, version, sys_info = header("magic"), header("version"), header("sys_info")
-  if (magic != _LEGACY_MAGIC_NUMBER or version != _LEGACY_PROTOCOL_VERSION
-      or not isinstance(sys_info, dict)):
+  if (
+    magic != _LEGACY_MAGIC_NUMBER
+    or version != _LEGACY_PROTOCOL_VERSION
+    or not isinstance(sys_info, dict)
+  ):
     raise CheckpointFormatError(
-        f"{path}: legacy torch.save header is corrupt (protocol {version!r}); {_RESAVE_HINT}")
+      f"{path}: legacy torch.save header is corrupt (protocol {version!r}); {_RESAVE_HINT}"
+    )
   little_endian = bool(sys_info.get("little_endian", True))
 
   dtypes: dict[str, np.dtype] = {}  # storage key -> element dtype, from the main pickle
@@ -840,12 +913,18 @@ def _load_torch_legacy(path: str, f: BinaryIO,
     dtypes[storage.key] = storage.dtype
     return storage
 
-  obj = _unpickle(f, where=f"{path} (legacy pickle)", strict_classes=strict_classes,
-                  storage_record=record, stubbed=report.stubbed_classes)
+  obj = _unpickle(
+    f,
+    where=f"{path} (legacy pickle)",
+    strict_classes=strict_classes,
+    storage_record=record,
+    stubbed=report.stubbed_classes,
+  )
   keys = header("storage list")
   if not isinstance(keys, list) or set(map(str, keys)) != set(dtypes):
     raise CheckpointFormatError(
-        f"{path}: the legacy storage list does not match the storages the pickle uses")
+      f"{path}: the legacy storage list does not match the storages the pickle uses"
+    )
   for key in map(str, keys):
     head = f.read(8)
     if len(head) != 8:
@@ -874,7 +953,8 @@ def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], LoadReport]:
     dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
     if dtype is None:
       raise CheckpointFormatError(
-          f"{path}: tensor {name!r} has unsupported safetensors dtype {entry['dtype']}")
+        f"{path}: tensor {name!r} has unsupported safetensors dtype {entry['dtype']}"
+      )
     # `data` is a fresh bytearray per tensor, so the array owns writable memory without a copy.
     tensors[name] = np.frombuffer(entry["data"], dtype=dtype).reshape(entry["shape"])
   return tensors, report
@@ -886,8 +966,7 @@ def _load_npz(path: str) -> tuple[dict[str, np.ndarray], LoadReport]:
       tensors = {name: npz[name] for name in npz.files}
   except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
     # Object arrays would need pickle: refused by allow_pickle=False.
-    raise CheckpointFormatError(
-        f"{path}: cannot read as an .npz of numeric arrays: {err}") from err
+    raise CheckpointFormatError(f"{path}: cannot read as an .npz of numeric arrays: {err}") from err
   return tensors, LoadReport(format="npz")
 
 
@@ -898,8 +977,9 @@ def _is_safetensors(head: bytes, size: int) -> bool:
   return 8 + header_len <= size and head[8:9] == b"{"
 
 
-def load_state_dict(path: str | os.PathLike,
-                    *, strict_classes: bool = False) -> tuple[dict[str, np.ndarray], LoadReport]:
+def load_state_dict(
+  path: str | os.PathLike, *, strict_classes: bool = False
+) -> tuple[dict[str, np.ndarray], LoadReport]:
   """Reads a checkpoint's tensors as numpy arrays without importing torch or running its code.
 
   Args:
@@ -931,8 +1011,9 @@ def load_state_dict(path: str | os.PathLike,
         zf = zipfile.ZipFile(f)
       except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise CheckpointFormatError(
-            f"{path}: zip archive is truncated or corrupt ({err}); expected a torch.save / "
-            "torch.jit.save archive or an .npz") from err
+          f"{path}: zip archive is truncated or corrupt ({err}); expected a torch.save / "
+          "torch.jit.save archive or an .npz"
+        ) from err
       with zf:
         names = zf.namelist()
         if all(n.endswith(".npy") for n in names):  # np.savez output (possibly empty)
@@ -946,7 +1027,7 @@ def load_state_dict(path: str | os.PathLike,
   if file.suffix == ".npz":  # np.savez output is always a zip; anything else is corrupt
     raise CheckpointFormatError(f"{path}: an .npz must be a zip archive of .npy files")
   raise CheckpointFormatError(
-      f"{path}: not a recognised checkpoint: expected a zip torch.save / torch.jit.save archive "
-      "(starts with 'PK'), a legacy torch.save pickle, a safetensors file (8-byte header length "
-      "then JSON) or an .npz")
-
+    f"{path}: not a recognised checkpoint: expected a zip torch.save / torch.jit.save archive "
+    "(starts with 'PK'), a legacy torch.save pickle, a safetensors file (8-byte header length "
+    "then JSON) or an .npz"
+  )

@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 # Extensions counted as frames (compared lower-cased). Other files in a frame folder are
 # ignored by `list_frames` and reported by `validate`.
-IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff'})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 # How many line errors an AnnotationError message spells out before summarising.
 _MAX_LISTED_ERRORS = 20
@@ -26,6 +27,7 @@ _MAX_LISTED_ERRORS = 20
 
 class LineError(NamedTuple):
   """One problem found on one line of an annotation list."""
+
   line: int
   kind: str  # 'malformed_line' | 'bad_count' | 'bad_label' | 'duplicate_clip'
   message: str
@@ -38,10 +40,10 @@ class AnnotationError(ValueError):
     self.file = pathlib.Path(file)
     self.errors = list(errors)
     self.line = self.errors[0].line if self.errors else None
-    shown = [f'{self.file}:{e.line}: {e.message}' for e in self.errors[:_MAX_LISTED_ERRORS]]
+    shown = [f"{self.file}:{e.line}: {e.message}" for e in self.errors[:_MAX_LISTED_ERRORS]]
     if len(self.errors) > _MAX_LISTED_ERRORS:
-      shown.append(f'... and {len(self.errors) - _MAX_LISTED_ERRORS} more problems')
-    super().__init__('\n'.join(shown))
+      shown.append(f"... and {len(self.errors) - _MAX_LISTED_ERRORS} more problems")
+    super().__init__("\n".join(shown))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,35 +58,36 @@ class ClipAnnotation:
     source: the annotation file.
     clip_id: the folder as written in the list (defaults to `str(frame_dir)`).
   """
+
   frame_dir: pathlib.Path
   num_frames: int
   label: int
   line_no: int
   source: pathlib.Path
-  clip_id: str = ''
+  clip_id: str = ""
 
   def __post_init__(self):
     if not self.clip_id:
-      object.__setattr__(self, 'clip_id', str(self.frame_dir))
+      object.__setattr__(self, "clip_id", str(self.frame_dir))
 
   @property
   def origin(self) -> str:
     """`file:line` of this clip, for error messages."""
-    return f'{self.source}:{self.line_no}'
+    return f"{self.source}:{self.line_no}"
 
 
 def _parse_int(text: str) -> int | None:
   # int() also accepts '+3', ' 3' and '3_0'; the format only has plain decimal digits.
-  if text.isascii() and (text.isdigit() or (text[:1] == '-' and text[1:].isdigit())):
+  if text.isascii() and (text.isdigit() or (text[:1] == "-" and text[1:].isdigit())):
     return int(text)
   return None
 
 
 def scan_annotations(
-    path: str | os.PathLike[str],
-    *,
-    data_root: str | os.PathLike[str] | None = None,
-    num_classes: int | None = None,
+  path: str | os.PathLike[str],
+  *,
+  data_root: str | os.PathLike[str] | None = None,
+  num_classes: int | None = None,
 ) -> tuple[list[ClipAnnotation], list[LineError]]:
   """Parses an annotation list, collecting every bad line instead of stopping at the first.
 
@@ -103,58 +106,76 @@ def scan_annotations(
   annotations: list[ClipAnnotation] = []
   errors: list[LineError] = []
   first_line_of: dict[str, int] = {}
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding="utf-8") as f:
     for line_no, raw in enumerate(f, start=1):
       text = raw.strip()
       if not text:
         continue  # A trailing empty line is common and harmless.
       fields = text.split()
       if len(fields) != 3:
-        errors.append(LineError(
-            line_no, 'malformed_line',
-            f'expected 3 fields "<frame_dir> <num_frames> <label>", got {len(fields)}: '
-            f'{text!r}'))
+        errors.append(
+          LineError(
+            line_no,
+            "malformed_line",
+            f'expected 3 fields "<frame_dir> <num_frames> <label>", got {len(fields)}: {text!r}',
+          )
+        )
         continue
       folder, count_text, label_text = fields
       num_frames, label = _parse_int(count_text), _parse_int(label_text)
       if num_frames is None or label is None:
-        which = 'num_frames' if num_frames is None else 'label'
+        which = "num_frames" if num_frames is None else "label"
         bad = count_text if num_frames is None else label_text
-        errors.append(LineError(
-            line_no, 'malformed_line',
-            f'{which} must be an integer, got {bad!r} in {text!r}'))
+        errors.append(
+          LineError(
+            line_no, "malformed_line", f"{which} must be an integer, got {bad!r} in {text!r}"
+          )
+        )
         continue
       if num_frames < 1:
-        errors.append(LineError(
-            line_no, 'bad_count',
-            f'num_frames must be a positive integer (a clip needs at least one frame), '
-            f'got {num_frames}'))
+        errors.append(
+          LineError(
+            line_no,
+            "bad_count",
+            f"num_frames must be a positive integer (a clip needs at least one frame), "
+            f"got {num_frames}",
+          )
+        )
         continue
       if label < 0 or (num_classes is not None and label >= num_classes):
-        expected = (f'in [0, {num_classes - 1}]' if num_classes is not None
-                    else 'non-negative')
-        errors.append(LineError(
-            line_no, 'bad_label', f'label must be {expected}, got {label}'))
+        expected = f"in [0, {num_classes - 1}]" if num_classes is not None else "non-negative"
+        errors.append(LineError(line_no, "bad_label", f"label must be {expected}, got {label}"))
         continue
       frame_dir = root / folder
       key = os.path.normpath(frame_dir)
       if key in first_line_of:
-        errors.append(LineError(
-            line_no, 'duplicate_clip',
-            f'clip {folder} is listed again (first on line {first_line_of[key]})'))
+        errors.append(
+          LineError(
+            line_no,
+            "duplicate_clip",
+            f"clip {folder} is listed again (first on line {first_line_of[key]})",
+          )
+        )
         continue
       first_line_of[key] = line_no
-      annotations.append(ClipAnnotation(
-          frame_dir=frame_dir, num_frames=num_frames, label=label, line_no=line_no,
-          source=path, clip_id=folder))
+      annotations.append(
+        ClipAnnotation(
+          frame_dir=frame_dir,
+          num_frames=num_frames,
+          label=label,
+          line_no=line_no,
+          source=path,
+          clip_id=folder,
+        )
+      )
   return annotations, errors
 
 
 def read_annotations(
-    path: str | os.PathLike[str],
-    *,
-    data_root: str | os.PathLike[str] | None = None,
-    num_classes: int | None = None,
+  path: str | os.PathLike[str],
+  *,
+  data_root: str | os.PathLike[str] | None = None,
+  num_classes: int | None = None,
 ) -> list[ClipAnnotation]:
   """Reads an annotation list in the reference format.
 
@@ -178,14 +199,15 @@ def read_annotations(
   if errors:
     raise AnnotationError(path, errors)
   if not annotations:
-    raise AnnotationError(path, [LineError(1, 'malformed_line', 'the list holds no clips')])
+    raise AnnotationError(path, [LineError(1, "malformed_line", "the list holds no clips")])
   if data_root is not None:
     annotations = rebase_absolute(annotations, pathlib.Path(data_root))
   return annotations
 
 
-def rebase_absolute(clips: Sequence[ClipAnnotation], data_root: pathlib.Path
-                    ) -> list[ClipAnnotation]:
+def rebase_absolute(
+  clips: Sequence[ClipAnnotation], data_root: pathlib.Path
+) -> list[ClipAnnotation]:
   """Re-roots absolute frame folders that do not exist under `data_root`.
 
   The reference's lists hold the authors' absolute paths (e.g.
@@ -199,8 +221,9 @@ def rebase_absolute(clips: Sequence[ClipAnnotation], data_root: pathlib.Path
   if not missing:
     return list(clips)
   parts = missing[0].frame_dir.parts[1:]  # without the root '/'
-  keep = next((k for k in range(1, len(parts) + 1)
-               if (data_root / pathlib.Path(*parts[-k:])).is_dir()), None)
+  keep = next(
+    (k for k in range(1, len(parts) + 1) if (data_root / pathlib.Path(*parts[-k:])).is_dir()), None
+  )
   if keep is None:
     return list(clips)
   out = []
@@ -224,9 +247,11 @@ def list_frames(frame_dir: str | os.PathLike[str]) -> list[pathlib.Path]:
   names = []
   with os.scandir(frame_dir) as entries:
     for entry in entries:
-      if (not entry.name.startswith('.')
-          and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-          and entry.is_file()):
+      if (
+        not entry.name.startswith(".")
+        and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+        and entry.is_file()
+      ):
         names.append(entry.name)
   names.sort()
   return [frame_dir / name for name in names]
@@ -246,11 +271,11 @@ class FrameFolderSource:
 
   @classmethod
   def from_file(
-      cls,
-      path: str | os.PathLike[str],
-      *,
-      data_root: str | os.PathLike[str] | None = None,
-      num_classes: int | None = None,
+    cls,
+    path: str | os.PathLike[str],
+    *,
+    data_root: str | os.PathLike[str] | None = None,
+    num_classes: int | None = None,
   ) -> FrameFolderSource:
     """Reads an annotation list (see `read_annotations`) into a source."""
     return cls(read_annotations(path, data_root=data_root, num_classes=num_classes))
@@ -264,16 +289,16 @@ class FrameFolderSource:
       frames = list_frames(clip.frame_dir)
     except FileNotFoundError:
       raise FileNotFoundError(
-          f'{clip.origin}: frame folder {clip.frame_dir} does not exist') from None
+        f"{clip.origin}: frame folder {clip.frame_dir} does not exist"
+      ) from None
     except NotADirectoryError:
-      raise NotADirectoryError(
-          f'{clip.origin}: {clip.frame_dir} is not a folder') from None
+      raise NotADirectoryError(f"{clip.origin}: {clip.frame_dir} is not a folder") from None
     return {
-        'clip_id': clip.clip_id,
-        'label': clip.label,
-        'num_frames': clip.num_frames,
-        'frames': [str(p) for p in frames],
-        'origin': clip.origin,
+      "clip_id": clip.clip_id,
+      "label": clip.label,
+      "num_frames": clip.num_frames,
+      "frames": [str(p) for p in frames],
+      "origin": clip.origin,
     }
 
   @property

@@ -36,16 +36,14 @@ import dataclasses
 import io
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-from PIL import Image
-from PIL import ImageEnhance
-from PIL import ImageFile
-
+from PIL import Image, ImageEnhance, ImageFile
 
 # The dataset-specific train ops applied before the crop ("" = none; `datasets.Dataset`).
-DATASET_OPS = ('', 'brightness', 'rotation')
+DATASET_OPS = ("", "brightness", "rotation")
 
 _BRIGHTNESS_RANGE = (0.5, 1.5)
 _ROTATION_DEGREES = 4.0
@@ -65,38 +63,38 @@ def _require_strict_truncation() -> None:
   # bottom: a corrupt clip would be trained on silently.
   if ImageFile.LOAD_TRUNCATED_IMAGES:
     raise RuntimeError(
-        'PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some other library?): truncated '
-        'frames would be decoded silently as partly grey images. Set it back to False.')
+      "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some other library?): truncated "
+      "frames would be decoded silently as partly grey images. Set it back to False."
+    )
 
 
 def _frame_name(frame: Frame, index: int) -> str:
-  return f'frame {index} ({len(frame)} encoded bytes)' if isinstance(frame, bytes) else str(frame)
+  return f"frame {index} ({len(frame)} encoded bytes)" if isinstance(frame, bytes) else str(frame)
 
 
 def _open(frame: Frame, index: int) -> Image.Image:
   try:
     return Image.open(io.BytesIO(frame) if isinstance(frame, bytes) else frame)
   except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, ...).
-    raise FrameError(f'cannot open {_frame_name(frame, index)}: {e}') from e
+    raise FrameError(f"cannot open {_frame_name(frame, index)}: {e}") from e
 
 
 def _load_rgb(im: Image.Image, frame: Frame, index: int) -> Image.Image:
   # PIL closes a path frame's file after a successful load(); close it on failure too.
   try:
     im.load()
-    return im if im.mode == 'RGB' else im.convert('RGB')
+    return im if im.mode == "RGB" else im.convert("RGB")
   except Exception as e:
     im.close()
-    raise FrameError(f'cannot decode {_frame_name(frame, index)}: {e}') from e
+    raise FrameError(f"cannot decode {_frame_name(frame, index)}: {e}") from e
 
 
 def _check_indices(num_frames: int, indices: Sequence[int]) -> None:
   if len(indices) == 0:
-    raise ValueError('no frame indices to decode')
+    raise ValueError("no frame indices to decode")
   bad = [int(i) for i in indices if not 0 <= int(i) < num_frames]
   if bad:
-    raise FrameError(
-        f'frame index {bad[0]} out of range: the clip has {num_frames} frames')
+    raise FrameError(f"frame index {bad[0]} out of range: the clip has {num_frames} frames")
 
 
 def decode_frames(frames: Sequence[Frame], indices: Sequence[int]) -> list[Image.Image]:
@@ -122,6 +120,7 @@ def decode_frames(frames: Sequence[Frame], indices: Sequence[int]) -> list[Image
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
   """The random draw of one clip's train augmentation (pixel units of the full frame)."""
+
   brightness: float | None  # Brightness factor (DFEW), else None.
   angle: float | None  # Rotation angle in degrees (FERV39k), else None.
   crop: tuple[int, int, int, int] | None  # (x1, y1, w, h) of a successful crop try.
@@ -145,35 +144,40 @@ class Augmentation:
     fix_short_sampling: spread the train frames of 16..31-frame clips over the whole clip
       (`sampling.train_indices` fix_short); False is the reference.
   """
-  op: str = ''
+
+  op: str = ""
   crop_min_area: float = _CROP_AREA_RANGE[0]
   fix_short_sampling: bool = False
 
   def __post_init__(self):
     if self.op not in DATASET_OPS:
-      raise ValueError(f'unknown augmentation op {self.op!r}: expected one of {DATASET_OPS}')
+      raise ValueError(f"unknown augmentation op {self.op!r}: expected one of {DATASET_OPS}")
     if not 0.0 < self.crop_min_area <= 1.0:
-      raise ValueError(f'crop_min_area must be in (0, 1], got {self.crop_min_area}')
+      raise ValueError(f"crop_min_area must be in (0, 1], got {self.crop_min_area}")
 
   @property
   def ops(self) -> tuple[str, ...]:
     """The spatial ops in the order they run."""
-    return tuple(o for o in (self.op, 'random_sized_crop', 'flip') if o)
+    return tuple(o for o in (self.op, "random_sized_crop", "flip") if o)
 
   def fingerprint(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
 
 def draw_train_params(
-    width: int, height: int, rng: np.random.Generator, *, augmentation: Augmentation,
-    size: int,
+  width: int,
+  height: int,
+  rng: np.random.Generator,
+  *,
+  augmentation: Augmentation,
+  size: int,
 ) -> TrainParams:
   """Draws one clip's augmentation parameters for frames of `width x height` pixels."""
   crop_min_area = augmentation.crop_min_area
   brightness = angle = None
-  if augmentation.op == 'brightness':
+  if augmentation.op == "brightness":
     brightness = float(rng.uniform(*_BRIGHTNESS_RANGE))
-  elif augmentation.op == 'rotation':
+  elif augmentation.op == "rotation":
     angle = float(rng.uniform(-_ROTATION_DEGREES, _ROTATION_DEGREES))
   crop = fallback = None
   area = width * height
@@ -196,11 +200,9 @@ def draw_train_params(
       rw, rh = size, int(size * height / width)
     else:
       rw, rh = int(size * width / height), size
-    fallback = (rw, rh, int(rng.integers(0, rw - size + 1)),
-                int(rng.integers(0, rh - size + 1)))
+    fallback = (rw, rh, int(rng.integers(0, rw - size + 1)), int(rng.integers(0, rh - size + 1)))
   flip = bool(rng.random() < 0.5)
-  return TrainParams(brightness=brightness, angle=angle, crop=crop, fallback=fallback,
-                     flip=flip)
+  return TrainParams(brightness=brightness, angle=angle, crop=crop, fallback=fallback, flip=flip)
 
 
 def _brightness(im: Image.Image, factor: float | None) -> Image.Image:
@@ -247,13 +249,17 @@ def _check_same_size(sizes: Sequence[tuple[int, int]], names: Sequence[str]) -> 
   for size, name in zip(sizes, names):
     if size != sizes[0]:
       raise FrameError(
-          f'frames of one clip differ in size: {names[0]} is {sizes[0][0]}x{sizes[0][1]}, '
-          f'{name} is {size[0]}x{size[1]} (one crop is applied to all frames)')
+        f"frames of one clip differ in size: {names[0]} is {sizes[0][0]}x{sizes[0][1]}, "
+        f"{name} is {size[0]}x{size[1]} (one crop is applied to all frames)"
+      )
 
 
 def train_transform(
-    images: Sequence[Image.Image], rng: np.random.Generator, *, augmentation: Augmentation,
-    size: int,
+  images: Sequence[Image.Image],
+  rng: np.random.Generator,
+  *,
+  augmentation: Augmentation,
+  size: int,
 ) -> np.ndarray:
   """Train augmentation of one clip (see the module docstring) -> (T, size, size, 3) uint8.
 
@@ -263,7 +269,7 @@ def train_transform(
     augmentation: the ops and their settings.
     size: output height and width.
   """
-  _check_same_size([im.size for im in images], [f'frame {t}' for t in range(len(images))])
+  _check_same_size([im.size for im in images], [f"frame {t}" for t in range(len(images))])
   p = draw_train_params(*images[0].size, rng, augmentation=augmentation, size=size)
   return _stack(images, lambda im: _flip(_apply_exact(im, p, size), p.flip), size)
 
@@ -288,6 +294,7 @@ def _cv2():
   global _cv2_module
   if _cv2_module is None:
     import cv2  # pylint: disable=g-import-not-at-top
+
     cv2.setNumThreads(1)
     _cv2_module = cv2
   return _cv2_module
@@ -297,10 +304,10 @@ def _read_bytes(frame: Frame, index: int) -> bytes:
   if isinstance(frame, bytes):
     return frame
   try:
-    with open(frame, 'rb') as f:
+    with open(frame, "rb") as f:
       return f.read()
   except OSError as e:
-    raise FrameError(f'cannot open {_frame_name(frame, index)}: {e}') from e
+    raise FrameError(f"cannot open {_frame_name(frame, index)}: {e}") from e
 
 
 def _decode_array(frame: Frame, index: int, reduce: int) -> np.ndarray:
@@ -313,10 +320,14 @@ def _decode_array(frame: Frame, index: int, reduce: int) -> np.ndarray:
   averaging to the size libjpeg's reduced decode would have.
   """
   data = _read_bytes(frame, index)
-  if data[:2] == b'\xff\xd8' and data.rstrip(b'\x00')[-2:] == b'\xff\xd9':
+  if data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9":
     cv2 = _cv2()
-    flag = {1: cv2.IMREAD_COLOR_RGB, 2: cv2.IMREAD_REDUCED_COLOR_2,
-            4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+    flag = {
+      1: cv2.IMREAD_COLOR_RGB,
+      2: cv2.IMREAD_REDUCED_COLOR_2,
+      4: cv2.IMREAD_REDUCED_COLOR_4,
+      8: cv2.IMREAD_REDUCED_COLOR_8,
+    }[reduce]
     array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if array is not None:
       # The IMREAD_REDUCED_* flags decode to BGR; reversing the channels is a view.
@@ -324,17 +335,19 @@ def _decode_array(frame: Frame, index: int, reduce: int) -> np.ndarray:
   try:
     im = Image.open(io.BytesIO(data))
   except Exception as e:
-    raise FrameError(f'cannot open {_frame_name(frame, index)}: {e}') from e
+    raise FrameError(f"cannot open {_frame_name(frame, index)}: {e}") from e
   array = np.asarray(_load_rgb(im, frame, index))
   if reduce > 1:
     h, w = array.shape[:2]
-    array = _cv2().resize(array, (-(-w // reduce), -(-h // reduce)),
-                          interpolation=_cv2().INTER_AREA)
+    array = _cv2().resize(
+      array, (-(-w // reduce), -(-h // reduce)), interpolation=_cv2().INTER_AREA
+    )
   return array
 
 
-def _decode_unique_arrays(frames: Sequence[Frame], indices: Sequence[int], reduce: int
-                          ) -> tuple[list[np.ndarray], list[int]]:
+def _decode_unique_arrays(
+  frames: Sequence[Frame], indices: Sequence[int], reduce: int
+) -> tuple[list[np.ndarray], list[int]]:
   """`_decode_array` once per distinct index: (arrays, position of each index's array)."""
   _require_strict_truncation()
   _check_indices(len(frames), indices)
@@ -352,11 +365,12 @@ def _decode_unique_arrays(frames: Sequence[Frame], indices: Sequence[int], reduc
     if arrays[k].shape != shape:
       first = int(indices[0])
       raise FrameError(
-          f'frames of one clip differ in size: {_frame_name(frames[first], first)} is '
-          f'{shape[1]}x{shape[0]}, {_frame_name(frames[i], i)} is '
-          f'{arrays[k].shape[1]}x{arrays[k].shape[0]}' +
-          (f' (after 1/{reduce} decode)' if reduce > 1 else '') +
-          ' (one crop is applied to all frames)')
+        f"frames of one clip differ in size: {_frame_name(frames[first], first)} is "
+        f"{shape[1]}x{shape[0]}, {_frame_name(frames[i], i)} is "
+        f"{arrays[k].shape[1]}x{arrays[k].shape[0]}"
+        + (f" (after 1/{reduce} decode)" if reduce > 1 else "")
+        + " (one crop is applied to all frames)"
+      )
   return arrays, order
 
 
@@ -375,15 +389,15 @@ def _reduction(w: int, h: int, size: int) -> int:
   return 1
 
 
-def _resize(src: np.ndarray, width: int, height: int, dst: np.ndarray | None = None
-            ) -> np.ndarray:
+def _resize(src: np.ndarray, width: int, height: int, dst: np.ndarray | None = None) -> np.ndarray:
   """cv2 resize closest to PIL's bilinear: area averaging when shrinking both axes
   (PIL's bilinear filter widens with the scale, i.e. anti-aliases), else bilinear."""
   cv2 = _cv2()
   h, w = src.shape[:2]
   shrink = width <= w and height <= h
-  return cv2.resize(src, (width, height), dst=dst,
-                    interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+  return cv2.resize(
+    src, (width, height), dst=dst, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+  )
 
 
 def brightness_lut(factor: float) -> np.ndarray:
@@ -391,12 +405,12 @@ def brightness_lut(factor: float) -> np.ndarray:
 
   PIL blends with black in float32 and truncates: out = clip(int(v * factor), 0, 255).
   """
-  return np.clip(np.arange(256, dtype=np.float32) * np.float32(factor), 0, 255).astype(
-      np.uint8)
+  return np.clip(np.arange(256, dtype=np.float32) * np.float32(factor), 0, 255).astype(np.uint8)
 
 
-def _load_train_clip_fast(frames, indices, rng, *, augmentation, size,
-                          out: np.ndarray | None = None) -> np.ndarray:
+def _load_train_clip_fast(
+  frames, indices, rng, *, augmentation, size, out: np.ndarray | None = None
+) -> np.ndarray:
   """`load_train_clip(..., fast_decode=True)`: OpenCV decode + crop/resize, same draws."""
   _check_indices(len(frames), indices)
   first = int(indices[0])
@@ -411,8 +425,10 @@ def _load_train_clip_fast(frames, indices, rng, *, augmentation, size,
     reduce = _reduction(width, height, size)
   arrays, order = _decode_unique_arrays(frames, indices, reduce)
   if reduce == 1 and arrays[0].shape[:2] != (height, width):
-    raise FrameError(f'frame {first} decodes to {arrays[0].shape[1]}x{arrays[0].shape[0]} '
-                     f'but its header says {width}x{height}')
+    raise FrameError(
+      f"frame {first} decodes to {arrays[0].shape[1]}x{arrays[0].shape[0]} "
+      f"but its header says {width}x{height}"
+    )
   cv2 = _cv2()
   lut = None if p.brightness is None else brightness_lut(p.brightness)
   out = _output(out, len(order), size)  # (T, size, size, 3)
@@ -424,14 +440,15 @@ def _load_train_clip_fast(frames, indices, rng, *, augmentation, size,
     done[k] = t
     a = arrays[k]
     if p.angle is not None:
-      a = np.asarray(Image.fromarray(a).rotate(p.angle, resample=Image.Resampling.NEAREST,
-                                               expand=False))
+      a = np.asarray(
+        Image.fromarray(a).rotate(p.angle, resample=Image.Resampling.NEAREST, expand=False)
+      )
     if p.crop is not None:
       x1, y1, w, h = p.crop
       # Crop box in the reduced frame's pixels (exact when reduce == 1).
       x1, y1 = round(x1 / reduce), round(y1 / reduce)
       w, h = max(1, round(w / reduce)), max(1, round(h / reduce))
-      a = a[y1:y1 + h, x1:x1 + w]
+      a = a[y1 : y1 + h, x1 : x1 + w]
       if lut is not None:  # On the crop, before the resize: the reference's order.
         a = cv2.LUT(np.ascontiguousarray(a), lut)
       frame_out = _resize(a, size, size, dst=None if p.flip else out[t])
@@ -441,7 +458,7 @@ def _load_train_clip_fast(frames, indices, rng, *, augmentation, size,
         a = cv2.LUT(a, lut)
       if a.shape[:2] != (rh, rw):
         a = _resize(a, rw, rh)
-      frame_out = a[y1:y1 + size, x1:x1 + size]
+      frame_out = a[y1 : y1 + size, x1 : x1 + size]
       if not p.flip:
         out[t] = frame_out
     if p.flip:
@@ -455,19 +472,19 @@ def _output(out: np.ndarray | None, frames: int, size: int) -> np.ndarray:
   if out is None:
     return np.empty(shape, np.uint8)
   if out.shape != shape or out.dtype != np.uint8:
-    raise ValueError(f'out must be a {shape} uint8 array, got {out.shape} {out.dtype}')
+    raise ValueError(f"out must be a {shape} uint8 array, got {out.shape} {out.dtype}")
   return out
 
 
 def load_train_clip(
-    frames: Sequence[Frame],
-    indices: Sequence[int],
-    rng: np.random.Generator,
-    *,
-    augmentation: Augmentation,
-    size: int,
-    fast_decode: bool = False,
-    out: np.ndarray | None = None,
+  frames: Sequence[Frame],
+  indices: Sequence[int],
+  rng: np.random.Generator,
+  *,
+  augmentation: Augmentation,
+  size: int,
+  fast_decode: bool = False,
+  out: np.ndarray | None = None,
 ) -> np.ndarray:
   """Decodes `frames[indices]` and applies the train augmentation -> (T, size, size, 3) uint8.
 
@@ -482,15 +499,19 @@ def load_train_clip(
   bilinear filter: pixels differ slightly (see `tests/test_data_augment.py` for the bound).
   """
   if not fast_decode:
-    return train_transform(decode_frames(frames, indices), rng, augmentation=augmentation,
-                           size=size)
-  return _load_train_clip_fast(frames, indices, rng, augmentation=augmentation, size=size,
-                               out=out)
+    return train_transform(
+      decode_frames(frames, indices), rng, augmentation=augmentation, size=size
+    )
+  return _load_train_clip_fast(frames, indices, rng, augmentation=augmentation, size=size, out=out)
 
 
 def load_test_clip(
-    frames: Sequence[Frame], indices: Sequence[int], *, size: int, fast_decode: bool = False,
-    out: np.ndarray | None = None,
+  frames: Sequence[Frame],
+  indices: Sequence[int],
+  *,
+  size: int,
+  fast_decode: bool = False,
+  out: np.ndarray | None = None,
 ) -> np.ndarray:
   """Decodes `frames[indices]` and resizes each to size x size -> (T, size, size, 3) uint8.
 

@@ -19,9 +19,20 @@ import os
 import pathlib
 
 DFEW_CLASSES: tuple[str, ...] = (
-    "happiness", "sadness", "neutral", "anger", "surprise", "disgust", "fear")
+  "happiness",
+  "sadness",
+  "neutral",
+  "anger",
+  "surprise",
+  "disgust",
+  "fear",
+)
 MAFW_CLASSES: tuple[str, ...] = DFEW_CLASSES + (
-    "contempt", "anxiety", "helplessness", "disappointment")
+  "contempt",
+  "anxiety",
+  "helplessness",
+  "disappointment",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +49,7 @@ class Dataset:
       and `{fold}` filled in; the first is the reference's.
     packed_name: the packed dataset's name for `packed.packed_source`, `{fold}` filled in.
   """
+
   name: str
   class_names: tuple[str, ...]
   folds: int = 1
@@ -49,12 +61,16 @@ class Dataset:
     """The class names in label order (read from `classes_file` when the entry has none)."""
     if self.class_names:
       if classes_file:
-        raise ValueError(f"dataset {self.name!r} has its own class names; data.classes_file "
-                         "is for the 'custom' dataset")
+        raise ValueError(
+          f"dataset {self.name!r} has its own class names; data.classes_file "
+          "is for the 'custom' dataset"
+        )
       return self.class_names
     if not classes_file:
-      raise ValueError(f"dataset {self.name!r} takes its class names from a file: set "
-                       "data.classes_file (one class name per line, in label order)")
+      raise ValueError(
+        f"dataset {self.name!r} takes its class names from a file: set "
+        "data.classes_file (one class name per line, in label order)"
+      )
     return read_classes_file(classes_file)
 
   def packed(self, fold: int) -> str:
@@ -107,14 +123,34 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-register(Dataset("dfew", DFEW_CLASSES, folds=5, augment_op="brightness",
-                 list_names=("DFEW_set_{fold}_{split}.txt", "{split}_fold{fold}.txt"),
-                 packed_name="dfew/fold{fold}"))
-register(Dataset("ferv39k", DFEW_CLASSES, augment_op="rotation",
-                 list_names=("FERV39K_{split}.txt", "{split}.txt"), packed_name="ferv39k"))
-register(Dataset("mafw", MAFW_CLASSES, folds=5,
-                 list_names=("MAFW_set_{fold}_{split}.txt", "{split}_fold{fold}.txt"),
-                 packed_name="mafw/fold{fold}"))
+register(
+  Dataset(
+    "dfew",
+    DFEW_CLASSES,
+    folds=5,
+    augment_op="brightness",
+    list_names=("DFEW_set_{fold}_{split}.txt", "{split}_fold{fold}.txt"),
+    packed_name="dfew/fold{fold}",
+  )
+)
+register(
+  Dataset(
+    "ferv39k",
+    DFEW_CLASSES,
+    augment_op="rotation",
+    list_names=("FERV39K_{split}.txt", "{split}.txt"),
+    packed_name="ferv39k",
+  )
+)
+register(
+  Dataset(
+    "mafw",
+    MAFW_CLASSES,
+    folds=5,
+    list_names=("MAFW_set_{fold}_{split}.txt", "{split}_fold{fold}.txt"),
+    packed_name="mafw/fold{fold}",
+  )
+)
 # The synthetic dataset reuses the real class names, so that prompts built from them stay
 # meaningful; 7 classes by default, 11 with `num_classes=11`.
 register(Dataset("synthetic", DFEW_CLASSES, packed_name="synthetic/classes7"))

@@ -48,16 +48,17 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from absl import logging
 import grain
 import numpy as np
+from absl import logging
 
 from dfer_clip_jax.data import augment as augment_lib
 from dfer_clip_jax.data import sampling
 
-BAD_CLIP_POLICIES = ('error', 'skip')
+BAD_CLIP_POLICIES = ("error", "skip")
 
 # Distinct first words of the seed sequences, so that the shuffle, the per-clip draws and
 # the train / val split never share a random stream.
@@ -76,6 +77,7 @@ class BadClipError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class SkippedClip:
   """A clip left out under bad_clip_policy='skip'."""
+
   index: int  # Index of the clip in the source.
   clip_id: str
   origin: str | None  # 'annotation_file:line' when the source knows it.
@@ -87,7 +89,7 @@ class SkippedClip:
 def steps_per_epoch(num_clips: int, global_batch: int) -> int:
   """Training steps per epoch: full global batches only (the partial one is dropped)."""
   if global_batch < 1:
-    raise ValueError(f'global_batch must be positive, got {global_batch}')
+    raise ValueError(f"global_batch must be positive, got {global_batch}")
   return num_clips // global_batch
 
 
@@ -111,8 +113,15 @@ def clip_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 class _ClipLoader:
   """Turns a clip index into one pipeline element (picklable, for grain worker processes)."""
 
-  def __init__(self, source, *, num_frames: int, image_size: int, fast_decode: bool,
-               augmentation: augment_lib.Augmentation | None):
+  def __init__(
+    self,
+    source,
+    *,
+    num_frames: int,
+    image_size: int,
+    fast_decode: bool,
+    augmentation: augment_lib.Augmentation | None,
+  ):
     self.source = source
     self.train = augmentation is not None  # train: sampled and augmented; eval: neither
     self.num_frames = num_frames
@@ -122,41 +131,49 @@ class _ClipLoader:
 
   def describe(self, index: int) -> tuple[str, str | None]:
     """(clip_id, 'file:line' or None) of a clip, without touching its frames if possible."""
-    annotations = getattr(self.source, 'annotations', None)
-    if annotations is not None and hasattr(annotations[index], 'origin'):
+    annotations = getattr(self.source, "annotations", None)
+    if annotations is not None and hasattr(annotations[index], "origin"):
       return annotations[index].clip_id, annotations[index].origin
     try:
       record = self.source[index]
     except Exception:  # The record itself may be what is broken.
-      return f'#{index}', None
-    return str(record.get('clip_id', f'#{index}')), record.get('origin')
+      return f"#{index}", None
+    return str(record.get("clip_id", f"#{index}")), record.get("origin")
 
-  def video(self, index: int, seed: int, epoch: int, out: np.ndarray | None = None
-            ) -> tuple[np.ndarray, int]:
+  def video(
+    self, index: int, seed: int, epoch: int, out: np.ndarray | None = None
+  ) -> tuple[np.ndarray, int]:
     """Loads clip `index`: (video uint8 (T, H, W, 3), label), written into `out` where the
     decode path allows. Raises BadClipError."""
     try:
       record = self.source[index]
-      frames, count = record['frames'], int(record['num_frames'])
+      frames, count = record["frames"], int(record["num_frames"])
       if len(frames) != count:
-        raise ValueError(f'{len(frames)} frames found, the annotation says {count}')
+        raise ValueError(f"{len(frames)} frames found, the annotation says {count}")
       if self.train:
         rng = clip_rng(seed, epoch, index)
-        indices = sampling.train_indices(count, rng, self.num_frames,
-                                         fix_short=self.augmentation.fix_short_sampling)
-        video = augment_lib.load_train_clip(frames, indices, rng,
-                                            augmentation=self.augmentation,
-                                            size=self.image_size, fast_decode=self.fast_decode,
-                                            out=out)
+        indices = sampling.train_indices(
+          count, rng, self.num_frames, fix_short=self.augmentation.fix_short_sampling
+        )
+        video = augment_lib.load_train_clip(
+          frames,
+          indices,
+          rng,
+          augmentation=self.augmentation,
+          size=self.image_size,
+          fast_decode=self.fast_decode,
+          out=out,
+        )
       else:
         indices = sampling.test_indices(count, self.num_frames)
-        video = augment_lib.load_test_clip(frames, indices, size=self.image_size,
-                                           fast_decode=self.fast_decode, out=out)
-      return video, int(record['label'])
+        video = augment_lib.load_test_clip(
+          frames, indices, size=self.image_size, fast_decode=self.fast_decode, out=out
+        )
+      return video, int(record["label"])
     except Exception as e:
       clip_id, origin = self.describe(index)
-      where = f' ({origin})' if origin else ''
-      raise BadClipError(f'clip {index} {clip_id!r}{where}: {type(e).__name__}: {e}') from e
+      where = f" ({origin})" if origin else ""
+      raise BadClipError(f"clip {index} {clip_id!r}{where}: {type(e).__name__}: {e}") from e
 
   def failure(self, index: int, seed: int, epoch: int) -> str:
     """Why clip `index` cannot be loaded (re-runs the load; for skip reports)."""
@@ -164,12 +181,16 @@ class _ClipLoader:
       self.video(index, seed, epoch)
     except BadClipError as e:
       return str(e)
-    return 'loaded fine when retried (transient read error?)'
+    return "loaded fine when retried (transient read error?)"
 
 
 def _element(video: np.ndarray, label: int, index: int, mask: bool) -> dict[str, np.ndarray]:
-  return {'video': video, 'label': np.int32(label), 'index': np.int32(index),
-          'mask': np.bool_(mask)}
+  return {
+    "video": video,
+    "label": np.int32(label),
+    "index": np.int32(index),
+    "mask": np.bool_(mask),
+  }
 
 
 class _BatchLoader:
@@ -192,20 +213,30 @@ class _BatchLoader:
     mask = np.empty((rows,), np.bool_)
     for row in range(rows):
       item = el(step * rows + row, out=video[row])
-      if item['video'].shape != video.shape[1:]:
-        raise ValueError(f'clip {int(item["index"])} loaded as {item["video"].shape}, '
-                         f'expected {video.shape[1:]}')
-      if not np.may_share_memory(item['video'], video):  # the fast paths wrote in place
-        video[row] = item['video']
-      label[row], index[row], mask[row] = item['label'], item['index'], item['mask']
-    return {'video': video, 'label': label, 'index': index, 'mask': mask}
+      if item["video"].shape != video.shape[1:]:
+        raise ValueError(
+          f"clip {int(item['index'])} loaded as {item['video'].shape}, expected {video.shape[1:]}"
+        )
+      if not np.may_share_memory(item["video"], video):  # the fast paths wrote in place
+        video[row] = item["video"]
+      label[row], index[row], mask[row] = item["label"], item["index"], item["mask"]
+    return {"video": video, "label": label, "index": index, "mask": mask}
 
 
 class _TrainElements:
   """Element e of this process -> the element of the global training plan."""
 
-  def __init__(self, loader: _ClipLoader, *, num_clips: int, seed: int, batch_size: int,
-               process_index: int, process_count: int, bad_clip_policy: str):
+  def __init__(
+    self,
+    loader: _ClipLoader,
+    *,
+    num_clips: int,
+    seed: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    bad_clip_policy: str,
+  ):
     self.loader = loader
     self.num_clips = num_clips
     self.seed = seed
@@ -236,26 +267,34 @@ class _TrainElements:
       video, label = self.loader.video(index, self.seed, epoch, out)
       return _element(video, label, index, True)
     except BadClipError as e:
-      if self.bad_clip_policy == 'error':
+      if self.bad_clip_policy == "error":
         raise
-      logging.warning('skipping bad clip at step %d: %s', step, e)
+      logging.warning("skipping bad clip at step %d: %s", step, e)
     # Deterministic replacement: the next readable clip of this epoch's order.
     for k in range(1, self.num_clips):
       alt = int(order[(pos + k) % self.num_clips])
       try:
         video, label = self.loader.video(alt, self.seed, epoch, out)
       except BadClipError as e:
-        logging.warning('skipping bad clip at step %d: %s', step, e)
+        logging.warning("skipping bad clip at step %d: %s", step, e)
         continue
       return _element(video, label, alt, True)
-    raise BadClipError(f'no clip of the {self.num_clips} in the source can be loaded')
+    raise BadClipError(f"no clip of the {self.num_clips} in the source can be loaded")
 
 
 class _EvalElements:
   """Element e of this process -> a clip (or a padding row) of the evaluation plan."""
 
-  def __init__(self, loader: _ClipLoader, *, num_clips: int, batch_size: int,
-               process_index: int, process_count: int, bad_clip_policy: str):
+  def __init__(
+    self,
+    loader: _ClipLoader,
+    *,
+    num_clips: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    bad_clip_policy: str,
+  ):
     self.loader = loader
     self.num_clips = num_clips
     self.batch_size = batch_size
@@ -283,15 +322,15 @@ class _EvalElements:
       video, label = self.loader.video(index, 0, 0, out)
       return _element(video, label, index, True)
     except BadClipError as e:
-      if self.bad_clip_policy == 'error':
+      if self.bad_clip_policy == "error":
         raise
-      logging.warning('masking out bad eval clip at step %d: %s', step, e)
+      logging.warning("masking out bad eval clip at step %d: %s", step, e)
       return _element(self._blank(), 0, index, False)
 
 
 def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index must lie in [0, {process_count}), got {process_index}')
+    raise ValueError(f"process_index must lie in [0, {process_count}), got {process_index}")
 
 
 class ClipDataset:
@@ -304,9 +343,16 @@ class ClipDataset:
     steps_per_epoch: training steps per epoch (eval: `num_steps`).
   """
 
-  def __init__(self, elements: _TrainElements | _EvalElements, *, kind: str,
-               num_steps: int | None, fingerprint: dict[str, Any], worker_count: int,
-               read_threads: int):
+  def __init__(
+    self,
+    elements: _TrainElements | _EvalElements,
+    *,
+    kind: str,
+    num_steps: int | None,
+    fingerprint: dict[str, Any],
+    worker_count: int,
+    read_threads: int,
+  ):
     self._elements = elements
     self.kind = kind
     self.num_steps = num_steps
@@ -314,14 +360,14 @@ class ClipDataset:
     self.worker_count = worker_count
     self.read_threads = read_threads
     self.batch_size = elements.batch_size
-    self.steps_per_epoch = (elements.steps_per_epoch if kind == 'train' else num_steps)
+    self.steps_per_epoch = elements.steps_per_epoch if kind == "train" else num_steps
     self.skipped: list[SkippedClip] = []
     total = num_steps if num_steps is not None else _UNBOUNDED_ELEMENTS // self.batch_size
     self.batches: grain.MapDataset = grain.MapDataset.range(total).map(_BatchLoader(elements))
 
   def __len__(self) -> int:
     if self.num_steps is None:
-      raise TypeError('this training dataset repeats forever (num_epochs=None): no length')
+      raise TypeError("this training dataset repeats forever (num_epochs=None): no length")
     return self.num_steps
 
   def __iter__(self) -> ClipBatchIterator:
@@ -330,12 +376,15 @@ class ClipDataset:
   def iter_from(self, step: int) -> grain.IterDataset:
     """The grain pipeline yielding this process's batches from global step `step` on."""
     ds = self.batches.slice(slice(step, None)).to_iter_dataset(
-        grain.ReadOptions(num_threads=self.read_threads,
-                          prefetch_buffer_size=max(1, self.read_threads)))
+      grain.ReadOptions(
+        num_threads=self.read_threads, prefetch_buffer_size=max(1, self.read_threads)
+      )
+    )
     if self.worker_count > 0:
       # grain reads absl flags in its workers; outside absl.app (tests, notebooks) they are
       # unparsed and grain raises UnparsedFlagAccessError.
       from absl import flags  # pylint: disable=g-import-not-at-top
+
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
@@ -344,21 +393,25 @@ class ClipDataset:
   def record_skips(self, step: int, batch: dict[str, np.ndarray]) -> None:
     """Compares a batch with the plan; records (and logs) every clip that was left out."""
     epoch, planned = self._elements.planned(step)
-    if self.kind == 'train':
-      left_out = np.flatnonzero(batch['index'] != planned)
+    if self.kind == "train":
+      left_out = np.flatnonzero(batch["index"] != planned)
     else:
-      left_out = np.flatnonzero((planned >= 0) & ~batch['mask'])
+      left_out = np.flatnonzero((planned >= 0) & ~batch["mask"])
     loader = self._elements.loader
-    seed = getattr(self._elements, 'seed', 0)
+    seed = getattr(self._elements, "seed", 0)
     for row in left_out:
       index = int(planned[row])
       clip_id, origin = loader.describe(index)
       skip = SkippedClip(
-          index=index, clip_id=clip_id, origin=origin,
-          reason=loader.failure(index, seed, epoch or 0), step=step,
-          replaced_by=int(batch['index'][row]) if self.kind == 'train' else None)
+        index=index,
+        clip_id=clip_id,
+        origin=origin,
+        reason=loader.failure(index, seed, epoch or 0),
+        step=step,
+        replaced_by=int(batch["index"][row]) if self.kind == "train" else None,
+      )
       self.skipped.append(skip)
-      logging.warning('skipped clip (%d so far): %s', len(self.skipped), skip)
+      logging.warning("skipped clip (%d so far): %s", len(self.skipped), skip)
 
 
 class ClipBatchIterator(grain.DatasetIterator):
@@ -399,70 +452,76 @@ class ClipBatchIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {'step': self._step, 'fingerprint': dict(self._dataset.fingerprint)}
+    return {"step": self._step, "fingerprint": dict(self._dataset.fingerprint)}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    saved = state.get('fingerprint', {})
+    saved = state.get("fingerprint", {})
     ours = self._dataset.fingerprint
-    diff = {k: (saved.get(k), ours.get(k)) for k in set(saved) | set(ours)
-            if saved.get(k) != ours.get(k)}
+    diff = {
+      k: (saved.get(k), ours.get(k)) for k in set(saved) | set(ours) if saved.get(k) != ours.get(k)
+    }
     if diff:
       raise ValueError(
-          'the saved data iterator state belongs to a different pipeline: '
-          + ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in sorted(diff.items())))
-    step = int(state['step'])
+        "the saved data iterator state belongs to a different pipeline: "
+        + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+      )
+    step = int(state["step"])
     if step < 0:
-      raise ValueError(f'step must be non-negative, got {step}')
+      raise ValueError(f"step must be non-negative, got {step}")
     self.close()
     self._closed = False
     self._step = step
 
   def start_prefetch(self) -> None:
     inner = self._inner()
-    if hasattr(inner, 'start_prefetch'):
+    if hasattr(inner, "start_prefetch"):
       inner.start_prefetch()
 
   def close(self) -> None:
     if self._it is not None:
-      if hasattr(self._it, 'close'):
+      if hasattr(self._it, "close"):
         self._it.close()
       self._it = None
     self._closed = True
 
 
-def _check_common(source, batch_size, num_frames, image_size, worker_count, read_threads,
-                  bad_clip_policy) -> int:
+def _check_common(
+  source, batch_size, num_frames, image_size, worker_count, read_threads, bad_clip_policy
+) -> int:
   num_clips = len(source)
   if num_clips == 0:
-    raise ValueError('the clip source is empty')
-  for name, value in (('batch_size', batch_size), ('num_frames', num_frames),
-                      ('image_size', image_size)):
+    raise ValueError("the clip source is empty")
+  for name, value in (
+    ("batch_size", batch_size),
+    ("num_frames", num_frames),
+    ("image_size", image_size),
+  ):
     if value < 1:
-      raise ValueError(f'{name} must be positive, got {value}')
+      raise ValueError(f"{name} must be positive, got {value}")
   if worker_count < 0 or read_threads < 0:
-    raise ValueError(f'worker_count and read_threads must be >= 0, got {worker_count} and '
-                     f'{read_threads}')
+    raise ValueError(
+      f"worker_count and read_threads must be >= 0, got {worker_count} and {read_threads}"
+    )
   if bad_clip_policy not in BAD_CLIP_POLICIES:
-    raise ValueError(f'bad_clip_policy must be one of {BAD_CLIP_POLICIES}, '
-                     f'got {bad_clip_policy!r}')
+    raise ValueError(f"bad_clip_policy must be one of {BAD_CLIP_POLICIES}, got {bad_clip_policy!r}")
   return num_clips
 
 
 def make_train_dataset(
-    source,
-    *,
-    seed: int,
-    num_frames: int,
-    image_size: int,
-    augmentation: augment_lib.Augmentation,
-    batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    worker_count: int = 0,
-    bad_clip_policy: str = 'error',
-    num_epochs: int | None = None,
-    fast_decode: bool = False,
-    read_threads: int = 2,
+  source,
+  *,
+  seed: int,
+  num_frames: int,
+  image_size: int,
+  augmentation: augment_lib.Augmentation,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  worker_count: int = 0,
+  bad_clip_policy: str = "error",
+  num_epochs: int | None = None,
+  fast_decode: bool = False,
+  read_threads: int = 2,
 ) -> ClipDataset:
   """The training pipeline (see the module docstring).
 
@@ -487,46 +546,69 @@ def make_train_dataset(
     A `ClipDataset`; `iter()` gives batches `{'video': uint8 (B, T, H, W, 3),
     'label': int32 (B,), 'index': int32 (B,), 'mask': bool (B,) all True}`.
   """
-  num_clips = _check_common(source, batch_size, num_frames, image_size, worker_count,
-                            read_threads, bad_clip_policy)
+  num_clips = _check_common(
+    source, batch_size, num_frames, image_size, worker_count, read_threads, bad_clip_policy
+  )
   _check_process(process_index, process_count)
   if seed < 0:
-    raise ValueError(f'seed must be non-negative, got {seed}')
+    raise ValueError(f"seed must be non-negative, got {seed}")
   global_batch = batch_size * process_count
   spe = steps_per_epoch(num_clips, global_batch)
   if spe == 0:
-    raise ValueError(f'{num_clips} clips do not fill one global batch of {global_batch} '
-                     f'({batch_size} per process x {process_count} processes)')
+    raise ValueError(
+      f"{num_clips} clips do not fill one global batch of {global_batch} "
+      f"({batch_size} per process x {process_count} processes)"
+    )
   if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f'num_epochs must be positive or None, got {num_epochs}')
-  loader = _ClipLoader(source, num_frames=num_frames, image_size=image_size,
-                       fast_decode=fast_decode, augmentation=augmentation)
-  elements = _TrainElements(loader, num_clips=num_clips, seed=seed, batch_size=batch_size,
-                            process_index=process_index, process_count=process_count,
-                            bad_clip_policy=bad_clip_policy)
+    raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+  loader = _ClipLoader(
+    source,
+    num_frames=num_frames,
+    image_size=image_size,
+    fast_decode=fast_decode,
+    augmentation=augmentation,
+  )
+  elements = _TrainElements(
+    loader,
+    num_clips=num_clips,
+    seed=seed,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    bad_clip_policy=bad_clip_policy,
+  )
   fingerprint = {
-      'kind': 'train', 'num_clips': num_clips, 'global_batch': global_batch, 'seed': seed,
-      'num_frames': num_frames, 'image_size': image_size, 'fast_decode': fast_decode,
-      **augmentation.fingerprint(),
+    "kind": "train",
+    "num_clips": num_clips,
+    "global_batch": global_batch,
+    "seed": seed,
+    "num_frames": num_frames,
+    "image_size": image_size,
+    "fast_decode": fast_decode,
+    **augmentation.fingerprint(),
   }
-  return ClipDataset(elements, kind='train',
-                     num_steps=None if num_epochs is None else num_epochs * spe,
-                     fingerprint=fingerprint, worker_count=worker_count,
-                     read_threads=read_threads)
+  return ClipDataset(
+    elements,
+    kind="train",
+    num_steps=None if num_epochs is None else num_epochs * spe,
+    fingerprint=fingerprint,
+    worker_count=worker_count,
+    read_threads=read_threads,
+  )
 
 
 def make_eval_dataset(
-    source,
-    *,
-    batch_size: int,
-    num_frames: int,
-    image_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    worker_count: int = 0,
-    bad_clip_policy: str = 'error',
-    fast_decode: bool = False,
-    read_threads: int = 2,
+  source,
+  *,
+  batch_size: int,
+  num_frames: int,
+  image_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  worker_count: int = 0,
+  bad_clip_policy: str = "error",
+  fast_decode: bool = False,
+  read_threads: int = 2,
 ) -> ClipDataset:
   """The evaluation pipeline: every clip exactly once over all processes, in order.
 
@@ -535,25 +617,42 @@ def make_eval_dataset(
   bad_clip_policy='skip' an unreadable clip's row also gets `mask=False` and is recorded in
   `dataset.skipped`. Arguments as in `make_train_dataset`.
   """
-  num_clips = _check_common(source, batch_size, num_frames, image_size, worker_count,
-                            read_threads, bad_clip_policy)
+  num_clips = _check_common(
+    source, batch_size, num_frames, image_size, worker_count, read_threads, bad_clip_policy
+  )
   _check_process(process_index, process_count)
-  loader = _ClipLoader(source, num_frames=num_frames, image_size=image_size,
-                       fast_decode=fast_decode, augmentation=None)
-  elements = _EvalElements(loader, num_clips=num_clips, batch_size=batch_size,
-                           process_index=process_index, process_count=process_count,
-                           bad_clip_policy=bad_clip_policy)
+  loader = _ClipLoader(
+    source, num_frames=num_frames, image_size=image_size, fast_decode=fast_decode, augmentation=None
+  )
+  elements = _EvalElements(
+    loader,
+    num_clips=num_clips,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    bad_clip_policy=bad_clip_policy,
+  )
   fingerprint = {
-      'kind': 'eval', 'num_clips': num_clips, 'global_batch': elements.global_batch,
-      'num_frames': num_frames, 'image_size': image_size, 'fast_decode': fast_decode,
+    "kind": "eval",
+    "num_clips": num_clips,
+    "global_batch": elements.global_batch,
+    "num_frames": num_frames,
+    "image_size": image_size,
+    "fast_decode": fast_decode,
   }
-  return ClipDataset(elements, kind='eval', num_steps=elements.num_steps,
-                     fingerprint=fingerprint, worker_count=worker_count,
-                     read_threads=read_threads)
+  return ClipDataset(
+    elements,
+    kind="eval",
+    num_steps=elements.num_steps,
+    fingerprint=fingerprint,
+    worker_count=worker_count,
+    read_threads=read_threads,
+  )
 
 
-def to_global_batch(batch: dict[str, np.ndarray], mesh,
-                    batch_axes: Sequence[str] = ('data', 'fsdp')) -> dict[str, Any]:
+def to_global_batch(
+  batch: dict[str, np.ndarray], mesh, batch_axes: Sequence[str] = ("data", "fsdp")
+) -> dict[str, Any]:
   """Process-local numpy batch -> global `jax.Array`s sharded on the leading axis.
 
   Args:
@@ -567,10 +666,10 @@ def to_global_batch(batch: dict[str, np.ndarray], mesh,
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
   axes = tuple(a for a in batch_axes if a in mesh.axis_names)
   if not axes:
-    raise ValueError(f'none of the batch axes {tuple(batch_axes)} is in the mesh '
-                     f'{mesh.axis_names}')
+    raise ValueError(f"none of the batch axes {tuple(batch_axes)} is in the mesh {mesh.axis_names}")
   shards = math.prod(mesh.shape[a] for a in axes)
   sharding = NamedSharding(mesh, PartitionSpec(axes if len(axes) > 1 else axes[0]))
   out = {}
@@ -579,15 +678,19 @@ def to_global_batch(batch: dict[str, np.ndarray], mesh,
     rows = value.shape[0] * jax.process_count()
     if rows % shards:
       raise ValueError(
-          f'batch[{key!r}] has {value.shape[0]} rows per process ({rows} in all), which do '
-          f'not split over the {shards} shards of mesh axes {axes}')
+        f"batch[{key!r}] has {value.shape[0]} rows per process ({rows} in all), which do "
+        f"not split over the {shards} shards of mesh axes {axes}"
+      )
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
 
 
-def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], mesh, size: int = 2,
-                       batch_axes: Sequence[str] = ('data', 'fsdp')
-                       ) -> Iterator[dict[str, Any]]:
+def prefetch_to_device(
+  batches: Iterator[dict[str, np.ndarray]],
+  mesh,
+  size: int = 2,
+  batch_axes: Sequence[str] = ("data", "fsdp"),
+) -> Iterator[dict[str, Any]]:
   """Yields `to_global_batch(b)` for each batch of `batches`, with the `size` batches after the
   yielded one already handed to the devices: their host-to-device copies (asynchronous) run
   while earlier steps compute, so a slow batch on the host does not leave the accelerator idle.
@@ -597,29 +700,31 @@ def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], mesh, size: int
   with `iterator_state_at(it, step)`, not `it.get_state()`.
   """
   if size < 0:
-    raise ValueError(f'prefetch size must be >= 0, got {size}')
+    raise ValueError(f"prefetch size must be >= 0, got {size}")
   if size == 0:
     for batch in batches:
       yield to_global_batch(batch, mesh, batch_axes)
     return
   queue: collections.deque = collections.deque(
-      to_global_batch(b, mesh, batch_axes) for b in itertools.islice(batches, size))
+    to_global_batch(b, mesh, batch_axes) for b in itertools.islice(batches, size)
+  )
   while queue:
     current = queue.popleft()
     queue.extend(to_global_batch(b, mesh, batch_axes) for b in itertools.islice(batches, 1))
     yield current
 
 
-def iterator_state_at(it: 'ClipBatchIterator', step: int) -> dict[str, Any]:
+def iterator_state_at(it: ClipBatchIterator, step: int) -> dict[str, Any]:
   """The state of `it` as if its next batch were global step `step` (every batch is a pure
   function of (seed, step), so this is exact even when `it` has run ahead for prefetching)."""
   if step > it.step:
-    raise ValueError(f'the iterator is at step {it.step}, behind the requested {step}')
-  return {**it.get_state(), 'step': int(step)}
+    raise ValueError(f"the iterator is at step {it.step}, behind the requested {step}")
+  return {**it.get_state(), "step": int(step)}
 
 
-def split_train_val(annotations_or_num_clips, val_fraction: float, seed: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def split_train_val(
+  annotations_or_num_clips, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Deterministic split of a training list into train / validation indices.
 
   Stratified by label: each class contributes `round(val_fraction x its count)` clips to
@@ -636,14 +741,14 @@ def split_train_val(annotations_or_num_clips, val_fraction: float, seed: int
     `(train_indices, val_indices)`, sorted int64 arrays partitioning range(num_clips).
   """
   if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(f'val_fraction must lie in [0, 1), got {val_fraction}')
+    raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
   data = annotations_or_num_clips
   if isinstance(data, (int, np.integer)):
     labels = np.zeros(int(data), np.int64)
-  elif hasattr(data, 'labels'):
+  elif hasattr(data, "labels"):
     labels = np.asarray(list(data.labels), np.int64)
   else:
-    labels = np.asarray([getattr(x, 'label', x) for x in data], np.int64)
+    labels = np.asarray([getattr(x, "label", x) for x in data], np.int64)
   rng = np.random.default_rng([_SPLIT_STREAM, seed])
   val = []
   for label in np.unique(labels):
@@ -659,10 +764,10 @@ def split_train_val(annotations_or_num_clips, val_fraction: float, seed: int
 
 def clip_id(source, index: int) -> str:
   """Clip `index`'s id, from the annotations when the source has them (no folder listing)."""
-  annotations = getattr(source, 'annotations', None)
+  annotations = getattr(source, "annotations", None)
   if annotations is not None:
     return annotations[index].clip_id
-  return str(source[index]['clip_id'])
+  return str(source[index]["clip_id"])
 
 
 class SubsetSource:
@@ -676,8 +781,8 @@ class SubsetSource:
     self.indices = np.asarray(indices, np.int64)
     n = len(source)
     if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
-      raise ValueError(f'subset indices must lie in [0, {n})')
-    parent = getattr(source, 'annotations', None)
+      raise ValueError(f"subset indices must lie in [0, {n})")
+    parent = getattr(source, "annotations", None)
     if parent is not None:
       self.annotations = [parent[i] for i in self.indices]
 
@@ -689,7 +794,7 @@ class SubsetSource:
 
   @property
   def labels(self) -> list[int]:
-    if hasattr(self.source, 'labels'):
+    if hasattr(self.source, "labels"):
       parent = self.source.labels
       return [int(parent[i]) for i in self.indices]
-    return [int(self.source[int(i)]['label']) for i in self.indices]
+    return [int(self.source[int(i)]["label"]) for i in self.indices]

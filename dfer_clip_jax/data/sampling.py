@@ -21,9 +21,9 @@ NUM_SEGMENTS = 16
 
 def _check(num_frames: int, num_segments: int) -> None:
   if num_frames < 1:
-    raise ValueError(f'a clip needs at least one frame, got num_frames={num_frames}')
+    raise ValueError(f"a clip needs at least one frame, got num_frames={num_frames}")
   if num_segments < 1:
-    raise ValueError(f'num_segments must be positive, got {num_segments}')
+    raise ValueError(f"num_segments must be positive, got {num_segments}")
 
 
 def _edge_padded(num_frames: int, num_segments: int) -> np.ndarray:
@@ -45,10 +45,10 @@ test_indices.__test__ = False  # Not a pytest test, even when imported into a te
 
 
 def train_indices(
-    num_frames: int,
-    rng: np.random.Generator,
-    num_segments: int = NUM_SEGMENTS,
-    fix_short: bool = False,
+  num_frames: int,
+  rng: np.random.Generator,
+  num_segments: int = NUM_SEGMENTS,
+  fix_short: bool = False,
 ) -> np.ndarray:
   """Random frame indices of the train sampler, shape (num_segments,), non-decreasing.
 

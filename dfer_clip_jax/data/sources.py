@@ -20,14 +20,13 @@ import json
 import pathlib
 from typing import Any
 
-from absl import logging
 import jax
+from absl import logging
 
 from dfer_clip_jax import distributed
 from dfer_clip_jax.data import annotations as annotations_lib
 from dfer_clip_jax.data import augment as augment_lib
-from dfer_clip_jax.data import datasets
-from dfer_clip_jax.data import pipeline
+from dfer_clip_jax.data import datasets, pipeline
 from dfer_clip_jax.data import validate as validate_lib
 
 
@@ -49,26 +48,35 @@ def train_augmentation(config) -> augment_lib.Augmentation:
   """The run's train augmentation: the dataset's op (or `data.augment`) and its settings."""
   d = config.data
   op = datasets.get(config.dataset).augment_op if d.augment == "dataset" else d.augment
-  return augment_lib.Augmentation(op="" if op == "none" else op,
-                                  crop_min_area=d.crop_min_area,
-                                  fix_short_sampling=d.fix_short_sampling)
+  return augment_lib.Augmentation(
+    op="" if op == "none" else op,
+    crop_min_area=d.crop_min_area,
+    fix_short_sampling=d.fix_short_sampling,
+  )
 
 
-def _synthetic_lists(data, workdir: pathlib.Path, num_classes: int
-                     ) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+def _synthetic_lists(
+  data, workdir: pathlib.Path, num_classes: int
+) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
   from dfer_clip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
   root = pathlib.Path(data.synthetic_dir) if data.synthetic_dir else workdir / "synthetic"
   train, test = root / "train.txt", root / "test.txt"
 
   def generate_once() -> None:
     if train.is_file() and test.is_file():
       return
-    logging.info("generating the synthetic dataset (%d clips) into %s", data.synthetic_clips,
-                 root)
+    logging.info("generating the synthetic dataset (%d clips) into %s", data.synthetic_clips, root)
     print(f"Generating {data.synthetic_clips} synthetic clips into {root} ...", flush=True)
-    synthetic.generate(root, num_classes=num_classes, num_clips=data.synthetic_clips,
-                       seed=0, image_size=data.synthetic_size,
-                       max_frames=data.synthetic_max_frames, overwrite=True)
+    synthetic.generate(
+      root,
+      num_classes=num_classes,
+      num_clips=data.synthetic_clips,
+      seed=0,
+      image_size=data.synthetic_size,
+      max_frames=data.synthetic_max_frames,
+      overwrite=True,
+    )
 
   # Every process would race to write the same files: process 0 alone decides and generates,
   # the others wait for it (and fail with its error if it fails).
@@ -76,26 +84,32 @@ def _synthetic_lists(data, workdir: pathlib.Path, num_classes: int
   return root, train, test
 
 
-def _folder_source(path: pathlib.Path, root: pathlib.Path | None, class_names, data,
-                   skipped: list[str]):
+def _folder_source(
+  path: pathlib.Path, root: pathlib.Path | None, class_names, data, skipped: list[str]
+):
   anns = annotations_lib.read_annotations(path, data_root=root, num_classes=len(class_names))
   if data.validate:
 
     def validate_part() -> dict[str, Any]:
       return validate_lib.validate_clips(
-          anns, class_names=class_names, progress=distributed.is_primary(),
-          shard=(jax.process_index(), jax.process_count())).to_json()
+        anns,
+        class_names=class_names,
+        progress=distributed.is_primary(),
+        shard=(jax.process_index(), jax.process_count()),
+      ).to_json()
 
     # Each process reads the frames of its own share of the clips; all get the whole report,
     # so they leave out the same clips (or stop with the same error).
     report = validate_lib.ValidationReport.merge(
-        distributed.run_on_every_process(f"validating {path}", validate_part))
+      distributed.run_on_every_process(f"validating {path}", validate_part)
+    )
     if report.warnings and distributed.is_primary():
       logging.warning("%s: %d warnings\n%s", path, len(report.warnings), report.format())
     if not report.ok and data.bad_clip_policy == "error":
       raise validate_lib.ValidationError(
-          f"{path}: {len(report.errors)} problems (set data.bad_clip_policy=skip to leave the "
-          f"bad clips out)\n{report.format()}")
+        f"{path}: {len(report.errors)} problems (set data.bad_clip_policy=skip to leave the "
+        f"bad clips out)\n{report.format()}"
+      )
     bad = report.bad_lines
     if bad:
       for a in anns:
@@ -130,10 +144,11 @@ def check_same_on_all_processes(sources: Sources) -> None:
   if len(set(digests)) > 1:
     differ = [i for i, d in enumerate(digests) if d != digests[0]]
     raise ValueError(
-        f"processes {differ} built different train/val/test clip lists than process 0 (clip "
-        "ids, frame counts or labels differ): every process must read the same annotation "
-        "lists / packed dataset (check data.root, data.train_list, data.test_list and "
-        "data.packed_dir on every host)")
+      f"processes {differ} built different train/val/test clip lists than process 0 (clip "
+      "ids, frame counts or labels differ): every process must read the same annotation "
+      "lists / packed dataset (check data.root, data.train_list, data.test_list and "
+      "data.packed_dir on every host)"
+    )
 
 
 def build_sources(config, workdir: str | pathlib.Path) -> Sources:
@@ -146,6 +161,7 @@ def build_sources(config, workdir: str | pathlib.Path) -> Sources:
   skipped: list[str] = []
   if data.source == "packed":
     from dfer_clip_jax.data import packed  # pylint: disable=g-import-not-at-top
+
     name = data.packed_name.format(fold=config.fold) or dataset.packed(config.fold)
     train = packed.packed_source(data.packed_dir, name, "train")
     test = packed.packed_source(data.packed_dir, name, "test")
@@ -154,25 +170,28 @@ def build_sources(config, workdir: str | pathlib.Path) -> Sources:
       root, train_list, test_list = _synthetic_lists(data, workdir, len(names))
     else:
       if not data.train_list or not data.test_list:
-        raise ValueError("data.source=folders needs data.train_list and data.test_list "
-                         "(annotation lists: '<frame_dir> <num_frames> <label>' per line)")
+        raise ValueError(
+          "data.source=folders needs data.train_list and data.test_list "
+          "(annotation lists: '<frame_dir> <num_frames> <label>' per line)"
+        )
       root = pathlib.Path(data.root) if data.root else None
       # `{fold}` in a list path is the fold number (one command line for every fold).
       train_list = pathlib.Path(data.train_list.format(fold=config.fold))
       test_list = pathlib.Path(data.test_list.format(fold=config.fold))
       if root is not None:
-        train_list = train_list if train_list.is_absolute() or train_list.exists() \
-            else root / train_list
-        test_list = test_list if test_list.is_absolute() or test_list.exists() \
-            else root / test_list
+        train_list = (
+          train_list if train_list.is_absolute() or train_list.exists() else root / train_list
+        )
+        test_list = test_list if test_list.is_absolute() or test_list.exists() else root / test_list
     train = _folder_source(train_list, root, names, data, skipped)
     test = _folder_source(test_list, root, names, data, skipped)
   else:
     raise ValueError(f"data.source={data.source!r}: expected folders, packed or synthetic")
   val = None
   if data.val_fraction > 0:
-    train_idx, val_idx = pipeline.split_train_val(list(train.labels), data.val_fraction,
-                                                  data.val_seed)
+    train_idx, val_idx = pipeline.split_train_val(
+      list(train.labels), data.val_fraction, data.val_seed
+    )
     train, val = pipeline.SubsetSource(train, train_idx), pipeline.SubsetSource(train, val_idx)
   sources = Sources(train=train, val=val, test=test, class_names=names, skipped=skipped)
   if jax.process_count() > 1:

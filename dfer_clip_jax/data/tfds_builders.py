@@ -60,24 +60,22 @@ import io
 import multiprocessing
 import os
 import pathlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from dfer_clip_jax.data import annotations as annotations_lib
-from dfer_clip_jax.data import augment
-from dfer_clip_jax.data import datasets
-from dfer_clip_jax.data import synthetic
-from dfer_clip_jax.data import validate
+from dfer_clip_jax.data import augment, datasets, synthetic, validate
 
-DATASETS = ('dfew', 'ferv39k', 'mafw', 'synthetic')
-SPLITS = ('train', 'test')
+DATASETS = ("dfew", "ferv39k", "mafw", "synthetic")
+SPLITS = ("train", "test")
 DEFAULT_JPEG_QUALITY = 95
-_LIST_DIRS = ('annotation', 'annotations', '.')
+_LIST_DIRS = ("annotation", "annotations", ".")
 # Shown by tfds when manual_dir is missing or empty.
-_MANUAL_LAYOUT = 'Expected `manual_dir` layout' + __doc__.split('Expected `manual_dir` layout')[1]
+_MANUAL_LAYOUT = "Expected `manual_dir` layout" + __doc__.split("Expected `manual_dir` layout")[1]
 
 
 class ManualDirError(FileNotFoundError):
@@ -98,6 +96,7 @@ class ClipsConfig(tfds.core.BuilderConfig):
     resize_short_side: 0 keeps the frames' size; N resizes so the short side is N.
     jpeg_quality: JPEG quality of re-encoded frames.
   """
+
   fold: int | None = None
   num_classes: int | None = None
   resize_short_side: int = 0
@@ -106,41 +105,56 @@ class ClipsConfig(tfds.core.BuilderConfig):
 
 def config_name(base: str, resize_short_side: int = 0) -> str:
   """The config name of a build: `fold1`, or `fold1_short224` when resized."""
-  return f'{base}_short{resize_short_side}' if resize_short_side else base
+  return f"{base}_short{resize_short_side}" if resize_short_side else base
 
 
-def make_config(builder_cls: type[_ClipsBuilder], base: str, *, resize_short_side: int = 0,
-                jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> ClipsConfig:
+def make_config(
+  builder_cls: type[_ClipsBuilder],
+  base: str,
+  *,
+  resize_short_side: int = 0,
+  jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+) -> ClipsConfig:
   """A config of `builder_cls` derived from its predefined config `base`."""
   predefined = {c.name: c for c in builder_cls.BUILDER_CONFIGS}
   if base not in predefined:
-    raise ValueError(f'{builder_cls.name} has no config {base!r}; choose one of '
-                     f'{sorted(predefined)}')
+    raise ValueError(
+      f"{builder_cls.name} has no config {base!r}; choose one of {sorted(predefined)}"
+    )
   if resize_short_side < 0:
-    raise ValueError(f'resize_short_side must be >= 0, got {resize_short_side}')
+    raise ValueError(f"resize_short_side must be >= 0, got {resize_short_side}")
   if not 1 <= jpeg_quality <= 100:
-    raise ValueError(f'jpeg_quality must be in 1..100, got {jpeg_quality}')
+    raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
   if not resize_short_side and jpeg_quality == DEFAULT_JPEG_QUALITY:
     return predefined[base]
   name = config_name(base, resize_short_side)
   if jpeg_quality != DEFAULT_JPEG_QUALITY:
-    name += f'_q{jpeg_quality}'
+    name += f"_q{jpeg_quality}"
   return dataclasses.replace(
-      predefined[base], name=name, resize_short_side=resize_short_side,
-      jpeg_quality=jpeg_quality,
-      description=f'{predefined[base].description} Frames resized to short side '
-                  f'{resize_short_side}, JPEG quality {jpeg_quality}.')
+    predefined[base],
+    name=name,
+    resize_short_side=resize_short_side,
+    jpeg_quality=jpeg_quality,
+    description=f"{predefined[base].description} Frames resized to short side "
+    f"{resize_short_side}, JPEG quality {jpeg_quality}.",
+  )
 
 
-def encode_frames(paths: Sequence[str | os.PathLike], resize_short_side: int = 0,
-                  jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> list[bytes]:
+def encode_frames(
+  paths: Sequence[str | os.PathLike],
+  resize_short_side: int = 0,
+  jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+) -> list[bytes]:
   """The stored bytes of a clip's frames (see the module docstring for when it re-encodes)."""
   out = []
   for path in paths:
     data = pathlib.Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as im:  # Reads the header only.
-      keep = (im.format == 'JPEG' and im.mode == 'RGB'
-              and (not resize_short_side or min(im.size) == resize_short_side))
+      keep = (
+        im.format == "JPEG"
+        and im.mode == "RGB"
+        and (not resize_short_side or min(im.size) == resize_short_side)
+      )
     if keep:
       out.append(data)
       continue
@@ -153,7 +167,7 @@ def encode_frames(paths: Sequence[str | os.PathLike], resize_short_side: int = 0
       new = (resize_short_side, new[1]) if w <= h else (new[0], resize_short_side)
       rgb = rgb.resize(new, Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    rgb.save(buf, 'JPEG', quality=jpeg_quality)
+    rgb.save(buf, "JPEG", quality=jpeg_quality)
     out.append(buf.getvalue())
   return out
 
@@ -177,67 +191,84 @@ def _find_list(manual_dir: pathlib.Path, names: Sequence[str]) -> pathlib.Path |
   return None
 
 
-def _read_dfew_official(csv_path: pathlib.Path, manual_dir: pathlib.Path,
-                        data_root: pathlib.Path) -> list[annotations_lib.ClipAnnotation]:
+def _read_dfew_official(
+  csv_path: pathlib.Path, manual_dir: pathlib.Path, data_root: pathlib.Path
+) -> list[annotations_lib.ClipAnnotation]:
   """Reads one of DFEW's official split files into annotations (frame count from disk)."""
-  clip_roots = [data_root / 'Clip' / 'clip_224x224', data_root / 'clip_224x224']
+  clip_roots = [data_root / "Clip" / "clip_224x224", data_root / "clip_224x224"]
   clip_root = next((r for r in clip_roots if r.is_dir()), None)
   if clip_root is None:
     raise ManualDirError(
-        f'{csv_path} is DFEW\'s official split file, but no frame folders were found at '
-        f'{" or ".join(str(r) for r in clip_roots)} (expected <video_name as 5 digits>/'
-        f'*.jpg under it)')
+      f"{csv_path} is DFEW's official split file, but no frame folders were found at "
+      f"{' or '.join(str(r) for r in clip_roots)} (expected <video_name as 5 digits>/"
+      f"*.jpg under it)"
+    )
   errors, clips = [], []
-  with open(csv_path, encoding='utf-8-sig', newline='') as f:
+  with open(csv_path, encoding="utf-8-sig", newline="") as f:
     reader = csv.reader(f)
     header = [h.strip().lower() for h in next(reader, [])]
-    if 'video_name' not in header or 'label' not in header:
-      raise ManualDirError(f'{csv_path}:1: expected a header with columns video_name and '
-                           f'label, got {header}')
-    name_col, label_col = header.index('video_name'), header.index('label')
+    if "video_name" not in header or "label" not in header:
+      raise ManualDirError(
+        f"{csv_path}:1: expected a header with columns video_name and label, got {header}"
+      )
+    name_col, label_col = header.index("video_name"), header.index("label")
     for line_no, row in enumerate(reader, start=2):
       if not any(cell.strip() for cell in row):
         continue
       try:
         video, label = int(row[name_col]), int(row[label_col])
       except (ValueError, IndexError):
-        errors.append(f'{csv_path}:{line_no}: expected integer video_name and label, '
-                      f'got {row}')
+        errors.append(f"{csv_path}:{line_no}: expected integer video_name and label, got {row}")
         continue
       if not 1 <= label <= len(datasets.DFEW_CLASSES):
-        errors.append(f'{csv_path}:{line_no}: label must be 1..{len(datasets.DFEW_CLASSES)} '
-                      f'(DFEW single-label), got {label}')
+        errors.append(
+          f"{csv_path}:{line_no}: label must be 1..{len(datasets.DFEW_CLASSES)} "
+          f"(DFEW single-label), got {label}"
+        )
         continue
-      folder = clip_root / f'{video:05d}'
+      folder = clip_root / f"{video:05d}"
       if not folder.is_dir():
-        errors.append(f'{csv_path}:{line_no}: frame folder {folder} does not exist')
+        errors.append(f"{csv_path}:{line_no}: frame folder {folder} does not exist")
         continue
       num_frames = len(annotations_lib.list_frames(folder))
       if num_frames == 0:
-        errors.append(f'{csv_path}:{line_no}: frame folder {folder} holds no image files')
+        errors.append(f"{csv_path}:{line_no}: frame folder {folder} holds no image files")
         continue
-      clips.append(annotations_lib.ClipAnnotation(
-          frame_dir=folder, num_frames=num_frames, label=label - 1, line_no=line_no,
-          source=csv_path, clip_id=f'{video:05d}'))
+      clips.append(
+        annotations_lib.ClipAnnotation(
+          frame_dir=folder,
+          num_frames=num_frames,
+          label=label - 1,
+          line_no=line_no,
+          source=csv_path,
+          clip_id=f"{video:05d}",
+        )
+      )
   if not clips and not errors:
-    errors.append(f'{csv_path}: the split file holds no clips')
+    errors.append(f"{csv_path}: the split file holds no clips")
   if errors:
-    raise DatasetValidationError('\n'.join(errors))
+    raise DatasetValidationError("\n".join(errors))
   return clips
 
 
 class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared logic: find the lists, validate, encode the frames of each clip."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
   DATASET: datasets.Dataset | None = None  # the registry entry: class names, list names
   LIST_NAMES: tuple[str, ...] = ()  # annotation-list names ({split}, {fold} filled in)
-  HOMEPAGE = ''
-  DESCRIPTION = ''
+  HOMEPAGE = ""
+  DESCRIPTION = ""
 
-  def __init__(self, *, data_root: str | os.PathLike | None = None,
-               num_workers: int | None = None, check_images: bool = True, **kwargs):
+  def __init__(
+    self,
+    *,
+    data_root: str | os.PathLike | None = None,
+    num_workers: int | None = None,
+    check_images: bool = True,
+    **kwargs,
+  ):
     """Creates the builder.
 
     Args:
@@ -257,42 +288,49 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            'frames': tfds.features.Sequence(tfds.features.Scalar(dtype=np.object_)),
-            'label': tfds.features.ClassLabel(names=list(self._class_names())),
-            'clip_id': tfds.features.Text(),
-            'num_frames': tfds.features.Scalar(dtype=np.int32),
-        }),
-        # Records keep the annotation-list order, so record i is line i of the list.
-        disable_shuffling=True,
-        homepage=self.HOMEPAGE or None,
-        metadata=tfds.core.MetadataDict(
-            resize_short_side=self.builder_config.resize_short_side,
-            jpeg_quality=self.builder_config.jpeg_quality),
+      builder=self,
+      description=self.DESCRIPTION,
+      features=tfds.features.FeaturesDict(
+        {
+          "frames": tfds.features.Sequence(tfds.features.Scalar(dtype=np.object_)),
+          "label": tfds.features.ClassLabel(names=list(self._class_names())),
+          "clip_id": tfds.features.Text(),
+          "num_frames": tfds.features.Scalar(dtype=np.int32),
+        }
+      ),
+      # Records keep the annotation-list order, so record i is line i of the list.
+      disable_shuffling=True,
+      homepage=self.HOMEPAGE or None,
+      metadata=tfds.core.MetadataDict(
+        resize_short_side=self.builder_config.resize_short_side,
+        jpeg_quality=self.builder_config.jpeg_quality,
+      ),
     )
 
-  def _split_annotations(self, manual_dir: pathlib.Path, data_root: pathlib.Path
-                         ) -> dict[str, list[annotations_lib.ClipAnnotation]]:
+  def _split_annotations(
+    self, manual_dir: pathlib.Path, data_root: pathlib.Path
+  ) -> dict[str, list[annotations_lib.ClipAnnotation]]:
     """Annotations per split, read from `manual_dir`."""
     names = self._list_names()
     found = {split: _find_list(manual_dir, names[split]) for split in SPLITS}
     missing = [s for s in SPLITS if found[s] is None]
     if missing:
-      folders = ', '.join(str(manual_dir / d) for d in _LIST_DIRS)
-      wanted = '; '.join(f'{s}: {" or ".join(names[s])}' for s in missing)
-      raise ManualDirError(f'{self.name}/{self.builder_config.name}: annotation lists not '
-                           f'found in {folders} (looked for {wanted}). See the layout in '
-                           f'dfer_clip_jax/data/tfds_builders.py.')
+      folders = ", ".join(str(manual_dir / d) for d in _LIST_DIRS)
+      wanted = "; ".join(f"{s}: {' or '.join(names[s])}" for s in missing)
+      raise ManualDirError(
+        f"{self.name}/{self.builder_config.name}: annotation lists not "
+        f"found in {folders} (looked for {wanted}). See the layout in "
+        f"dfer_clip_jax/data/tfds_builders.py."
+      )
     out = {}
     for split, path in found.items():
       clips, line_errors = annotations_lib.scan_annotations(
-          path, data_root=data_root, num_classes=len(self._class_names()))
+        path, data_root=data_root, num_classes=len(self._class_names())
+      )
       if line_errors:
         raise DatasetValidationError(str(annotations_lib.AnnotationError(path, line_errors)))
       if not clips:
-        raise DatasetValidationError(f'{path}: the {split} list holds no clips')
+        raise DatasetValidationError(f"{path}: the {split} list holds no clips")
       out[split] = annotations_lib.rebase_absolute(clips, data_root)
     return out
 
@@ -308,54 +346,72 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     reports = {}
     for split, clips in split_clips.items():
       reports[split] = validate.validate_clips(
-          clips, class_names=self._class_names(), check_images=self._check_images,
-          rgb_policy='convert')
+        clips,
+        class_names=self._class_names(),
+        check_images=self._check_images,
+        rgb_policy="convert",
+      )
     if not all(r.ok for r in reports.values()):
       raise DatasetValidationError(
-          f'{self.name}/{self.builder_config.name}: validation failed, nothing was written.\n'
-          + '\n'.join(f'{split} split:\n{r.format()}' for split, r in reports.items()))
-    return {split: self._generate_examples(split, clips)
-            for split, clips in split_clips.items()}
+        f"{self.name}/{self.builder_config.name}: validation failed, nothing was written.\n"
+        + "\n".join(f"{split} split:\n{r.format()}" for split, r in reports.items())
+      )
+    return {split: self._generate_examples(split, clips) for split, clips in split_clips.items()}
 
-  def _generate_examples(self, split: str, clips: Sequence[annotations_lib.ClipAnnotation]
-                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+  def _generate_examples(
+    self, split: str, clips: Sequence[annotations_lib.ClipAnnotation]
+  ) -> Iterator[tuple[int, dict[str, Any]]]:
     cfg = self.builder_config
-    tasks = [([str(p) for p in annotations_lib.list_frames(c.frame_dir)],
-              cfg.resize_short_side, cfg.jpeg_quality) for c in clips]
+    tasks = [
+      (
+        [str(p) for p in annotations_lib.list_frames(c.frame_dir)],
+        cfg.resize_short_side,
+        cfg.jpeg_quality,
+      )
+      for c in clips
+    ]
     workers = self._num_workers or os.cpu_count() or 1
     workers = min(workers, len(tasks))
 
     def examples(encoded):
       for i, (clip, frames) in enumerate(zip(clips, encoded)):
         # validate_clips guarantees the folder holds exactly num_frames images.
-        yield i, {'frames': frames, 'label': clip.label, 'clip_id': clip.clip_id,
-                  'num_frames': len(frames)}
+        yield (
+          i,
+          {
+            "frames": frames,
+            "label": clip.label,
+            "clip_id": clip.clip_id,
+            "num_frames": len(frames),
+          },
+        )
       # Stored in metadata.json (written after the splits), so that a reader gets all
       # labels (e.g. for a stratified validation split) without reading every record.
-      self.info.metadata.setdefault('labels', {})[split] = [c.label for c in clips]
+      self.info.metadata.setdefault("labels", {})[split] = [c.label for c in clips]
 
     if workers <= 1:
       yield from examples(_encode_task(t) for t in tasks)
       return
     # spawn: the caller may have imported JAX (threads), where fork can deadlock.
-    with multiprocessing.get_context('spawn').Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
       yield from examples(pool.imap(_encode_task, tasks, chunksize=4))
 
 
 def _fold_configs(dataset: str) -> list[ClipsConfig]:
-  return [ClipsConfig(name=f'fold{k}', fold=k,
-                      description=f'{dataset} fold {k} of 5 (train / test).')
-          for k in range(1, 6)]
+  return [
+    ClipsConfig(name=f"fold{k}", fold=k, description=f"{dataset} fold {k} of 5 (train / test).")
+    for k in range(1, 6)
+  ]
 
 
 class Dfew(_ClipsBuilder):
   """DFEW: 11,697 single-label movie clips, 7 classes, 5 folds."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_LAYOUT
-  BUILDER_CONFIGS = _fold_configs('DFEW')
-  DATASET = datasets.get('dfew')
-  HOMEPAGE = 'https://dfew-dataset.github.io/'
-  DESCRIPTION = 'DFEW dynamic facial expressions (face-cropped frame folders).'
+  BUILDER_CONFIGS = _fold_configs("DFEW")
+  DATASET = datasets.get("dfew")
+  HOMEPAGE = "https://dfew-dataset.github.io/"
+  DESCRIPTION = "DFEW dynamic facial expressions (face-cropped frame folders)."
 
   LIST_NAMES = DATASET.list_names
 
@@ -364,8 +420,8 @@ class Dfew(_ClipsBuilder):
     if any(_find_list(manual_dir, names[s]) for s in SPLITS):
       return super()._split_annotations(manual_dir, data_root)
     k = self.builder_config.fold
-    split_dir = manual_dir / 'EmoLabel_DataSplit'
-    csvs = {s: split_dir / f'{s}(single-labeled)' / f'set_{k}.csv' for s in SPLITS}
+    split_dir = manual_dir / "EmoLabel_DataSplit"
+    csvs = {s: split_dir / f"{s}(single-labeled)" / f"set_{k}.csv" for s in SPLITS}
     if not all(p.is_file() for p in csvs.values()):
       return super()._split_annotations(manual_dir, data_root)  # Raises: lists missing.
     return {s: _read_dfew_official(p, manual_dir, data_root) for s, p in csvs.items()}
@@ -375,10 +431,10 @@ class Ferv39k(_ClipsBuilder):
   """FERV39k: 38,935 clips, 7 classes, one train / test split."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_LAYOUT
-  BUILDER_CONFIGS = [ClipsConfig(name='default', description='FERV39k train / test.')]
-  DATASET = datasets.get('ferv39k')
-  HOMEPAGE = 'https://wangyanckxx.github.io/Proj_CVPR2022_FERV39k.html'
-  DESCRIPTION = 'FERV39k dynamic facial expressions (face-cropped frame folders).'
+  BUILDER_CONFIGS = [ClipsConfig(name="default", description="FERV39k train / test.")]
+  DATASET = datasets.get("ferv39k")
+  HOMEPAGE = "https://wangyanckxx.github.io/Proj_CVPR2022_FERV39k.html"
+  DESCRIPTION = "FERV39k dynamic facial expressions (face-cropped frame folders)."
 
   LIST_NAMES = DATASET.list_names
 
@@ -387,10 +443,10 @@ class Mafw(_ClipsBuilder):
   """MAFW: 9,172 single-label clips, 11 classes (reference order), 5 folds."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_LAYOUT
-  BUILDER_CONFIGS = _fold_configs('MAFW')
-  DATASET = datasets.get('mafw')
-  HOMEPAGE = 'https://mafw-database.github.io/MAFW/'
-  DESCRIPTION = 'MAFW dynamic facial expressions, 11 classes (face-cropped frame folders).'
+  BUILDER_CONFIGS = _fold_configs("MAFW")
+  DATASET = datasets.get("mafw")
+  HOMEPAGE = "https://mafw-database.github.io/MAFW/"
+  DESCRIPTION = "MAFW dynamic facial expressions, 11 classes (face-cropped frame folders)."
 
   LIST_NAMES = DATASET.list_names
 
@@ -398,62 +454,83 @@ class Mafw(_ClipsBuilder):
 class Synthetic(_ClipsBuilder):
   """The synthetic dynamic-expression dataset (dfer_clip_jax.data.synthetic)."""
 
-  MANUAL_DOWNLOAD_INSTRUCTIONS = ('Generate it: python -m dfer_clip_jax.data.synthetic '
-                                  '--out=DIR --classes=7|11, then use DIR as manual_dir.')
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Generate it: python -m dfer_clip_jax.data.synthetic "
+    "--out=DIR --classes=7|11, then use DIR as manual_dir."
+  )
   BUILDER_CONFIGS = [
-      ClipsConfig(name='classes7', num_classes=7, description='7 classes (DFEW names).'),
-      ClipsConfig(name='classes11', num_classes=11, description='11 classes (MAFW names).'),
+    ClipsConfig(name="classes7", num_classes=7, description="7 classes (DFEW names)."),
+    ClipsConfig(name="classes11", num_classes=11, description="11 classes (MAFW names)."),
   ]
-  DESCRIPTION = 'Synthetic face-like clips whose expression develops over time.'
+  DESCRIPTION = "Synthetic face-like clips whose expression develops over time."
 
   def _class_names(self) -> tuple[str, ...]:
-    name = 'synthetic' if self.builder_config.num_classes == 7 else 'synthetic11'
+    name = "synthetic" if self.builder_config.num_classes == 7 else "synthetic11"
     return datasets.get(name).classes()
 
-  LIST_NAMES = ('{split}.txt',)
+  LIST_NAMES = ("{split}.txt",)
 
   def _split_annotations(self, manual_dir, data_root):
     meta = synthetic.read_meta(manual_dir)
-    if meta.get('num_classes') != self.builder_config.num_classes:
+    if meta.get("num_classes") != self.builder_config.num_classes:
       raise DatasetValidationError(
-          f'{manual_dir} holds a {meta.get("num_classes")}-class synthetic dataset, but the '
-          f'config {self.builder_config.name} expects {self.builder_config.num_classes} '
-          f'classes')
+        f"{manual_dir} holds a {meta.get('num_classes')}-class synthetic dataset, but the "
+        f"config {self.builder_config.name} expects {self.builder_config.num_classes} "
+        f"classes"
+      )
     return super()._split_annotations(manual_dir, data_root)
 
 
 BUILDERS: dict[str, type[_ClipsBuilder]] = {
-    'dfew': Dfew, 'ferv39k': Ferv39k, 'mafw': Mafw, 'synthetic': Synthetic}
+  "dfew": Dfew,
+  "ferv39k": Ferv39k,
+  "mafw": Mafw,
+  "synthetic": Synthetic,
+}
 
 
 def base_configs(dataset: str) -> list[str]:
   """Names of the predefined configs of `dataset`."""
   if dataset not in BUILDERS:
-    raise ValueError(f'unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}')
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}")
   return [c.name for c in BUILDERS[dataset].BUILDER_CONFIGS]
 
 
-def get_builder(dataset: str, config: str, *, data_dir: str | os.PathLike,
-                resize_short_side: int = 0, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
-                data_root: str | os.PathLike | None = None, num_workers: int | None = None,
-                check_images: bool = True) -> _ClipsBuilder:
+def get_builder(
+  dataset: str,
+  config: str,
+  *,
+  data_dir: str | os.PathLike,
+  resize_short_side: int = 0,
+  jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+  data_root: str | os.PathLike | None = None,
+  num_workers: int | None = None,
+  check_images: bool = True,
+) -> _ClipsBuilder:
   """A builder for `dataset` / `config` (a predefined config name) writing to `data_dir`."""
   if dataset not in BUILDERS:
-    raise ValueError(f'unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}')
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}")
   cls = BUILDERS[dataset]
-  cfg = make_config(cls, config, resize_short_side=resize_short_side,
-                    jpeg_quality=jpeg_quality)
-  return cls(config=cfg, data_dir=os.fspath(data_dir), file_format='array_record',
-             data_root=data_root, num_workers=num_workers, check_images=check_images)
+  cfg = make_config(cls, config, resize_short_side=resize_short_side, jpeg_quality=jpeg_quality)
+  return cls(
+    config=cfg,
+    data_dir=os.fspath(data_dir),
+    file_format="array_record",
+    data_root=data_root,
+    num_workers=num_workers,
+    check_images=check_images,
+  )
 
 
-def build(dataset: str, config: str, *, manual_dir: str | os.PathLike,
-          data_dir: str | os.PathLike, **kwargs) -> str:
+def build(
+  dataset: str, config: str, *, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, **kwargs
+) -> str:
   """Builds one config; returns the name to read it with (e.g. 'dfew/fold1_short224')."""
   manual_dir = pathlib.Path(manual_dir)
   if not manual_dir.is_dir():
-    raise ManualDirError(f'manual_dir {manual_dir} does not exist or is not a folder')
+    raise ManualDirError(f"manual_dir {manual_dir} does not exist or is not a folder")
   builder = get_builder(dataset, config, data_dir=data_dir, **kwargs)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(manual_dir)))
-  return f'{builder.name}/{builder.builder_config.name}'
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+  )
+  return f"{builder.name}/{builder.builder_config.name}"

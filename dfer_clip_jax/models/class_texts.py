@@ -26,57 +26,71 @@ TEXT_TYPES = ("class_name", "name_with_context", "descriptor", "template")
 # Our descriptions (not the paper's), one per class of the 11-class (MAFW) order; the 7-class
 # datasets use the first seven. Each fits the 77-token context with 16 context tokens.
 DESCRIPTIONS: dict[str, str] = {
-    "happiness": (
-        "happiness: mouth corners pulled up and back into a smile, cheeks lifted, crinkles at "
-        "the outer eye corners, lower eyelids pushed up, teeth often visible."),
-    "sadness": (
-        "sadness: inner ends of the eyebrows drawn upward, drooping upper eyelids, mouth corners "
-        "turned down, chin raised and wrinkled, gaze cast down."),
-    "neutral": (
-        "neutral: a relaxed face with level eyebrows, eyes normally open, lips closed and at "
-        "rest, smooth forehead and cheeks, no muscle tension."),
-    "anger": (
-        "anger: eyebrows lowered and pulled together, vertical furrows between the brows, a hard "
-        "stare, lips pressed tight or bared, flared nostrils."),
-    "surprise": (
-        "surprise: eyebrows raised high and arched, long lines across the forehead, eyes wide "
-        "open with white above the iris, jaw dropped, mouth open."),
-    "disgust": (
-        "disgust: nose wrinkled, upper lip raised, cheeks pushed up, lower eyelids narrowed, "
-        "eyebrows lowered, head pulled back from something."),
-    "fear": (
-        "fear: eyebrows raised and drawn together, upper eyelids lifted, tense lower eyelids, "
-        "lips stretched sideways, mouth slightly open, eyes fixed."),
-    "contempt": (
-        "contempt: one mouth corner tightened and raised on one side only, a lopsided smirk, "
-        "slightly narrowed eyes, chin lifted, looking down the nose."),
-    "anxiety": (
-        "anxiety: worried brows pinched upward, a tense forehead, eyes darting or blinking "
-        "often, lips pressed or bitten, a tight jaw."),
-    "helplessness": (
-        "helplessness: inner brows raised, heavy eyelids, eyes looking away or upward, slack "
-        "lips with the mouth slightly open, a face without energy."),
-    "disappointment": (
-        "disappointment: brows sinking at the outer ends, lips pressed together with the corners "
-        "pulled down, gaze dropping, cheeks flat and still."),
+  "happiness": (
+    "happiness: mouth corners pulled up and back into a smile, cheeks lifted, crinkles at "
+    "the outer eye corners, lower eyelids pushed up, teeth often visible."
+  ),
+  "sadness": (
+    "sadness: inner ends of the eyebrows drawn upward, drooping upper eyelids, mouth corners "
+    "turned down, chin raised and wrinkled, gaze cast down."
+  ),
+  "neutral": (
+    "neutral: a relaxed face with level eyebrows, eyes normally open, lips closed and at "
+    "rest, smooth forehead and cheeks, no muscle tension."
+  ),
+  "anger": (
+    "anger: eyebrows lowered and pulled together, vertical furrows between the brows, a hard "
+    "stare, lips pressed tight or bared, flared nostrils."
+  ),
+  "surprise": (
+    "surprise: eyebrows raised high and arched, long lines across the forehead, eyes wide "
+    "open with white above the iris, jaw dropped, mouth open."
+  ),
+  "disgust": (
+    "disgust: nose wrinkled, upper lip raised, cheeks pushed up, lower eyelids narrowed, "
+    "eyebrows lowered, head pulled back from something."
+  ),
+  "fear": (
+    "fear: eyebrows raised and drawn together, upper eyelids lifted, tense lower eyelids, "
+    "lips stretched sideways, mouth slightly open, eyes fixed."
+  ),
+  "contempt": (
+    "contempt: one mouth corner tightened and raised on one side only, a lopsided smirk, "
+    "slightly narrowed eyes, chin lifted, looking down the nose."
+  ),
+  "anxiety": (
+    "anxiety: worried brows pinched upward, a tense forehead, eyes darting or blinking "
+    "often, lips pressed or bitten, a tight jaw."
+  ),
+  "helplessness": (
+    "helplessness: inner brows raised, heavy eyelids, eyes looking away or upward, slack "
+    "lips with the mouth slightly open, a face without energy."
+  ),
+  "disappointment": (
+    "disappointment: brows sinking at the outer ends, lips pressed together with the corners "
+    "pulled down, gaze dropping, cheeks flat and still."
+  ),
 }
 
 # The paper's hand-written prompts (its Table 3); `{}` is replaced by the class name.
 MANUAL_TEMPLATES: dict[str, str] = {
-    "photo": "a photo of {}.",
-    "expression": "an expression of {}.",
+  "photo": "a photo of {}.",
+  "expression": "an expression of {}.",
 }
 
 
-def class_texts(class_names: Sequence[str], text_type: str, template: str | None = None
-                ) -> list[str]:
+def class_texts(
+  class_names: Sequence[str], text_type: str, template: str | None = None
+) -> list[str]:
   """The text of each class for `text_type` (see the module docstring)."""
   if text_type not in TEXT_TYPES:
     raise ValueError(f"unknown text_type {text_type!r}: expected one of {TEXT_TYPES}")
   if text_type == "template":
     if not template or "{}" not in template:
-      raise ValueError(f"text_type 'template' needs a template containing '{{}}', got "
-                       f"{template!r} (e.g. {MANUAL_TEMPLATES['photo']!r})")
+      raise ValueError(
+        f"text_type 'template' needs a template containing '{{}}', got "
+        f"{template!r} (e.g. {MANUAL_TEMPLATES['photo']!r})"
+      )
     return [template.format(name) for name in class_names]
   if text_type == "class_name":
     return [f"{name}." for name in class_names]
@@ -84,8 +98,10 @@ def class_texts(class_names: Sequence[str], text_type: str, template: str | None
     return [f"an expression of {name}." for name in class_names]
   unknown = [name for name in class_names if name not in DESCRIPTIONS]
   if unknown:
-    raise ValueError(f"no built-in description for classes {unknown}: put descriptions in a "
-                     "file and set class_texts_file")
+    raise ValueError(
+      f"no built-in description for classes {unknown}: put descriptions in a "
+      "file and set class_texts_file"
+    )
   return [DESCRIPTIONS[name] for name in class_names]
 
 
@@ -96,8 +112,9 @@ def _joined(value, where: str) -> str:
   elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
     text = ", ".join(v.strip().rstrip(".") for v in value) + "."
   else:
-    raise ValueError(f"{where}: expected a string or a non-empty list of strings, got "
-                     f"{type(value).__name__}")
+    raise ValueError(
+      f"{where}: expected a string or a non-empty list of strings, got {type(value).__name__}"
+    )
   if not text:
     raise ValueError(f"{where}: empty text")
   return text
@@ -123,15 +140,19 @@ def load_class_texts(path: str | os.PathLike, class_names: Sequence[str]) -> lis
       raise ValueError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
     if isinstance(data, list):
       if len(data) != n:
-        raise ValueError(f"{path}: holds {len(data)} class texts, expected {n} (one per class, "
-                         f"in label order: {', '.join(class_names)})")
+        raise ValueError(
+          f"{path}: holds {len(data)} class texts, expected {n} (one per class, "
+          f"in label order: {', '.join(class_names)})"
+        )
       return [_joined(v, f"{path}: entry {i} ({class_names[i]})") for i, v in enumerate(data)]
     if isinstance(data, Mapping):
       missing = [c for c in class_names if c not in data]
       extra = [k for k in data if k not in class_names]
       if missing or extra:
-        raise ValueError(f"{path}: class names do not match the dataset's {n} classes: missing "
-                         f"{missing}, unexpected {extra}")
+        raise ValueError(
+          f"{path}: class names do not match the dataset's {n} classes: missing "
+          f"{missing}, unexpected {extra}"
+        )
       return [_joined(data[c], f"{path}: entry {c!r}") for c in class_names]
     raise ValueError(f"{path}: expected a JSON list or object, got {type(data).__name__}")
   texts, lines = [], []
@@ -141,7 +162,9 @@ def load_class_texts(path: str | os.PathLike, class_names: Sequence[str]) -> lis
       texts.append(line)
       lines.append(lineno)
   if len(texts) != n:
-    raise ValueError(f"{path}: holds {len(texts)} class texts (non-blank lines {lines[:12]}"
-                     f"{' ...' if len(lines) > 12 else ''}), expected {n}: one line per class in "
-                     f"label order ({', '.join(class_names)})")
+    raise ValueError(
+      f"{path}: holds {len(texts)} class texts (non-blank lines {lines[:12]}"
+      f"{' ...' if len(lines) > 12 else ''}), expected {n}: one line per class in "
+      f"label order ({', '.join(class_names)})"
+    )
   return texts

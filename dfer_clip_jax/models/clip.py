@@ -16,9 +16,9 @@ import functools
 import math
 from typing import Any, Literal
 
-from absl import logging
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
@@ -51,6 +51,7 @@ _REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_saveable}
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
   """Sizes of the ViT image tower."""
+
   width: int = 768  # token width
   layers: int = 12  # residual attention blocks
   heads: int = 12  # attention heads (OpenAI rule: width // 64)
@@ -68,6 +69,7 @@ class CLIPVisionConfig:
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
   """Sizes of the causal text tower."""
+
   width: int = 512
   layers: int = 12
   heads: int = 8
@@ -81,6 +83,7 @@ class CLIPTextConfig:
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
   """A whole CLIP model: both towers and the joint embedding width."""
+
   vision: CLIPVisionConfig = CLIPVisionConfig()
   text: CLIPTextConfig = CLIPTextConfig()
   embed_dim: int = 512  # width of the joint (projected) embedding space
@@ -90,13 +93,13 @@ class CLIPConfig:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+  def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
     d = dict(d)
     vision = CLIPVisionConfig(**d.pop("vision", {}))
     text = CLIPTextConfig(**d.pop("text", {}))
     return cls(vision=vision, text=text, **d)
 
-  def replace(self, **kw) -> "CLIPConfig":
+  def replace(self, **kw) -> CLIPConfig:
     return dataclasses.replace(self, **kw)
 
 
@@ -104,10 +107,10 @@ def tiny_config(**overrides) -> CLIPConfig:
   """A CLIP small enough for CPU tests and the demo (random init). Head counts follow OpenAI's
   width // 64 rule, so the config survives a round trip through OpenAI-named weights."""
   cfg = CLIPConfig(
-      vision=CLIPVisionConfig(width=64, layers=2, heads=1, mlp_dim=256, patch_size=8,
-                              image_size=32),
-      text=CLIPTextConfig(width=64, layers=2, heads=1, mlp_dim=256),
-      embed_dim=64)
+    vision=CLIPVisionConfig(width=64, layers=2, heads=1, mlp_dim=256, patch_size=8, image_size=32),
+    text=CLIPTextConfig(width=64, layers=2, heads=1, mlp_dim=256),
+    embed_dim=64,
+  )
   return dataclasses.replace(cfg, **overrides)
 
 
@@ -126,8 +129,9 @@ def resolve_attention_impl(impl: AttentionImpl, dtype, head_dim: int) -> str:
   on a GPU for half-precision operands with a head dim cuDNN takes (a multiple of 8, at most
   128), and XLA's otherwise (CPU, TPU, float32); any other choice is returned unchanged."""
   if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"unknown attention implementation {impl!r}: expected one of "
-                     f"{ATTENTION_IMPLS}")
+    raise ValueError(
+      f"unknown attention implementation {impl!r}: expected one of {ATTENTION_IMPLS}"
+    )
   if impl != "auto":
     return impl
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -154,8 +158,9 @@ def _round_up(length: int, multiple: int) -> int:
   return -(-length // multiple) * multiple
 
 
-def padded_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool, multiple: int,
-                     implementation: str) -> jax.Array:
+def padded_attention(
+  q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool, multiple: int, implementation: str
+) -> jax.Array:
   """`jax.nn.dot_product_attention` on sequences zero-padded to a multiple of `multiple`, the
   padding kept out of every real token's softmax; returns the L real rows.
 
@@ -171,14 +176,15 @@ def padded_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool, multiple:
   b, length = q_BxLxHxD.shape[:2]
   padded = _round_up(length, multiple)
   if padded == length:
-    return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=causal,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=causal, implementation=implementation
+    )
   widths = ((0, 0), (0, padded - length), (0, 0), (0, 0))
   q, k, v = (jnp.pad(t, widths) for t in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
   kv_lengths_B = None if causal else jnp.full((b,), length, jnp.int32)
-  out_BxPxHxD = jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                             key_value_seq_lengths=kv_lengths_B,
-                                             implementation=implementation)
+  out_BxPxHxD = jax.nn.dot_product_attention(
+    q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths_B, implementation=implementation
+  )
   return out_BxPxHxD[:, :length]
 
 
@@ -186,8 +192,9 @@ def padded_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool, multiple:
 CUDNN_LENGTH_MULTIPLE = 2
 
 
-def attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool,
-              impl: AttentionImpl = "xla") -> jax.Array:
+def attention(
+  q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool, impl: AttentionImpl = "xla"
+) -> jax.Array:
   """Scaled dot-product attention (scale head_dim ** -0.5), softmax in float32 in every
   implementation; `plain` is the explicit reference formula, `auto` see
   `resolve_attention_impl`; cuDNN runs on sequences padded to an even length."""
@@ -197,8 +204,10 @@ def attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool,
   if chosen == "plain":
     ATTENTION_SITES[site] = "plain"
     scale = q_BxLxHxD.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD,
-                        preferred_element_type=jnp.float32) * scale
+    logits = (
+      jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD, preferred_element_type=jnp.float32)
+      * scale
+    )
     if causal:
       mask = jnp.tril(jnp.ones((length, length), bool))
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -207,8 +216,14 @@ def attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool,
   if chosen == "cudnn":
     padded = _round_up(length, CUDNN_LENGTH_MULTIPLE)
     try:
-      out = padded_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, causal=causal,
-                             multiple=CUDNN_LENGTH_MULTIPLE, implementation="cudnn")
+      out = padded_attention(
+        q_BxLxHxD,
+        k_BxLxHxD,
+        v_BxLxHxD,
+        causal=causal,
+        multiple=CUDNN_LENGTH_MULTIPLE,
+        implementation="cudnn",
+      )
       ATTENTION_SITES[site] = "cudnn" + (f" (padded to {padded})" if padded != length else "")
       return out
     except (NotImplementedError, RuntimeError, ValueError) as err:
@@ -221,8 +236,9 @@ def attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, causal: bool,
         logging.warning("attention 'auto': cuDNN refused (%s); using XLA's attention", err)
       chosen = "xla"
   ATTENTION_SITES[site] = chosen
-  return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=causal,
-                                      implementation=chosen)
+  return jax.nn.dot_product_attention(
+    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=causal, implementation=chosen
+  )
 
 
 def _norm_in_float32(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
@@ -239,8 +255,9 @@ class LayerNorm(nnx.Module):
   """
 
   def __init__(self, width: int, eps: float, *, rngs: nnx.Rngs):
-    self.norm = nnx.LayerNorm(width, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
-                              rngs=rngs)
+    self.norm = nnx.LayerNorm(
+      width, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return nnx.remat(_norm_in_float32)(self.norm, x)
@@ -249,21 +266,43 @@ class LayerNorm(nnx.Module):
 class MultiheadAttention(nnx.Module):
   """Self-attention with fused q/k/v projection (`in_proj` = [q; k; v] as in OpenAI's weights)."""
 
-  def __init__(self, width: int, heads: int, *, dtype, attention_impl: AttentionImpl,
-               in_std: float, out_std: float, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    heads: int,
+    *,
+    dtype,
+    attention_impl: AttentionImpl,
+    in_std: float,
+    out_std: float,
+    rngs: nnx.Rngs,
+  ):
     if width % heads:
       raise ValueError(f"width {width} is not divisible by heads {heads}")
     if attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"unknown attention implementation {attention_impl!r}: expected one of "
-                       f"{ATTENTION_IMPLS}")
+      raise ValueError(
+        f"unknown attention implementation {attention_impl!r}: expected one of {ATTENTION_IMPLS}"
+      )
     self.heads = heads
     self.attention_impl = attention_impl
-    self.in_proj = nnx.Linear(width, 3 * width, dtype=dtype, param_dtype=jnp.float32,
-                              kernel_init=nnx.initializers.normal(in_std),
-                              bias_init=nnx.initializers.zeros, rngs=rngs)
-    self.out_proj = nnx.Linear(width, width, dtype=dtype, param_dtype=jnp.float32,
-                               kernel_init=nnx.initializers.normal(out_std),
-                               bias_init=nnx.initializers.zeros, rngs=rngs)
+    self.in_proj = nnx.Linear(
+      width,
+      3 * width,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nnx.initializers.normal(in_std),
+      bias_init=nnx.initializers.zeros,
+      rngs=rngs,
+    )
+    self.out_proj = nnx.Linear(
+      width,
+      width,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nnx.initializers.normal(out_std),
+      bias_init=nnx.initializers.zeros,
+      rngs=rngs,
+    )
 
   def __call__(self, x_BxLxW: jax.Array, *, causal: bool) -> jax.Array:
     b, length, width = x_BxLxW.shape
@@ -275,15 +314,36 @@ class MultiheadAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, width: int, hidden: int, act: Activation, *, dtype, fc_std: float,
-               proj_std: float, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    hidden: int,
+    act: Activation,
+    *,
+    dtype,
+    fc_std: float,
+    proj_std: float,
+    rngs: nnx.Rngs,
+  ):
     self.act = act
-    self.c_fc = nnx.Linear(width, hidden, dtype=dtype, param_dtype=jnp.float32,
-                           kernel_init=nnx.initializers.normal(fc_std),
-                           bias_init=nnx.initializers.zeros, rngs=rngs)
-    self.c_proj = nnx.Linear(hidden, width, dtype=dtype, param_dtype=jnp.float32,
-                             kernel_init=nnx.initializers.normal(proj_std),
-                             bias_init=nnx.initializers.zeros, rngs=rngs)
+    self.c_fc = nnx.Linear(
+      width,
+      hidden,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nnx.initializers.normal(fc_std),
+      bias_init=nnx.initializers.zeros,
+      rngs=rngs,
+    )
+    self.c_proj = nnx.Linear(
+      hidden,
+      width,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nnx.initializers.normal(proj_std),
+      bias_init=nnx.initializers.zeros,
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # The activation is recomputed in the backward pass from the c_fc output: the backward
@@ -295,15 +355,33 @@ class MLP(nnx.Module):
 class ResidualAttentionBlock(nnx.Module):
   """Pre-LN transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
 
-  def __init__(self, width: int, heads: int, mlp_dim: int, act: Activation, eps: float, *,
-               layers: int, dtype, attention_impl: AttentionImpl, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    heads: int,
+    mlp_dim: int,
+    act: Activation,
+    eps: float,
+    *,
+    layers: int,
+    dtype,
+    attention_impl: AttentionImpl,
+    rngs: nnx.Rngs,
+  ):
     # OpenAI's initialisation (clip/model.py::initialize_parameters).
-    attn_std = width ** -0.5
-    proj_std = width ** -0.5 * (2 * layers) ** -0.5
+    attn_std = width**-0.5
+    proj_std = width**-0.5 * (2 * layers) ** -0.5
     fc_std = (2 * width) ** -0.5
     self.ln_1 = LayerNorm(width, eps, rngs=rngs)
-    self.attn = MultiheadAttention(width, heads, dtype=dtype, attention_impl=attention_impl,
-                                   in_std=attn_std, out_std=proj_std, rngs=rngs)
+    self.attn = MultiheadAttention(
+      width,
+      heads,
+      dtype=dtype,
+      attention_impl=attention_impl,
+      in_std=attn_std,
+      out_std=proj_std,
+      rngs=rngs,
+    )
     self.ln_2 = LayerNorm(width, eps, rngs=rngs)
     self.mlp = MLP(width, mlp_dim, act, dtype=dtype, fc_std=fc_std, proj_std=proj_std, rngs=rngs)
 
@@ -315,23 +393,53 @@ class ResidualAttentionBlock(nnx.Module):
 class Transformer(nnx.Module):
   """A stack of residual attention blocks (`transformer.resblocks.{i}`)."""
 
-  def __init__(self, width: int, layers: int, heads: int, mlp_dim: int, act: Activation,
-               eps: float, *, dtype, attention_impl: AttentionImpl, remat: bool | str,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    layers: int,
+    heads: int,
+    mlp_dim: int,
+    act: Activation,
+    eps: float,
+    *,
+    dtype,
+    attention_impl: AttentionImpl,
+    remat: bool | str,
+    rngs: nnx.Rngs,
+  ):
     self.remat = remat_mode(remat)
-    self.resblocks = nnx.List([
-        ResidualAttentionBlock(width, heads, mlp_dim, act, eps, layers=layers, dtype=dtype,
-                               attention_impl=attention_impl, rngs=rngs)
-        for _ in range(layers)])
+    self.resblocks = nnx.List(
+      [
+        ResidualAttentionBlock(
+          width,
+          heads,
+          mlp_dim,
+          act,
+          eps,
+          layers=layers,
+          dtype=dtype,
+          attention_impl=attention_impl,
+          rngs=rngs,
+        )
+        for _ in range(layers)
+      ]
+    )
 
-  def __call__(self, x_BxLxW: jax.Array, *, causal: bool,
-               intermediates: dict[str, jax.Array] | None = None, prefix: str = "") -> jax.Array:
+  def __call__(
+    self,
+    x_BxLxW: jax.Array,
+    *,
+    causal: bool,
+    intermediates: dict[str, jax.Array] | None = None,
+    prefix: str = "",
+  ) -> jax.Array:
     for i, block in enumerate(self.resblocks):
       if self.remat != "none":
         # Recompute (some of) the block's activations in the backward pass instead of storing
         # them; see `remat_mode`.
-        x_BxLxW = nnx.remat(lambda blk, y: blk(y, causal=causal),
-                            policy=_REMAT_POLICIES[self.remat])(block, x_BxLxW)
+        x_BxLxW = nnx.remat(
+          lambda blk, y: blk(y, causal=causal), policy=_REMAT_POLICIES[self.remat]
+        )(block, x_BxLxW)
       else:
         x_BxLxW = block(x_BxLxW, causal=causal)
       if intermediates is not None:
@@ -342,23 +450,48 @@ class Transformer(nnx.Module):
 class VisionTransformer(nnx.Module):
   """CLIP's ViT image tower (`visual.*`)."""
 
-  def __init__(self, cfg: CLIPVisionConfig, embed_dim: int, *, dtype=jnp.float32,
-               attention_impl: AttentionImpl = "xla", remat: bool | str = "none",
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    cfg: CLIPVisionConfig,
+    embed_dim: int,
+    *,
+    dtype=jnp.float32,
+    attention_impl: AttentionImpl = "xla",
+    remat: bool | str = "none",
+    rngs: nnx.Rngs,
+  ):
     self.cfg = cfg
     self.dtype = dtype
-    scale = cfg.width ** -0.5
+    scale = cfg.width**-0.5
     normal = nnx.initializers.normal
-    self.conv1 = nnx.Conv(3, cfg.width, kernel_size=(cfg.patch_size, cfg.patch_size),
-                          strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
-                          use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.conv1 = nnx.Conv(
+      3,
+      cfg.width,
+      kernel_size=(cfg.patch_size, cfg.patch_size),
+      strides=(cfg.patch_size, cfg.patch_size),
+      padding="VALID",
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+    )
     self.class_embedding = nnx.Param(normal(scale)(rngs.params(), (cfg.width,)))
     self.positional_embedding = nnx.Param(
-        normal(scale)(rngs.params(), (cfg.grid * cfg.grid + 1, cfg.width)))
+      normal(scale)(rngs.params(), (cfg.grid * cfg.grid + 1, cfg.width))
+    )
     self.ln_pre = LayerNorm(cfg.width, cfg.eps, rngs=rngs)
-    self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act,
-                                   cfg.eps, dtype=dtype, attention_impl=attention_impl,
-                                   remat=remat, rngs=rngs)
+    self.transformer = Transformer(
+      cfg.width,
+      cfg.layers,
+      cfg.heads,
+      cfg.mlp_dim,
+      cfg.act,
+      cfg.eps,
+      dtype=dtype,
+      attention_impl=attention_impl,
+      remat=remat,
+      rngs=rngs,
+    )
     self.ln_post = LayerNorm(cfg.width, cfg.eps, rngs=rngs)
     self.proj = nnx.Param(normal(scale)(rngs.params(), (cfg.width, embed_dim)))
 
@@ -366,13 +499,16 @@ class VisionTransformer(nnx.Module):
     """Pixels (N, H, W, 3), already preprocessed -> features (N, E), not normalised."""
     n, h, w, c = pixels_NxHxWx3.shape
     if (h, w, c) != (self.cfg.image_size, self.cfg.image_size, 3):
-      raise ValueError(f"image tower expects (N, {self.cfg.image_size}, {self.cfg.image_size}, 3) "
-                       f"pixels, got {pixels_NxHxWx3.shape}")
+      raise ValueError(
+        f"image tower expects (N, {self.cfg.image_size}, {self.cfg.image_size}, 3) "
+        f"pixels, got {pixels_NxHxWx3.shape}"
+      )
     inter: dict[str, jax.Array] | None = {} if return_intermediates else None
     patches_NxGxGxW = self.conv1(pixels_NxHxWx3.astype(self.dtype))
     x_NxPxW = patches_NxGxGxW.reshape(n, -1, self.cfg.width)
-    cls_Nx1xW = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype),
-                                 (n, 1, self.cfg.width))
+    cls_Nx1xW = jnp.broadcast_to(
+      self.class_embedding[...].astype(self.dtype), (n, 1, self.cfg.width)
+    )
     x_NxPxW = jnp.concatenate([cls_Nx1xW, x_NxPxW], axis=1)
     x_NxPxW = x_NxPxW + self.positional_embedding[...].astype(self.dtype)
     x_NxPxW = self.ln_pre(x_NxPxW)
@@ -390,35 +526,59 @@ class VisionTransformer(nnx.Module):
 class TextTransformer(nnx.Module):
   """CLIP's causal text tower (OpenAI's top-level `token_embedding`, `transformer`, ...)."""
 
-  def __init__(self, cfg: CLIPTextConfig, embed_dim: int, *, dtype=jnp.float32,
-               attention_impl: AttentionImpl = "xla", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    cfg: CLIPTextConfig,
+    embed_dim: int,
+    *,
+    dtype=jnp.float32,
+    attention_impl: AttentionImpl = "xla",
+    rngs: nnx.Rngs,
+  ):
     self.cfg = cfg
     self.dtype = dtype
     normal = nnx.initializers.normal
-    self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.width, dtype=dtype,
-                                     param_dtype=jnp.float32, embedding_init=normal(0.02),
-                                     rngs=rngs)
+    self.token_embedding = nnx.Embed(
+      cfg.vocab_size,
+      cfg.width,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      embedding_init=normal(0.02),
+      rngs=rngs,
+    )
     self.positional_embedding = nnx.Param(
-        normal(0.01)(rngs.params(), (cfg.context_length, cfg.width)))
-    self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act,
-                                   cfg.eps, dtype=dtype, attention_impl=attention_impl,
-                                   remat=False, rngs=rngs)
+      normal(0.01)(rngs.params(), (cfg.context_length, cfg.width))
+    )
+    self.transformer = Transformer(
+      cfg.width,
+      cfg.layers,
+      cfg.heads,
+      cfg.mlp_dim,
+      cfg.act,
+      cfg.eps,
+      dtype=dtype,
+      attention_impl=attention_impl,
+      remat=False,
+      rngs=rngs,
+    )
     self.ln_final = LayerNorm(cfg.width, cfg.eps, rngs=rngs)
-    self.text_projection = nnx.Param(
-        normal(cfg.width ** -0.5)(rngs.params(), (cfg.width, embed_dim)))
+    self.text_projection = nnx.Param(normal(cfg.width**-0.5)(rngs.params(), (cfg.width, embed_dim)))
 
   def embed_tokens(self, ids_KxL: jax.Array) -> jax.Array:
     """Token ids (K, L) -> token embeddings (K, L, W), without positions."""
     return self.token_embedding(ids_KxL)
 
-  def encode_embeddings(self, prompts_KxLxW: jax.Array, eot_K: jax.Array, *,
-                        return_intermediates: bool = False):
+  def encode_embeddings(
+    self, prompts_KxLxW: jax.Array, eot_K: jax.Array, *, return_intermediates: bool = False
+  ):
     """Prompt embeddings (K, L, W) (token embeddings, possibly with learned context in place of
     some tokens) and end-of-text positions (K,) -> features (K, E), not normalised."""
     k, length, width = prompts_KxLxW.shape
     if (length, width) != (self.cfg.context_length, self.cfg.width):
-      raise ValueError(f"text tower expects (K, {self.cfg.context_length}, {self.cfg.width}) "
-                       f"prompt embeddings, got {prompts_KxLxW.shape}")
+      raise ValueError(
+        f"text tower expects (K, {self.cfg.context_length}, {self.cfg.width}) "
+        f"prompt embeddings, got {prompts_KxLxW.shape}"
+      )
     inter: dict[str, jax.Array] | None = {} if return_intermediates else None
     x_KxLxW = prompts_KxLxW.astype(self.dtype) + self.positional_embedding[...].astype(self.dtype)
     x_KxLxW = self.transformer(x_KxLxW, causal=True, intermediates=inter)
@@ -435,8 +595,9 @@ class TextTransformer(nnx.Module):
   def __call__(self, ids_KxL: jax.Array, *, return_intermediates: bool = False):
     """Token ids (K, L) -> features (K, E); pooled at the first end-of-text (largest) id."""
     eot_K = end_of_text_positions(ids_KxL)
-    return self.encode_embeddings(self.embed_tokens(ids_KxL), eot_K,
-                                  return_intermediates=return_intermediates)
+    return self.encode_embeddings(
+      self.embed_tokens(ids_KxL), eot_K, return_intermediates=return_intermediates
+    )
 
 
 def end_of_text_positions(ids_KxL: jax.Array) -> jax.Array:
@@ -447,13 +608,27 @@ def end_of_text_positions(ids_KxL: jax.Array) -> jax.Array:
 class CLIP(nnx.Module):
   """Both towers plus CLIP's learned `logit_scale` (kept for zero-shot use, unused by DFER-CLIP)."""
 
-  def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, attention_impl: AttentionImpl =
-               "xla", remat: bool | str = "none", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: CLIPConfig,
+    *,
+    dtype=jnp.float32,
+    attention_impl: AttentionImpl = "xla",
+    remat: bool | str = "none",
+    rngs: nnx.Rngs,
+  ):
     self.config = config
-    self.visual = VisionTransformer(config.vision, config.embed_dim, dtype=dtype,
-                                    attention_impl=attention_impl, remat=remat, rngs=rngs)
-    self.text = TextTransformer(config.text, config.embed_dim, dtype=dtype,
-                                attention_impl=attention_impl, rngs=rngs)
+    self.visual = VisionTransformer(
+      config.vision,
+      config.embed_dim,
+      dtype=dtype,
+      attention_impl=attention_impl,
+      remat=remat,
+      rngs=rngs,
+    )
+    self.text = TextTransformer(
+      config.text, config.embed_dim, dtype=dtype, attention_impl=attention_impl, rngs=rngs
+    )
     self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, jnp.float32))
 
   def encode_image(self, pixels_NxHxWx3: jax.Array, *, return_intermediates: bool = False):
@@ -462,10 +637,12 @@ class CLIP(nnx.Module):
   def encode_text(self, ids_KxL: jax.Array, *, return_intermediates: bool = False):
     return self.text(ids_KxL, return_intermediates=return_intermediates)
 
-  def encode_text_embeddings(self, prompts_KxLxW: jax.Array, eot_K: jax.Array, *,
-                             return_intermediates: bool = False):
-    return self.text.encode_embeddings(prompts_KxLxW, eot_K,
-                                       return_intermediates=return_intermediates)
+  def encode_text_embeddings(
+    self, prompts_KxLxW: jax.Array, eot_K: jax.Array, *, return_intermediates: bool = False
+  ):
+    return self.text.encode_embeddings(
+      prompts_KxLxW, eot_K, return_intermediates=return_intermediates
+    )
 
   @property
   def token_embedding(self) -> jax.Array:
@@ -478,17 +655,19 @@ def preset(variant: str, **overrides) -> CLIPConfig:
   if variant == "tiny":
     return tiny_config(**overrides)
   sizes = {
-      # name: (vision width, layers, patch, text width, text layers, embed_dim)
-      "B/32": (768, 12, 32, 512, 12, 512),
-      "B/16": (768, 12, 16, 512, 12, 512),
-      "L/14": (1024, 24, 14, 768, 12, 768),
+    # name: (vision width, layers, patch, text width, text layers, embed_dim)
+    "B/32": (768, 12, 32, 512, 12, 512),
+    "B/16": (768, 12, 16, 512, 12, 512),
+    "L/14": (1024, 24, 14, 768, 12, 768),
   }
   if variant not in sizes:
     raise ValueError(f"unknown CLIP variant {variant!r}: expected one of {sorted(sizes)} or tiny")
   vw, vl, patch, tw, tl, embed = sizes[variant]
   cfg = CLIPConfig(
-      vision=CLIPVisionConfig(width=vw, layers=vl, heads=vw // 64, mlp_dim=4 * vw,
-                              patch_size=patch, image_size=224),
-      text=CLIPTextConfig(width=tw, layers=tl, heads=tw // 64, mlp_dim=4 * tw),
-      embed_dim=embed)
+    vision=CLIPVisionConfig(
+      width=vw, layers=vl, heads=vw // 64, mlp_dim=4 * vw, patch_size=patch, image_size=224
+    ),
+    text=CLIPTextConfig(width=tw, layers=tl, heads=tw // 64, mlp_dim=4 * tw),
+    embed_dim=embed,
+  )
   return dataclasses.replace(cfg, **overrides)

@@ -63,6 +63,7 @@ class DFERCLIPConfig:
   a temporal transformer of depth 1 (8 heads of 64, MLP 1024), 16 frames, logit scale fixed at
   100, [0, 1] pixels. `class_names` come from the data; every other field is a `config.model` key.
   """
+
   class_names: tuple[str, ...]  # in label order (the dataset's)
   num_frames: int = 16  # frames per clip (T); the temporal position embedding has T + 1 rows
   normalize: bool = False  # CLIP mean/std pixel normalisation (the reference: none)
@@ -94,6 +95,7 @@ class DFERCLIPConfig:
   def __post_init__(self):
     def fail(msg):
       raise ValueError(f"DFERCLIPConfig: {msg}")
+
     if isinstance(self.class_names, str) or not self.class_names:
       fail(f"class_names must be a non-empty sequence of names, got {self.class_names!r}")
     object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -110,18 +112,22 @@ class DFERCLIPConfig:
       fail("temporal_heads, temporal_dim_head and temporal_mlp_dim must be positive")
     if not 0.0 <= self.temporal_dropout < 1.0:
       fail(f"temporal_dropout must be in [0, 1), got {self.temporal_dropout}")
-    for field, allowed in (("temporal", temporal_lib.METHODS),
-                           ("head", ("prompt", "linear")),
-                           ("text_type", class_texts_lib.TEXT_TYPES),
-                           ("position", ("end", "middle", "front")),
-                           ("logit_scale", ("fixed", "clip"))):
+    for field, allowed in (
+      ("temporal", temporal_lib.METHODS),
+      ("head", ("prompt", "linear")),
+      ("text_type", class_texts_lib.TEXT_TYPES),
+      ("position", ("end", "middle", "front")),
+      ("logit_scale", ("fixed", "clip")),
+    ):
       if getattr(self, field) not in allowed:
         fail(f"{field}={getattr(self, field)!r}, expected one of {allowed}")
     if self.n_ctx < 0:
       fail(f"n_ctx must be >= 0, got {self.n_ctx}")
     if (self.text_type == "template") != bool(self.template):
-      fail("template must be set exactly when text_type is 'template' (got text_type="
-           f"{self.text_type!r}, template={self.template!r})")
+      fail(
+        "template must be set exactly when text_type is 'template' (got text_type="
+        f"{self.text_type!r}, template={self.template!r})"
+      )
     if self.template and "{}" not in self.template:
       fail(f"template {self.template!r} has no '{{}}' for the class name")
     if self.class_texts_file and self.text_type == "template":
@@ -143,14 +149,14 @@ class DFERCLIPConfig:
     return d
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "DFERCLIPConfig":
+  def from_dict(cls, d: dict[str, Any]) -> DFERCLIPConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"DFERCLIPConfig: unknown keys {unknown}; known keys: {sorted(known)}")
     return cls(**d)
 
-  def replace(self, **kw) -> "DFERCLIPConfig":
+  def replace(self, **kw) -> DFERCLIPConfig:
     return dataclasses.replace(self, **kw)
 
 
@@ -173,9 +179,16 @@ def to_model_input(video_uint8: jax.Array, *, normalize: bool) -> jax.Array:
 class DFERCLIP(nnx.Module):
   """The DFER-CLIP video classifier and its baselines (see the module docstring)."""
 
-  def __init__(self, config: DFERCLIPConfig, clip: CLIP, *,
-               prompt_buffers: prompts_lib.PromptBuffers | None = None, dtype=jnp.float32,
-               attention_impl: AttentionImpl = "xla", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: DFERCLIPConfig,
+    clip: CLIP,
+    *,
+    prompt_buffers: prompts_lib.PromptBuffers | None = None,
+    dtype=jnp.float32,
+    attention_impl: AttentionImpl = "xla",
+    rngs: nnx.Rngs,
+  ):
     """Builds the temporal model and the prompt learner (or linear head) around `clip`.
 
     Args:
@@ -192,27 +205,44 @@ class DFERCLIP(nnx.Module):
     width = clip.config.embed_dim
     self.width = width
     self.temporal_net = temporal_lib.create(
-        config.temporal, width=width, num_frames=config.num_frames, depth=config.temporal_depth,
-        heads=config.temporal_heads, dim_head=config.temporal_dim_head,
-        mlp_dim=config.temporal_mlp_dim, dropout=config.temporal_dropout, dtype=dtype,
-        attention_impl=attention_impl, rngs=rngs)
+      config.temporal,
+      width=width,
+      num_frames=config.num_frames,
+      depth=config.temporal_depth,
+      heads=config.temporal_heads,
+      dim_head=config.temporal_dim_head,
+      mlp_dim=config.temporal_mlp_dim,
+      dropout=config.temporal_dropout,
+      dtype=dtype,
+      attention_impl=attention_impl,
+      rngs=rngs,
+    )
     prompt_learner, head = None, None  # each attribute is assigned once (NNX data vs static)
     if config.head == "prompt":
       if prompt_buffers is None:
-        raise ValueError("head 'prompt' needs prompt_buffers (see build_prompt_buffers or "
-                         "create_dfer_clip)")
+        raise ValueError(
+          "head 'prompt' needs prompt_buffers (see build_prompt_buffers or create_dfer_clip)"
+        )
       if prompt_buffers.num_classes != config.num_classes:
-        raise ValueError(f"prompt buffers hold {prompt_buffers.num_classes} classes, config "
-                         f"says {config.num_classes}")
+        raise ValueError(
+          f"prompt buffers hold {prompt_buffers.num_classes} classes, config "
+          f"says {config.num_classes}"
+        )
       suffix_len = np.shape(prompt_buffers.token_suffix)[1]
       text_cfg = clip.config.text
       if 1 + config.n_ctx + suffix_len != text_cfg.context_length:
-        raise ValueError(f"prompt suffix of {suffix_len} rows with n_ctx={config.n_ctx} does not "
-                         f"fill the text context of {text_cfg.context_length}")
-      prompt_learner = prompts_lib.PromptLearner(prompt_buffers, n_ctx=config.n_ctx,
-                                     class_specific=config.class_specific,
-                                     position=config.position, init_std=config.ctx_init_std,
-                                     rngs=rngs)
+        raise ValueError(
+          f"prompt suffix of {suffix_len} rows with n_ctx={config.n_ctx} does not "
+          f"fill the text context of {text_cfg.context_length}"
+        )
+      prompt_learner = prompts_lib.PromptLearner(
+        prompt_buffers,
+        n_ctx=config.n_ctx,
+        class_specific=config.class_specific,
+        position=config.position,
+        init_std=config.ctx_init_std,
+        rngs=rngs,
+      )
     else:
       head = layers.torch_linear(width, config.num_classes, use_bias=True, dtype=dtype, rngs=rngs)
     self.prompt_learner = prompt_learner
@@ -232,9 +262,14 @@ class DFERCLIP(nnx.Module):
       return jnp.exp(self.clip.logit_scale[...])
     return jnp.asarray(self.config.fixed_logit_scale, jnp.float32)
 
-  def __call__(self, video_BxTxHxWx3: jax.Array, *, train: bool,
-               rngs: nnx.Rngs | None = None, text_features: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(
+    self,
+    video_BxTxHxWx3: jax.Array,
+    *,
+    train: bool,
+    rngs: nnx.Rngs | None = None,
+    text_features: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Video clips -> (logits (B, C), aux).
 
     Args:
@@ -254,8 +289,9 @@ class DFERCLIP(nnx.Module):
       raise ValueError(f"expected video (B, T, H, W, 3), got {video_BxTxHxWx3.shape}")
     b, t, h, w, _ = video_BxTxHxWx3.shape
     if t != self.config.num_frames:
-      raise ValueError(f"expected {self.config.num_frames} frames per clip, got video "
-                       f"{video_BxTxHxWx3.shape}")
+      raise ValueError(
+        f"expected {self.config.num_frames} frames per clip, got video {video_BxTxHxWx3.shape}"
+      )
     if train and self.config.temporal_dropout > 0 and rngs is None:
       raise ValueError("training with temporal_dropout > 0 needs rngs=nnx.Rngs(dropout=key)")
     d = self.width
@@ -289,8 +325,7 @@ class DFERCLIP(nnx.Module):
     head. A model whose text features depend on each video returns None."""
     return None if self.prompt_learner is None else self.text_features()[0]
 
-  def probabilities(self, video_uint8: jax.Array, constants: jax.Array | None = None
-                    ) -> jax.Array:
+  def probabilities(self, video_uint8: jax.Array, constants: jax.Array | None = None) -> jax.Array:
     """The evaluation forward pass: uint8 clips (B, T, H, W, 3) -> class probabilities (B, C)."""
     logits_BxC, _ = self(self.preprocess(video_uint8), train=False, text_features=constants)
     return jax.nn.softmax(logits_BxC.astype(jnp.float32), axis=-1)
@@ -300,14 +335,22 @@ def eval_functions(graphdef):
   """Jitted (model state -> eval constants, (model state, uint8 clips, constants) -> probs) of
   the models of `graphdef`; the evaluator and the predictor run these."""
   constants = jax.jit(lambda state: nnx.merge(graphdef, state).eval_constants())
-  probs = jax.jit(lambda state, video_uint8, consts: nnx.merge(graphdef, state).probabilities(
-      video_uint8, consts))
+  probs = jax.jit(
+    lambda state, video_uint8, consts: nnx.merge(graphdef, state).probabilities(video_uint8, consts)
+  )
   return constants, probs
 
 
-def create_dfer_clip(config: DFERCLIPConfig, clip: CLIP, tokenizer=None, *,
-                     texts: Sequence[str] | None = None, dtype=jnp.float32,
-                     attention_impl: AttentionImpl = "xla", rngs: nnx.Rngs) -> DFERCLIP:
+def create_dfer_clip(
+  config: DFERCLIPConfig,
+  clip: CLIP,
+  tokenizer=None,
+  *,
+  texts: Sequence[str] | None = None,
+  dtype=jnp.float32,
+  attention_impl: AttentionImpl = "xla",
+  rngs: nnx.Rngs,
+) -> DFERCLIP:
   """Builds a DFER-CLIP model on a (pretrained) CLIP, tokenizing the class prompts once.
 
   `texts` overrides the config's class texts (one per class); the tokenizer is needed for the
@@ -320,8 +363,9 @@ def create_dfer_clip(config: DFERCLIPConfig, clip: CLIP, tokenizer=None, *,
     texts = list(texts) if texts is not None else config.texts()
     if len(texts) != config.num_classes:
       raise ValueError(f"got {len(texts)} class texts for {config.num_classes} classes")
-    buffers = prompts_lib.build_prompt_buffers(tokenizer, texts, config.n_ctx,
-                                               clip.token_embedding,
-                                               clip.config.text.context_length)
-  return DFERCLIP(config, clip, prompt_buffers=buffers, dtype=dtype,
-                  attention_impl=attention_impl, rngs=rngs)
+    buffers = prompts_lib.build_prompt_buffers(
+      tokenizer, texts, config.n_ctx, clip.token_embedding, clip.config.text.context_length
+    )
+  return DFERCLIP(
+    config, clip, prompt_buffers=buffers, dtype=dtype, attention_impl=attention_impl, rngs=rngs
+  )

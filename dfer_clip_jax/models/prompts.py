@@ -41,6 +41,7 @@ class PromptBuffers:
   name_lens (C,): tokens of each class text (no start/end token); the end token sits at
     1 + M + name_lens in every position mode.
   """
+
   token_prefix: Any
   token_suffix: Any
   name_lens: Any
@@ -50,16 +51,18 @@ class PromptBuffers:
     return self.token_prefix.shape[0]
 
   @classmethod
-  def zeros(cls, num_classes: int, n_ctx: int, context_length: int, width: int
-            ) -> "PromptBuffers":
+  def zeros(cls, num_classes: int, n_ctx: int, context_length: int, width: int) -> PromptBuffers:
     """Placeholders of the right shapes, to build a model whose buffers are then restored."""
-    return cls(np.zeros((num_classes, 1, width), np.float32),
-               np.zeros((num_classes, context_length - 1 - n_ctx, width), np.float32),
-               np.zeros((num_classes,), np.int32))
+    return cls(
+      np.zeros((num_classes, 1, width), np.float32),
+      np.zeros((num_classes, context_length - 1 - n_ctx, width), np.float32),
+      np.zeros((num_classes,), np.int32),
+    )
 
 
-def prompt_token_ids(tokenizer, texts: Sequence[str], n_ctx: int, context_length: int = 77
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prompt_token_ids(
+  tokenizer, texts: Sequence[str], n_ctx: int, context_length: int = 77
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Tokenizes `"X " * n_ctx + text` per class -> (ids (C, L), eot (C,), name_lens (C,)).
 
   Checks that the end token lands at 1 + n_ctx + name_len (each placeholder one token, the class
@@ -71,23 +74,30 @@ def prompt_token_ids(tokenizer, texts: Sequence[str], n_ctx: int, context_length
   bad = np.nonzero(eot_C != 1 + n_ctx + name_lens_C)[0]
   if bad.size:
     i = int(bad[0])
-    raise ValueError(f"prompt {i} ({prompts[i][:80]!r}) does not tokenize as start + {n_ctx} "
-                     f"placeholders + {name_lens_C[i]} text tokens + end (end token at "
-                     f"{eot_C[i]})")
+    raise ValueError(
+      f"prompt {i} ({prompts[i][:80]!r}) does not tokenize as start + {n_ctx} "
+      f"placeholders + {name_lens_C[i]} text tokens + end (end token at "
+      f"{eot_C[i]})"
+    )
   return ids_CxL, eot_C.astype(np.int32), name_lens_C
 
 
-def build_prompt_buffers(tokenizer, texts: Sequence[str], n_ctx: int,
-                         token_embedding_VxW: jax.Array | np.ndarray,
-                         context_length: int = 77) -> PromptBuffers:
+def build_prompt_buffers(
+  tokenizer,
+  texts: Sequence[str],
+  n_ctx: int,
+  token_embedding_VxW: jax.Array | np.ndarray,
+  context_length: int = 77,
+) -> PromptBuffers:
   """Embeds the prompts once with the frozen token embedding and splits prefix / suffix."""
   ids_CxL, _, name_lens_C = prompt_token_ids(tokenizer, texts, n_ctx, context_length)
   emb_CxLxW = np.asarray(token_embedding_VxW, np.float32)[ids_CxL]
-  return PromptBuffers(emb_CxLxW[:, :1], emb_CxLxW[:, 1 + n_ctx:], name_lens_C)
+  return PromptBuffers(emb_CxLxW[:, :1], emb_CxLxW[:, 1 + n_ctx :], name_lens_C)
 
 
-def prompt_gather_index(position: str, n_ctx: int, name_lens_C: jax.Array, length: int
-                        ) -> jax.Array:
+def prompt_gather_index(
+  position: str, n_ctx: int, name_lens_C: jax.Array, length: int
+) -> jax.Array:
   """Where each prompt row comes from, (C, L) indices into [prefix, ctx_1..M, suffix].
 
   end:    [start, ctx, text, end, pad]             (identity)
@@ -115,15 +125,29 @@ class PromptLearner(nnx.Module):
   With n_ctx = 0 the prompts are the class texts' token embeddings (manual prompts).
   """
 
-  def __init__(self, buffers: PromptBuffers, *, n_ctx: int, class_specific: bool,
-               position: str, init_std: float = 0.02, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    buffers: PromptBuffers,
+    *,
+    n_ctx: int,
+    class_specific: bool,
+    position: str,
+    init_std: float = 0.02,
+    rngs: nnx.Rngs,
+  ):
     c, one, width = np.shape(buffers.token_prefix)
     suffix_shape = np.shape(buffers.token_suffix)
-    if one != 1 or suffix_shape[0] != c or suffix_shape[2] != width or np.shape(
-        buffers.name_lens) != (c,):
-      raise ValueError(f"prompt buffers disagree: prefix {np.shape(buffers.token_prefix)}, "
-                       f"suffix {suffix_shape}, name_lens {np.shape(buffers.name_lens)}; expected "
-                       "(C, 1, W), (C, L - 1 - M, W), (C,)")
+    if (
+      one != 1
+      or suffix_shape[0] != c
+      or suffix_shape[2] != width
+      or np.shape(buffers.name_lens) != (c,)
+    ):
+      raise ValueError(
+        f"prompt buffers disagree: prefix {np.shape(buffers.token_prefix)}, "
+        f"suffix {suffix_shape}, name_lens {np.shape(buffers.name_lens)}; expected "
+        "(C, 1, W), (C, L - 1 - M, W), (C,)"
+      )
     self.num_classes, self.width, self.n_ctx = c, width, n_ctx
     self.context_length = 1 + n_ctx + suffix_shape[1]
     self.class_specific, self.position = class_specific, position
@@ -153,6 +177,7 @@ class PromptLearner(nnx.Module):
     pool_CxLxW = jnp.concatenate(parts, axis=1)
     if self.position == "end" or self.n_ctx == 0:
       return pool_CxLxW
-    idx_CxL = prompt_gather_index(self.position, self.n_ctx, self.name_lens[...],
-                                  self.context_length)
+    idx_CxL = prompt_gather_index(
+      self.position, self.n_ctx, self.name_lens[...], self.context_length
+    )
     return jnp.take_along_axis(pool_CxLxW, idx_CxL[:, :, None], axis=1)

@@ -27,14 +27,26 @@ class TemporalAttention(nnx.Module):
   Reference names: `layers.{i}.0.fn.{norm, fn.to_qkv, fn.to_out.0}`.
   """
 
-  def __init__(self, width: int, heads: int, dim_head: int, dropout: float, *, dtype,
-               attention_impl: AttentionImpl, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    heads: int,
+    dim_head: int,
+    dropout: float,
+    *,
+    dtype,
+    attention_impl: AttentionImpl,
+    rngs: nnx.Rngs,
+  ):
     self.heads, self.dim_head = heads, dim_head
     self.attention_impl = attention_impl
     self.norm = layers.layer_norm(width, rngs)
-    self.to_qkv = layers.torch_linear(width, 3 * heads * dim_head, use_bias=False, dtype=dtype,
-                                rngs=rngs)
-    self.to_out = layers.torch_linear(heads * dim_head, width, use_bias=True, dtype=dtype, rngs=rngs)
+    self.to_qkv = layers.torch_linear(
+      width, 3 * heads * dim_head, use_bias=False, dtype=dtype, rngs=rngs
+    )
+    self.to_out = layers.torch_linear(
+      heads * dim_head, width, use_bias=True, dtype=dtype, rngs=rngs
+    )
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x_BxNxD: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -65,10 +77,21 @@ class TemporalFeedForward(nnx.Module):
 
 
 class TemporalBlock(nnx.Module):
-  def __init__(self, width: int, heads: int, dim_head: int, mlp_dim: int, dropout: float, *,
-               dtype, attention_impl: AttentionImpl, rngs: nnx.Rngs):
-    self.attn = TemporalAttention(width, heads, dim_head, dropout, dtype=dtype,
-                                  attention_impl=attention_impl, rngs=rngs)
+  def __init__(
+    self,
+    width: int,
+    heads: int,
+    dim_head: int,
+    mlp_dim: int,
+    dropout: float,
+    *,
+    dtype,
+    attention_impl: AttentionImpl,
+    rngs: nnx.Rngs,
+  ):
+    self.attn = TemporalAttention(
+      width, heads, dim_head, dropout, dtype=dtype, attention_impl=attention_impl, rngs=rngs
+    )
     self.ff = TemporalFeedForward(width, mlp_dim, dropout, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxNxD: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -79,11 +102,34 @@ class TemporalBlock(nnx.Module):
 class TemporalEncoder(nnx.Module):
   """`depth` pre-norm blocks (`layers.{i}`), no final LayerNorm."""
 
-  def __init__(self, width: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
-               dropout: float, *, dtype, attention_impl: AttentionImpl, rngs: nnx.Rngs):
-    self.layers = nnx.List([
-        TemporalBlock(width, heads, dim_head, mlp_dim, dropout, dtype=dtype,
-                      attention_impl=attention_impl, rngs=rngs) for _ in range(depth)])
+  def __init__(
+    self,
+    width: int,
+    depth: int,
+    heads: int,
+    dim_head: int,
+    mlp_dim: int,
+    dropout: float,
+    *,
+    dtype,
+    attention_impl: AttentionImpl,
+    rngs: nnx.Rngs,
+  ):
+    self.layers = nnx.List(
+      [
+        TemporalBlock(
+          width,
+          heads,
+          dim_head,
+          mlp_dim,
+          dropout,
+          dtype=dtype,
+          attention_impl=attention_impl,
+          rngs=rngs,
+        )
+        for _ in range(depth)
+      ]
+    )
 
   def __call__(self, x_BxNxD: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
     for layer in self.layers:
@@ -99,28 +145,52 @@ class TemporalTransformer(nnx.Module):
   cannot come from it; depth 0 names the `mean` method instead.
   """
 
-  def __init__(self, width: int, num_frames: int, depth: int, heads: int, dim_head: int,
-               mlp_dim: int, dropout: float = 0.0, *, dtype=jnp.float32,
-               attention_impl: AttentionImpl = "xla", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    num_frames: int,
+    depth: int,
+    heads: int,
+    dim_head: int,
+    mlp_dim: int,
+    dropout: float = 0.0,
+    *,
+    dtype=jnp.float32,
+    attention_impl: AttentionImpl = "xla",
+    rngs: nnx.Rngs,
+  ):
     if depth < 1:
-      raise ValueError(f"TemporalTransformer needs depth >= 1, got {depth} (depth 0 is the "
-                       "'mean' temporal model)")
+      raise ValueError(
+        f"TemporalTransformer needs depth >= 1, got {depth} (depth 0 is the 'mean' temporal model)"
+      )
     self.width, self.num_frames, self.dtype = width, num_frames, dtype
     # Std 1.0, as the reference's torch.randn (not the 0.02 usual for ViTs).
     self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, width), jnp.float32))
     self.pos_embedding = nnx.Param(
-        jax.random.normal(rngs.params(), (1, num_frames + 1, width), jnp.float32))
-    self.temporal_transformer = TemporalEncoder(width, depth, heads, dim_head, mlp_dim, dropout,
-                                                dtype=dtype, attention_impl=attention_impl,
-                                                rngs=rngs)
+      jax.random.normal(rngs.params(), (1, num_frames + 1, width), jnp.float32)
+    )
+    self.temporal_transformer = TemporalEncoder(
+      width,
+      depth,
+      heads,
+      dim_head,
+      mlp_dim,
+      dropout,
+      dtype=dtype,
+      attention_impl=attention_impl,
+      rngs=rngs,
+    )
 
-  def __call__(self, frames_BxTxD: jax.Array, *, train: bool = False,
-               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, frames_BxTxD: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     """Returns (video feature (B, D), all output tokens (B, T + 1, D))."""
     b, t, d = frames_BxTxD.shape
     if (t, d) != (self.num_frames, self.width):
-      raise ValueError(f"temporal transformer expects (B, {self.num_frames}, {self.width}) frame "
-                       f"features, got {frames_BxTxD.shape}")
+      raise ValueError(
+        f"temporal transformer expects (B, {self.num_frames}, {self.width}) frame "
+        f"features, got {frames_BxTxD.shape}"
+      )
     cls_Bx1xD = jnp.broadcast_to(self.cls_token[...], (b, 1, d))
     x_BxNxD = jnp.concatenate([cls_Bx1xD, frames_BxTxD.astype(jnp.float32)], axis=1)
     x_BxNxD = (x_BxNxD + self.pos_embedding[...]).astype(self.dtype)
@@ -131,19 +201,41 @@ class TemporalTransformer(nnx.Module):
 class FrameMean(nnx.Module):
   """The mean of the frame features; no parameters."""
 
-  def __call__(self, frames_BxTxD: jax.Array, *, train: bool = False,
-               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, frames_BxTxD: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     del train, rngs
     return frames_BxTxD.astype(jnp.float32).mean(axis=1), frames_BxTxD
 
 
-def create(method: str, *, width: int, num_frames: int, depth: int, heads: int, dim_head: int,
-           mlp_dim: int, dropout: float, dtype, attention_impl: AttentionImpl, rngs: nnx.Rngs
-           ) -> TemporalTransformer | FrameMean:
+def create(
+  method: str,
+  *,
+  width: int,
+  num_frames: int,
+  depth: int,
+  heads: int,
+  dim_head: int,
+  mlp_dim: int,
+  dropout: float,
+  dtype,
+  attention_impl: AttentionImpl,
+  rngs: nnx.Rngs,
+) -> TemporalTransformer | FrameMean:
   """The temporal model named `method` (see the module docstring)."""
   if method == "mean":
     return FrameMean()
   if method == "transformer":
-    return TemporalTransformer(width, num_frames, depth, heads, dim_head, mlp_dim, dropout,
-                               dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+    return TemporalTransformer(
+      width,
+      num_frames,
+      depth,
+      heads,
+      dim_head,
+      mlp_dim,
+      dropout,
+      dtype=dtype,
+      attention_impl=attention_impl,
+      rngs=rngs,
+    )
   raise ValueError(f"unknown temporal model {method!r}: expected one of {METHODS}")

@@ -70,8 +70,15 @@ class HaarFaceDetector:
 
   name = "opencv-haar-cascades"
 
-  def __init__(self, *, max_side: int = 640, min_face: float = 0.06, scale_factor: float = 1.1,
-               min_neighbors: int = 5, profiles: bool = True):
+  def __init__(
+    self,
+    *,
+    max_side: int = 640,
+    min_face: float = 0.06,
+    scale_factor: float = 1.1,
+    min_neighbors: int = 5,
+    profiles: bool = True,
+  ):
     """Loads the cascades.
 
     Args:
@@ -82,6 +89,7 @@ class HaarFaceDetector:
       profiles: also search for faces in profile where no frontal face is found.
     """
     import cv2  # pylint: disable=g-import-not-at-top
+
     self._cv2 = cv2
     self.max_side = max_side
     self.min_face = min_face
@@ -95,21 +103,30 @@ class HaarFaceDetector:
     # OpenCV 5 dropped the cascade classifier and its data files from the main wheels.
     need = "opencv-python-headless>=4.10,<5 (its wheel ships the Haar cascade files)"
     if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
-      raise RuntimeError(f"OpenCV {cv2.__version__} has no Haar cascade face detector: install "
-                         f"{need}, or use --face=none")
+      raise RuntimeError(
+        f"OpenCV {cv2.__version__} has no Haar cascade face detector: install "
+        f"{need}, or use --face=none"
+      )
     path = cv2.data.haarcascades + name
     cascade = cv2.CascadeClassifier(path)
     if cascade.empty():
-      raise RuntimeError(f"cannot load the OpenCV cascade {path}: install {need}, or use "
-                         "--face=none")
+      raise RuntimeError(
+        f"cannot load the OpenCV cascade {path}: install {need}, or use --face=none"
+      )
     return cascade
 
   def _run(self, cascade, grey: np.ndarray, min_side: int) -> list[tuple[np.ndarray, float]]:
     rects, _, weights = cascade.detectMultiScale3(
-        grey, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-        minSize=(min_side, min_side), outputRejectLevels=True)
-    return [(np.array([x, y, x + w, y + h], np.float64), float(s))
-            for (x, y, w, h), s in zip(np.reshape(rects, (-1, 4)), np.ravel(weights))]
+      grey,
+      scaleFactor=self.scale_factor,
+      minNeighbors=self.min_neighbors,
+      minSize=(min_side, min_side),
+      outputRejectLevels=True,
+    )
+    return [
+      (np.array([x, y, x + w, y + h], np.float64), float(s))
+      for (x, y, w, h), s in zip(np.reshape(rects, (-1, 4)), np.ravel(weights))
+    ]
 
   def __call__(self, rgb: np.ndarray) -> list[Detection]:
     """Faces in one (H, W, 3) uint8 RGB frame, in frame pixels."""
@@ -118,8 +135,9 @@ class HaarFaceDetector:
     scale = min(1.0, self.max_side / max(h, w))
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     if scale < 1.0:
-      grey = cv2.resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))),
-                        interpolation=cv2.INTER_AREA)
+      grey = cv2.resize(
+        grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+      )
     min_side = max(20, int(self.min_face * min(grey.shape)))
     found = self._run(self._frontal, grey, min_side)
     if not found and self._profile is not None:
@@ -133,6 +151,7 @@ class HaarFaceDetector:
 @dataclasses.dataclass
 class Track:
   """One face over time: its detections (times ascending) and smoothed boxes."""
+
   times: list[float] = dataclasses.field(default_factory=list)
   boxes: list[np.ndarray] = dataclasses.field(default_factory=list)
   scores: list[float] = dataclasses.field(default_factory=list)
@@ -192,8 +211,12 @@ def _matches(expected: np.ndarray, box: np.ndarray, min_iou: float) -> float:
   return 1.0 - dist / reach if dist <= reach else -1.0
 
 
-def track_faces(observations: Sequence[tuple[float, Sequence[Detection]]], *,
-                max_gap_s: float = 1.0, min_iou: float = 0.2) -> list[Track]:
+def track_faces(
+  observations: Sequence[tuple[float, Sequence[Detection]]],
+  *,
+  max_gap_s: float = 1.0,
+  min_iou: float = 0.2,
+) -> list[Track]:
   """Links per-frame detections into tracks.
 
   Args:
@@ -237,8 +260,11 @@ def _join_fragments(tracks: list[Track], min_iou: float, horizon_s: float) -> li
   began, most recently, and was heading where it begins; else it starts a chain."""
   chains: list[Track] = []
   for b in sorted(tracks, key=lambda tr: tr.start):
-    fits = [a for a in chains if a.end < b.start
-            and _matches(a.predicted_box(b.start, horizon_s), b.boxes[0], min_iou) >= 0]
+    fits = [
+      a
+      for a in chains
+      if a.end < b.start and _matches(a.predicted_box(b.start, horizon_s), b.boxes[0], min_iou) >= 0
+    ]
     if fits:
       a = max(fits, key=lambda tr: tr.end)
       a.times += b.times
@@ -249,8 +275,7 @@ def _join_fragments(tracks: list[Track], min_iou: float, horizon_s: float) -> li
   return chains
 
 
-def select_tracks(tracks: Sequence[Track], *, num_examined: int, all_faces: bool
-                  ) -> list[Track]:
+def select_tracks(tracks: Sequence[Track], *, num_examined: int, all_faces: bool) -> list[Track]:
   """Drops tracks seen on too few frames (false alarms), then keeps the main face (the largest
   `weight`) or, with `all_faces`, every remaining track by decreasing weight.
 
@@ -262,8 +287,9 @@ def select_tracks(tracks: Sequence[Track], *, num_examined: int, all_faces: bool
   return kept if all_faces else kept[:1]
 
 
-def square_crop_box(box: np.ndarray, margin: float, width: int, height: int
-                    ) -> tuple[int, int, int, int]:
+def square_crop_box(
+  box: np.ndarray, margin: float, width: int, height: int
+) -> tuple[int, int, int, int]:
   """A square around `box` with `margin` x its side added on every side, moved inside the frame
   where it fits (else centred on the face; `PIL.Image.crop` pads the outside black)."""
   side = max(box[2] - box[0], box[3] - box[1]) * (1.0 + 2.0 * margin)

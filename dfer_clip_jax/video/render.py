@@ -15,9 +15,19 @@ from PIL import Image, ImageDraw
 from dfer_clip_jax.plotting import load_font, text_size
 
 # Distinct colours for up to 11 classes (the MAFW label set), then repeated.
-PALETTE = ((31, 119, 180), (214, 39, 40), (127, 127, 127), (255, 127, 14), (44, 160, 44),
-           (148, 103, 189), (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207),
-           (0, 0, 0))
+PALETTE = (
+  (31, 119, 180),
+  (214, 39, 40),
+  (127, 127, 127),
+  (255, 127, 14),
+  (44, 160, 44),
+  (148, 103, 189),
+  (140, 86, 75),
+  (227, 119, 194),
+  (188, 189, 34),
+  (23, 190, 207),
+  (0, 0, 0),
+)
 
 
 def class_colour(k: int) -> tuple[int, int, int]:
@@ -27,6 +37,7 @@ def class_colour(k: int) -> tuple[int, int, int]:
 @dataclasses.dataclass
 class Series:
   """One track's timeline: per window its interval and probabilities (None = no face there)."""
+
   title: str
   starts: np.ndarray  # (N,) s
   ends: np.ndarray  # (N,) s
@@ -42,8 +53,15 @@ def _tick_step(duration: float, target: int = 8) -> float:
   return 10 * base
 
 
-def render_timeline(series: Sequence[Series], class_names: Sequence[str], duration_s: float, *,
-                    title: str = "", width: int = 1000, panel_height: int = 260) -> Image.Image:
+def render_timeline(
+  series: Sequence[Series],
+  class_names: Sequence[str],
+  duration_s: float,
+  *,
+  title: str = "",
+  width: int = 1000,
+  panel_height: int = 260,
+) -> Image.Image:
   """Probability of each class over time, one panel per track.
 
   Each window's probabilities are plotted at the window's centre and joined by lines (broken
@@ -90,11 +108,14 @@ def render_timeline(series: Sequence[Series], class_names: Sequence[str], durati
       x = x_of(t)
       draw.line([x, pbottom, x, pbottom + 4], fill="black")
       label = f"{t:g}"
-      draw.text((x - text_size(small, label)[0] / 2, pbottom + 6), label, fill="black",
-                font=small)
+      draw.text((x - text_size(small, label)[0] / 2, pbottom + 6), label, fill="black", font=small)
       t += step
-    draw.text(((left + right - 10 - text_size(small, "time (s)")[0]) / 2, pbottom + 22),
-              "time (s)", fill="black", font=small)
+    draw.text(
+      ((left + right - 10 - text_size(small, "time (s)")[0]) / 2, pbottom + 22),
+      "time (s)",
+      fill="black",
+      font=small,
+    )
     draw.rectangle([left, ptop, right - 10, pbottom], outline="black")
 
     valid = [i for i, pr in enumerate(s.probs) if pr is not None]
@@ -103,15 +124,15 @@ def render_timeline(series: Sequence[Series], class_names: Sequence[str], durati
     strip_y = ptop - strip_h - 3
     for i in valid:
       lo = s.starts[i] if i == 0 else max(s.starts[i], (centres[i - 1] + centres[i]) / 2)
-      hi = (s.ends[i] if i == len(centres) - 1
-            else min(s.ends[i], (centres[i] + centres[i + 1]) / 2))
+      hi = s.ends[i] if i == len(centres) - 1 else min(s.ends[i], (centres[i] + centres[i + 1]) / 2)
       k = int(np.argmax(s.probs[i]))
       draw.rectangle([x_of(lo), strip_y, x_of(hi), strip_y + strip_h], fill=class_colour(k))
     if len(valid) == 1:
       i = valid[0]
       for k, v in enumerate(s.probs[i]):
-        draw.line([x_of(s.starts[i]), y_of(v), x_of(s.ends[i]), y_of(v)],
-                  fill=class_colour(k), width=2)
+        draw.line(
+          [x_of(s.starts[i]), y_of(v), x_of(s.ends[i]), y_of(v)], fill=class_colour(k), width=2
+        )
     for k in range(len(class_names)):
       run: list[tuple[float, float]] = []
       for i in range(len(s.probs)):
@@ -134,6 +155,7 @@ def _draw_run(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], colo
 @dataclasses.dataclass
 class Overlay:
   """What to draw on one frame: a box (or None) and a label."""
+
   box: Sequence[float] | None
   label: str
   colour: tuple[int, int, int]
@@ -170,6 +192,7 @@ def write_video(path: str | os.PathLike, frames: Iterable[tuple[float, np.ndarra
   Returns the number of frames written.
   """
   import av  # pylint: disable=g-import-not-at-top
+
   codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
   container = av.open(str(path), "w")
   stream, count, last_pts = None, 0, -1
@@ -178,8 +201,9 @@ def write_video(path: str | os.PathLike, frames: Iterable[tuple[float, np.ndarra
       if stream is None:
         h, w = (rgb.shape[0] // 2) * 2, (rgb.shape[1] // 2) * 2
         if h == 0 or w == 0:
-          raise ValueError(f"frames of {rgb.shape[1]}x{rgb.shape[0]} pixels are too small to "
-                           "encode")
+          raise ValueError(
+            f"frames of {rgb.shape[1]}x{rgb.shape[0]} pixels are too small to encode"
+          )
         stream = container.add_stream(codec, rate=1000)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.time_base = fractions.Fraction(1, 1000)
@@ -189,8 +213,11 @@ def write_video(path: str | os.PathLike, frames: Iterable[tuple[float, np.ndarra
           stream.bit_rate = 4_000_000
       if rgb.shape[:2] != (h, w):
         # Cropped to even sizes, or a stream whose resolution changes midway: fit the first's.
-        rgb = (rgb[:h, :w] if rgb.shape[0] - h in (0, 1) and rgb.shape[1] - w in (0, 1) else
-               np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR)))
+        rgb = (
+          rgb[:h, :w]
+          if rgb.shape[0] - h in (0, 1) and rgb.shape[1] - w in (0, 1)
+          else np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
+        )
       frame = _video_frame(rgb)
       # Strictly increasing pts: two frames within a millisecond would be rejected by the muxer.
       last_pts = max(int(round(t * 1000)), last_pts + 1)
@@ -208,6 +235,7 @@ def write_video(path: str | os.PathLike, frames: Iterable[tuple[float, np.ndarra
 
 def _video_frame(rgb: np.ndarray):
   import av  # pylint: disable=g-import-not-at-top
+
   return av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
 
 
@@ -218,8 +246,8 @@ def summary_label(class_names: Sequence[str], probs: np.ndarray | None) -> str:
   return f"{class_names[k]} {100 * float(probs[k]):.0f}%"
 
 
-def frames_with_overlays(frames: Iterable[tuple[float, np.ndarray]],
-                         overlays_at: Callable[[float], list[Overlay]]
-                         ) -> Iterable[tuple[float, np.ndarray]]:
+def frames_with_overlays(
+  frames: Iterable[tuple[float, np.ndarray]], overlays_at: Callable[[float], list[Overlay]]
+) -> Iterable[tuple[float, np.ndarray]]:
   for t, rgb in frames:
     yield t, draw_overlays(rgb, overlays_at(t))

@@ -27,8 +27,9 @@ from dfer_clip_jax.data import annotations as annotations_lib
 from dfer_clip_jax.data import augment
 from dfer_clip_jax.video import windows as windows_lib
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg",
-                              ".wmv", ".flv", ".3gp", ".ts"})
+VIDEO_EXTENSIONS = frozenset(
+  {".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
+)
 IMAGE_EXTENSIONS = annotations_lib.IMAGE_EXTENSIONS
 VIDEO = "video"
 FRAMES = "frames"
@@ -41,6 +42,7 @@ class InputError(Exception):
 @dataclasses.dataclass(frozen=True)
 class InputItem:
   """One input to predict on: a video file or a folder of frames."""
+
   path: pathlib.Path
   kind: str  # VIDEO or FRAMES
 
@@ -101,8 +103,13 @@ def discover_inputs(arguments: Sequence[str]) -> Discovered:
     if path.exists():
       found = _items_of_path(path, explicit=True)
       if not found:
-        problems.append((arg, f"the folder {path} holds no video files ("
-                              f"{', '.join(sorted(VIDEO_EXTENSIONS))}) and no image frames"))
+        problems.append(
+          (
+            arg,
+            f"the folder {path} holds no video files ("
+            f"{', '.join(sorted(VIDEO_EXTENSIONS))}) and no image frames",
+          )
+        )
     elif glob.has_magic(arg):
       matches = sorted(glob.glob(os.path.expanduser(arg), recursive=True))
       found = [it for m in matches for it in _items_of_path(pathlib.Path(m), explicit=False)]
@@ -122,6 +129,7 @@ def discover_inputs(arguments: Sequence[str]) -> Discovered:
 @dataclasses.dataclass
 class FrameRecord:
   """One frame: its index in presentation order, its time (s) and, when selected, RGB pixels."""
+
   index: int
   time: float
   rgb: np.ndarray | None  # (H, W, 3) uint8, upright
@@ -130,6 +138,7 @@ class FrameRecord:
 @dataclasses.dataclass
 class InputInfo:
   """What a reading pass learned about an input (recorded in predictions.json)."""
+
   path: str
   kind: str
   width: int = 0  # upright (after the display rotation)
@@ -171,8 +180,7 @@ class FrameReader(abc.ABC):
   info: InputInfo
 
   @abc.abstractmethod
-  def frames(self, select: Callable[[int, float], bool] | None = None
-             ) -> Iterator[FrameRecord]:
+  def frames(self, select: Callable[[int, float], bool] | None = None) -> Iterator[FrameRecord]:
     """Every frame with its index and time; pixels only where `select(index, time)` is true
     (all frames when `select` is None).
 
@@ -190,11 +198,11 @@ class VideoFileReader(FrameReader):
 
   def _open(self):
     import av  # pylint: disable=g-import-not-at-top
+
     try:
       container = av.open(str(self.path))
     except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
-      raise InputError(f"{self.path}: cannot open it as a video ({type(e).__name__}: {e})"
-                       ) from e
+      raise InputError(f"{self.path}: cannot open it as a video ({type(e).__name__}: {e})") from e
     if not container.streams.video:
       container.close()
       raise InputError(f"{self.path}: the file has no video stream")
@@ -202,6 +210,7 @@ class VideoFileReader(FrameReader):
 
   def frames(self, select=None):
     import av  # pylint: disable=g-import-not-at-top
+
     container = self._open()
     try:
       stream = container.streams.video[0]
@@ -238,8 +247,9 @@ class VideoFileReader(FrameReader):
           yield FrameRecord(index, t, rgb)
           index += 1
       except av.error.FFmpegError as e:
-        raise InputError(f"{self.path}: decoding failed after {index} frames "
-                         f"({type(e).__name__}: {e})") from e
+        raise InputError(
+          f"{self.path}: decoding failed after {index} frames ({type(e).__name__}: {e})"
+        ) from e
       if index == 0:
         raise InputError(f"{self.path}: the video stream holds no decodable frame")
       arr = np.asarray(times)
@@ -266,12 +276,18 @@ class FrameFolderReader(FrameReader):
     except OSError as e:
       raise InputError(f"{self.path}: cannot list the frame folder ({e})") from e
     if not self.files:
-      raise InputError(f"{self.path}: the folder holds no image files "
-                       f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+      raise InputError(
+        f"{self.path}: the folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+      )
     n = len(self.files)
-    self.info = InputInfo(path=str(self.path), kind=FRAMES, num_frames=n,
-                          duration_s=n / fps, average_fps=fps,
-                          timestamps_from=f"frame index / {fps:g} fps (--fps)")
+    self.info = InputInfo(
+      path=str(self.path),
+      kind=FRAMES,
+      num_frames=n,
+      duration_s=n / fps,
+      average_fps=fps,
+      timestamps_from=f"frame index / {fps:g} fps (--fps)",
+    )
 
   def _read(self, index: int) -> np.ndarray:
     try:
@@ -282,8 +298,10 @@ class FrameFolderReader(FrameReader):
     if size == (0, 0):
       self.info.width, self.info.height = im.size
     elif im.size != size:
-      raise InputError(f"{self.files[index]}: frame size {im.size[0]}x{im.size[1]} differs from "
-                       f"the first read frame's {size[0]}x{size[1]}")
+      raise InputError(
+        f"{self.files[index]}: frame size {im.size[0]}x{im.size[1]} differs from "
+        f"the first read frame's {size[0]}x{size[1]}"
+      )
     return np.asarray(im)
 
   def frames(self, select=None):

@@ -67,8 +67,7 @@ def is_constant_rate(times: np.ndarray) -> bool:
   return step > 0 and bool(np.all(np.abs(gaps - step) <= 0.1 * step))
 
 
-def sample_frames(times: np.ndarray, start_s: float, end_s: float, num_frames: int
-                  ) -> np.ndarray:
+def sample_frames(times: np.ndarray, start_s: float, end_s: float, num_frames: int) -> np.ndarray:
   """Indices (into `times`, ascending presentation times from 0) of a window's clip frames.
 
   Returns:
