@@ -102,6 +102,7 @@ from dfer_clip_jax import state as state_lib  # pylint: disable=g-import-not-at-
 from dfer_clip_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dfer_clip_jax.benchmarks import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dfer_clip_jax.benchmarks.train_step import analytic_flops, arithmetic_of, is_oom, peak_tflops  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dfer_clip_jax.conversion import clip_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dfer_clip_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dfer_clip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dfer_clip_jax.models import dfer_clip as dfer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -113,13 +114,6 @@ NUM_BATCHES = 4  # distinct random batches the timed steps cycle through (as tra
 # The paper's optimizer (dfer_clip_jax/config_lib.py: optim.*), the same numbers as our trainer's defaults.
 LR_TEMPORAL, LR_IMAGE, LR_PROMPT = 1e-2, 1e-5, 1e-3
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4
-# HF `hidden_act` -> our activation names (only the FLOP count's config needs them).
-_ACTS = {
-  "quick_gelu": "quick_gelu",
-  "gelu": "gelu",
-  "gelu_new": "gelu_tanh",
-  "gelu_pytorch_tanh": "gelu_tanh",
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,32 +161,9 @@ def hf_clip_config(variant: str) -> transformers.CLIPConfig:
 
 
 def clip_config_of(hf_config: transformers.CLIPConfig) -> clip_lib.CLIPConfig:
-  """Our CLIPConfig describing a transformers CLIP (for the shared analytic FLOP count)."""
-  v, t = hf_config.vision_config, hf_config.text_config
-  return clip_lib.CLIPConfig(
-    vision=clip_lib.CLIPVisionConfig(
-      width=v.hidden_size,
-      layers=v.num_hidden_layers,
-      heads=v.num_attention_heads,
-      mlp_dim=v.intermediate_size,
-      patch_size=v.patch_size,
-      image_size=v.image_size,
-      act=_ACTS.get(v.hidden_act, v.hidden_act),
-      eps=v.layer_norm_eps,
-    ),
-    text=clip_lib.CLIPTextConfig(
-      width=t.hidden_size,
-      layers=t.num_hidden_layers,
-      heads=t.num_attention_heads,
-      mlp_dim=t.intermediate_size,
-      context_length=t.max_position_embeddings,
-      vocab_size=t.vocab_size,
-      act=_ACTS.get(t.hidden_act, t.hidden_act),
-      eps=t.layer_norm_eps,
-    ),
-    embed_dim=hf_config.projection_dim,
-    logit_scale_init=float(hf_config.logit_scale_init_value),
-  )
+  """Our CLIPConfig describing a transformers CLIP (for the shared analytic FLOP count): the
+  converter's own reading of a Hugging Face config."""
+  return clip_weights.config_from_hf(hf_config.to_dict())
 
 
 def load_clip(variant: str, clip_dir: str | None, device: torch.device) -> transformers.CLIPModel:

@@ -120,50 +120,44 @@ def _microbatched_grads(model, wrt, video, labels, mask, rng, *, microbatches: i
 
   Slice i holds rows i, i + k, i + 2k, ... (k = microbatches): each device's contiguous block
   of the batch-sharded arrays splits evenly into the slices, so no row moves between devices.
-  The class prompts' text features do not depend on the video: they are computed once, the
-  slices' gradients with respect to them are summed, and the text tower is differentiated
-  once at the end, as in the one-pass step. Dropout draws per slice (`fold_in(rng, i)`).
+  What the model computes once for all videos (`eval_constants`: the class prompts' text
+  features) is computed once here too, the slices' gradients with respect to it are summed, and
+  the text tower is differentiated once at the end, as in the one-pass step; a model without
+  such constants (linear head, text features per video) computes everything per slice. Dropout
+  draws per slice (`fold_in(rng, i)`).
   """
   b = video.shape[0]
   if b % microbatches:
     raise ValueError(f"the batch of {b} clips does not split into {microbatches} microbatches")
   g, trainable, rest = nnx.split(model, wrt, ...)
-  has_text = getattr(model, "prompt_learner", None) is not None
 
-  def text_of(tr):
-    return nnx.merge(g, tr, rest, copy=True).text_features()[0]
+  def shared_of(tr):
+    return nnx.merge(g, tr, rest, copy=True).eval_constants()
 
-  if has_text:
-    text_CxD, text_vjp = jax.vjp(text_of, trainable)
-  else:
-    text_CxD = jnp.zeros((), jnp.float32)
+  shared, shared_vjp = jax.vjp(shared_of, trainable)  # shared: (C, D) or None
 
   def slices(x):  # (B, ...) -> (k, B / k, ...), slice i = rows i, i + k, ...
     return jnp.swapaxes(x.reshape((b // microbatches, microbatches) + x.shape[1:]), 0, 1)
 
-  def slice_loss(tr, text, video_i, labels_i, mask_i, i):
+  def slice_loss(tr, shared, video_i, labels_i, mask_i, i):
     m = nnx.merge(g, tr, rest, copy=True)
     rngs = nnx.Rngs(dropout=jax.random.fold_in(rng, i)) if dropout else None
-    logits, _ = m(video_i, train=True, rngs=rngs, text_features=text if has_text else None)
+    logits, _ = m(video_i, train=True, rngs=rngs, text_features=shared)
     return _masked_nll(logits, labels_i, mask_i).sum(), logits
 
   grad_fn = jax.value_and_grad(slice_loss, argnums=(0, 1), has_aux=True)
 
   def body(carry, xs):
-    g_tr, g_text, total = carry
-    (nll_sum, logits), (d_tr, d_text) = grad_fn(trainable, text_CxD, *xs)
-    carry = (jax.tree.map(jnp.add, g_tr, d_tr), g_text + d_text, total + nll_sum)
-    return carry, logits
+    g_tr, g_shared, total = carry
+    (nll_sum, logits), (d_tr, d_shared) = grad_fn(trainable, shared, *xs)
+    add = lambda x, y: jax.tree.map(jnp.add, x, y)
+    return (add(g_tr, d_tr), add(g_shared, d_shared), total + nll_sum), logits
 
-  zeros = (
-    jax.tree.map(jnp.zeros_like, trainable),
-    jnp.zeros_like(text_CxD),
-    jnp.zeros((), jnp.float32),
-  )
+  zeros = jax.tree.map(jnp.zeros_like, (trainable, shared, jnp.zeros((), jnp.float32)))
   xs = (slices(video), slices(labels), slices(mask), jnp.arange(microbatches))
-  (g_tr, g_text, total), logits_KxMxC = jax.lax.scan(body, zeros, xs)
-  if has_text:
-    g_tr = jax.tree.map(jnp.add, g_tr, text_vjp(g_text)[0])
+  (g_tr, g_shared, total), logits_KxMxC = jax.lax.scan(body, zeros, xs)
+  if shared is not None:
+    g_tr = jax.tree.map(jnp.add, g_tr, shared_vjp(g_shared)[0])
   count = jnp.maximum(mask.sum(), 1.0)
   grads = jax.tree.map(lambda x: x / count, g_tr)
   logits_BxC = jnp.swapaxes(logits_KxMxC, 0, 1).reshape(b, -1)
