@@ -11,13 +11,18 @@ Layout of `directory` (Orbax's `CheckpointManager`, one folder per step)::
 
 Retention is Orbax's: `AnyPreservationPolicy([LatestN(keep_last), BestN(n=1)])` keeps the last
 `keep_last` steps plus the single best step by `best_metric`, however old; steps saved without
-metrics (mid-epoch saves) are never "best" and go once K newer steps exist.
+metrics (mid-epoch saves) are never "best" and go once K newer steps exist. Retention and
+`best_step` rank steps with one function (`rank`): the metric (a number, or a list of numbers
+compared in order), ties going to the earlier step.
 
 A step is *usable* when it has its commit marker, readable Orbax metadata, a `state/` and a
 `config/` item, and (when the integrity record exists) every recorded file with its recorded
 size. `restore('latest')` takes the newest usable step that also reads back; newer broken steps
 are reported with `logging.warning` and renamed to `<step>.corrupt` so that the resumed run can
-save those steps again.
+save those steps again. Only evidence of corruption (a missing or truncated file, a failed
+integrity record, unparsable JSON, a storage layer reporting lost data) makes a step broken; any
+other failure to open a checkpoint (a bad argument, permissions, an unreachable mount) raises
+`CheckpointAccessError` naming the cause, and nothing is renamed.
 
 Multi-process runs: construct the `Checkpointer` and call `save`, `wait`, `restore` and `close`
 on *every* process, with the same arguments (Orbax synchronises them and each process writes its
@@ -68,6 +73,60 @@ class _MidEpochSaveFilter:
 logging.get_absl_logger().addFilter(_MidEpochSaveFilter())
 
 
+class CheckpointAccessError(RuntimeError):
+  """A checkpoint could not be opened for a reason that is no evidence of corruption (a bad
+  argument, permissions, an unreachable mount): the run stops instead of skipping the step."""
+
+
+# Words of the errors that a damaged checkpoint raises (Python's, JSON's and tensorstore's).
+_CORRUPTION_SIGNS = (
+  "data_loss",
+  "not_found",
+  "no such file",
+  "truncat",
+  "corrupt",
+  "unexpected end",
+  "out_of_range",
+  "expecting value",
+  "unterminated",
+  "checksum",
+)
+_ACCESS_SIGNS = ("permission_denied", "permission denied", "unavailable", "unauthenticated")
+
+
+def is_corruption(e: BaseException) -> bool:
+  """Whether an error opening a checkpoint is evidence that its files are damaged."""
+  if isinstance(e, PermissionError):
+    return False
+  if isinstance(e, (FileNotFoundError, json.JSONDecodeError, EOFError, UnicodeDecodeError)):
+    return True
+  text = f"{type(e).__name__}: {e}".lower()
+  if any(sign in text for sign in _ACCESS_SIGNS):
+    return False
+  return any(sign in text for sign in _CORRUPTION_SIGNS)
+
+
+def _access_error(path: pathlib.Path, what: str, e: BaseException) -> CheckpointAccessError:
+  return CheckpointAccessError(
+    f"cannot open checkpoint {path}: {what} failed with {_brief(e)}; this is not a sign of a "
+    "damaged checkpoint, so it is neither skipped nor renamed: fix the cause and rerun"
+  )
+
+
+def rank(metrics: Any, metric: str, mode: str = "max") -> tuple[float, ...] | None:
+  """The sort key of a step's saved metrics, higher is better: `metrics[metric]` (a number, or
+  a list of numbers compared in order; negated for `mode` "min"), or None without a finite
+  value. The one ranking of retention and `best_step`."""
+  value = metrics.get(metric) if isinstance(metrics, Mapping) else None
+  values = value if isinstance(value, (list, tuple)) else [value]
+  if not values or not all(
+    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+  ):
+    return None
+  sign = 1.0 if mode == "max" else -1.0
+  return tuple(sign * float(v) for v in values)
+
+
 def _is_primary() -> bool:
   return jax.process_index() == 0
 
@@ -100,8 +159,10 @@ def verify_checkpoint(step_dir: str | os.PathLike) -> str | None:
   Checks structure and metadata, and every file's size against the integrity record when there
   is one (it is missing when the run stopped between the commit and the record, or when the
   folder was written by other code); it does not read the arrays.
+  Raises:
+    CheckpointAccessError: opening a file failed for a reason that is no evidence of damage.
   """
-  path = pathlib.Path(step_dir)
+  path = pathlib.Path(os.path.abspath(os.path.expanduser(step_dir)))
   if not path.is_dir():
     return "it is not a directory"
   if not (path / COMMIT_FILE).is_file():
@@ -109,6 +170,8 @@ def verify_checkpoint(step_dir: str | os.PathLike) -> str | None:
   try:
     json.loads((path / STEP_METADATA_FILE).read_text(encoding="utf-8"))
   except (OSError, ValueError) as e:
+    if not is_corruption(e):
+      raise _access_error(path, f"reading {STEP_METADATA_FILE}", e) from e
     return f"its {STEP_METADATA_FILE} is missing or unreadable ({e})"
   for item in (STATE, CONFIG):
     if not (path / item).is_dir():
@@ -118,6 +181,8 @@ def verify_checkpoint(step_dir: str | os.PathLike) -> str | None:
     try:
       files = json.loads(record.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError) as e:
+      if isinstance(e, OSError) and not is_corruption(e):
+        raise _access_error(path, f"reading {INTEGRITY_FILE}", e) from e
       return f"its {INTEGRITY_FILE} is unreadable ({e})"
     for rel, size in files.items():
       f = path / rel
@@ -129,12 +194,16 @@ def verify_checkpoint(step_dir: str | os.PathLike) -> str | None:
   try:
     ocp.StandardCheckpointHandler().metadata(epath.Path(path / STATE))
   except Exception as e:  # pylint: disable=broad-exception-caught
+    if not is_corruption(e):
+      raise _access_error(path, f"reading the metadata of {STATE}/", e) from e
     return f"the metadata of {STATE}/ is unreadable ({_brief(e)})"
   for item in (CONFIG, DATA_STATE):
     if (path / item).is_dir():
       try:
         ocp.JsonCheckpointHandler().restore(epath.Path(path / item))
       except Exception as e:  # pylint: disable=broad-exception-caught
+        if not is_corruption(e):
+          raise _access_error(path, f"reading its {item}/ JSON", e) from e
         return f"its {item}/ JSON is unreadable ({_brief(e)})"
   return None
 
@@ -152,29 +221,36 @@ def latest_valid_step(directory: str | os.PathLike) -> int | None:
   return None
 
 
+def read_metrics(step_dir: str | os.PathLike) -> dict | None:
+  """The evaluation metrics saved with a step, or None when it has none (or they are unreadable:
+  that only takes the step out of the ranking)."""
+  path = pathlib.Path(os.path.abspath(step_dir)) / METRICS
+  if not path.is_dir():
+    return None
+  try:
+    metrics = ocp.JsonCheckpointHandler(filename=METRICS).restore(epath.Path(path))
+  except Exception:  # pylint: disable=broad-exception-caught
+    return None
+  return dict(metrics) if isinstance(metrics, Mapping) else None
+
+
 def best_step(directory: str | os.PathLike, metric: str, mode: str = "max") -> int | None:
-  """The usable step with the best `metric` in its saved metrics (`mode` "max" or "min"; the
-  latest among ties), or None when no step has it.
+  """The usable step ranked first by `rank` of its saved metrics (ties: the earlier step), or
+  None when no step has the metric.
 
   Reads the folders only: opening an Orbax `CheckpointManager` here could remove the temporary
   folder of a save that a running trainer is writing.
   """
-  directory = pathlib.Path(directory)
-  sign = 1.0 if mode == "max" else -1.0
-  best: tuple[float, int] | None = None
+  directory = pathlib.Path(os.path.abspath(directory))
+  best: tuple[tuple[float, ...], int] | None = None
   for step in _step_dirs(directory):
     step_dir = directory / str(step)
     if not (step_dir / METRICS).is_dir() or verify_checkpoint(step_dir) is not None:
       continue
-    try:
-      metrics = ocp.JsonCheckpointHandler(filename=METRICS).restore(epath.Path(step_dir / METRICS))
-    except Exception:  # pylint: disable=broad-exception-caught
-      continue  # an unreadable metrics item only takes the step out of the ranking
-    value = metrics.get(metric) if isinstance(metrics, dict) else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-      key = (sign * float(value), step)
-      best = key if best is None or key > best else best
-  return None if best is None else best[1]
+    key = rank(read_metrics(step_dir), metric, mode)
+    if key is not None and (best is None or (key, -step) > best):
+      best = (key, -step)
+  return None if best is None else -best[1]
 
 
 def step_dir(
@@ -187,7 +263,7 @@ def step_dir(
     FileNotFoundError: no such step or folder (or no step at all, or none with the metric).
     ValueError: the folder is unusable (`verify_checkpoint` says why).
   """
-  directory = pathlib.Path(directory)
+  directory = pathlib.Path(os.path.abspath(os.path.expanduser(directory)))
   if isinstance(which, str) and which == "latest":
     step = latest_valid_step(directory)
     if step is None:
@@ -208,7 +284,7 @@ def step_dir(
         f"no checkpoint step {int(which)} in {directory}; steps there: {_step_dirs(directory)}"
       )
   else:
-    path = pathlib.Path(which)
+    path = pathlib.Path(os.path.abspath(os.path.expanduser(which)))
     if not path.is_dir():
       raise FileNotFoundError(f"checkpoint folder {path} does not exist")
   reason = verify_checkpoint(path)
@@ -247,19 +323,24 @@ def _restore_dir(
   path: pathlib.Path, abstract_state: Any
 ) -> tuple[int | None, Any, dict | None, dict | None, dict | None]:
   """Reads one checkpoint folder; the state lands on `abstract_state`'s shardings."""
+  path = pathlib.Path(os.path.abspath(path))
   args = {STATE: ocp.args.StandardRestore(abstract_state)}
-  for item in (DATA_STATE, CONFIG):
+  handlers = {STATE: ocp.StandardCheckpointHandler()}
+  for item in (DATA_STATE, CONFIG, METRICS):
     if (path / item).is_dir():
       args[item] = ocp.args.JsonRestore()
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+      # Orbax's manager writes the metrics under their own file name; naming every item's
+      # handler restores the metrics with the rest (an unnamed item only gets a warning).
+      handlers[item] = ocp.JsonCheckpointHandler(
+        **({"filename": METRICS} if item == METRICS else {})
+      )
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers))
   try:
     restored = checkpointer.restore(path, args=ocp.args.Composite(**args))
     step = _step_of(path, checkpointer)
   finally:
     checkpointer.close()
-  metrics = None
-  if (path / METRICS).is_dir():
-    metrics = dict(ocp.JsonCheckpointHandler(filename=METRICS).restore(epath.Path(path / METRICS)))
+  metrics = dict(restored[METRICS]) if METRICS in args else None
   data_state = restored[DATA_STATE] if DATA_STATE in args else None
   config = restored[CONFIG] if CONFIG in args else None
   return step, restored[STATE], data_state, config, metrics
@@ -299,7 +380,7 @@ def read_config(workdir_or_ckpt: str | os.PathLike) -> dict[str, Any]:
   directory, or a workdir holding `checkpoints/`; for the latter two the latest usable step's
   config is read.
   """
-  path = pathlib.Path(workdir_or_ckpt)
+  path = pathlib.Path(os.path.abspath(os.path.expanduser(workdir_or_ckpt)))
   if (path / CONFIG).is_dir():
     step_dir = path
   else:
@@ -336,7 +417,8 @@ class Checkpointer:
       directory: the checkpoints folder (e.g. `workdir/checkpoints`).
       keep_last: how many of the newest steps to keep (>= 1).
       keep_best: also keep the step with the best `best_metric`, however old.
-      best_metric: key of the `metrics` dict given to `save` that ranks steps.
+      best_metric: key of the `metrics` dict given to `save` that ranks steps: a number, or a
+        list of numbers compared in order (`rank`); ties go to the earlier step.
       best_mode: "max" or "min": whether a higher or a lower metric is better.
       async_save: write in a background thread (`save` returns once the arrays are copied to
         host memory, so the caller may donate / overwrite the state right after).
@@ -348,7 +430,7 @@ class Checkpointer:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = pathlib.Path(os.path.abspath(os.path.expanduser(directory)))
     self.best_metric = best_metric
     self.best_mode = best_mode
     self.keep_best = keep_best
@@ -360,8 +442,7 @@ class Checkpointer:
     if keep_best:
       policies.append(
         checkpoint_managers.BestN(
-          get_metric_fn=self._metric_value,
-          reverse=best_mode == "min",
+          get_metric_fn=self._metric_value,  # higher is better, whatever best_mode is
           n=1,
           keep_checkpoints_without_metrics=False,
         )
@@ -376,7 +457,7 @@ class Checkpointer:
       ),
       # `best_fn` makes Orbax store the metrics and answer `best_step`; retention is the policy.
       best_fn=self._metric_value,
-      best_mode=best_mode,
+      best_mode="max",
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,
@@ -387,12 +468,12 @@ class Checkpointer:
     )
     self._unrecorded: list[int] = []  # saved steps whose integrity record is not written yet
 
-  def _metric_value(self, metrics: Mapping[str, Any]) -> float:
-    value = metrics.get(self.best_metric)
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-      # Steps written by other code may lack the metric: rank them last.
-      return -math.inf if self.best_mode == "max" else math.inf
-    return float(value)
+  def _metric_value(self, metrics: Mapping[str, Any]) -> tuple[float, ...]:
+    # Orbax sorts ascending and keeps the last: the same order as `best_step` (rank, then the
+    # earlier step), which is why `save` stores the step with the metrics.
+    key = rank(metrics, self.best_metric, self.best_mode)
+    # Steps written by other code may lack the metric: rank them last.
+    return (-math.inf,) if key is None else (*key, -float(metrics.get("step", 0)))
 
   def save(
     self,
@@ -409,7 +490,8 @@ class Checkpointer:
     Without `force`, only steps that are multiples of `save_interval_steps` are saved. A step
     that already exists is not saved again (returns False; pass `metrics` on the first save of a
     step if it should compete for best). `metrics`, when given, must hold a finite
-    `best_metric`; it is stored with the step and returned by `restore`.
+    `best_metric` (a number or a list of numbers); it is stored with the step (plus its
+    `step`) and returned by `restore`.
 
     Args:
       step: the global step (>= 0).
@@ -425,12 +507,12 @@ class Checkpointer:
     _check_json(CONFIG, config)
     if metrics is not None:
       _check_json(METRICS, metrics)
-      value = metrics.get(self.best_metric)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      if rank(metrics, self.best_metric) is None:
         raise ValueError(
-          f"metrics must hold a finite number under {self.best_metric!r} (the "
-          f"best_metric), got {value!r}"
+          f"metrics must hold a finite number under {self.best_metric!r} (the best_metric; or "
+          f"a list of finite numbers), got {metrics.get(self.best_metric)!r}"
         )
+      metrics = {**metrics, "step": step}
     # Orbax waits here for the previous save anyway; waiting first lets us record it.
     self._finish_pending()
     if step in self._manager.all_steps():
@@ -447,7 +529,7 @@ class Checkpointer:
           CONFIG: ocp.args.JsonSave(dict(config)),
         }
       ),
-      metrics=dict(metrics) if metrics is not None else None,
+      metrics=metrics,
       force=force,
       custom_metadata={"step": step},
     )
@@ -528,6 +610,8 @@ class Checkpointer:
         try:
           result = _restore_dir(path, abstract_state)
         except Exception as e:  # pylint: disable=broad-exception-caught
+          if not is_corruption(e):
+            raise _access_error(path, "reading it", e) from e
           reason = f"reading it failed ({_brief(e)})"
       if reason is None:
         break
@@ -536,8 +620,7 @@ class Checkpointer:
     if result is None:
       raise ValueError(
         f"no usable checkpoint in {self.directory}: all of steps {steps} are "
-        "broken (see the warnings above); if they all fail to read, the "
-        "abstract_state may not match what was saved"
+        "broken (see the warnings above)"
       )
     self._set_aside(broken)
     return result

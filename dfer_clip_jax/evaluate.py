@@ -153,7 +153,7 @@ def evaluate_checkpoint(
   if distributed.is_primary():
     s = result.summary
     print(
-      f"Checkpoint {path if step is None else f'step {step}'}: test UAR {s['uar']:.2f} "
+      f"Checkpoint {ref.describe()}: test UAR {s['uar']:.2f} "
       f"WAR {s['war']:.2f} ({s['counts']['total']} clips) -> {out}",
       flush=True,
     )

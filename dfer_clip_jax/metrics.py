@@ -273,21 +273,38 @@ def _paste_rotated(img: Image.Image, text: str, font, xy: tuple[int, int]) -> No
 # Final report and folds.
 
 
+def selection_key(entry: Mapping[str, Any], metric: str = "uar") -> tuple[float, float]:
+  """The one rule that picks "the best" epoch; higher keys are better.
+
+  `entry` is one evaluated epoch ({"epoch", "test", "val"}, as in the trainer's history). With
+  a validation split the epoch is ranked by its validation `metric`; without one (the paper
+  protocol) by its test WAR, as the reference does. Ties go to the earlier epoch (the reference
+  only replaces its best on a strictly better value). The report's "best by validation" row,
+  the checkpoint kept as best, `--checkpoint=best`, predict's `--which=best` and the folds
+  table all rank with this key.
+  """
+  if entry.get("val") is not None:
+    value = entry["val"][metric]
+  else:
+    value = entry["test"]["war"]
+  return (float(value), -float(entry["epoch"]))
+
+
 def report_rows(
   history: Sequence[Mapping[str, Any]], *, val_metric: str = "uar"
 ) -> dict[str, dict[str, Any] | None]:
   """The report's three rows from per-epoch results.
 
   Args:
-    history: one dict per evaluated epoch, in order: {"epoch": int, "test": {"uar", "war", ...},
-      "val": {"uar", "war", ...} or None}.
+    history: one dict per evaluated epoch, in order: {"epoch": int, "step": int, "test": {"uar",
+      "war", ...}, "val": {"uar", "war", ...} or None}.
     val_metric: validation metric that selects the "best by validation" epoch (higher is better).
 
   Returns:
     {ROW_LAST: row, ROW_BEST_VAL: row or None (no validation results), ROW_PAPER: row}, each row
-    {"epoch", "uar", "war"} of the *test* split at the selected epoch. The paper protocol selects
-    the epoch with the best test WAR and reports that epoch's UAR too (docs/method.md, Evaluation); ties go to
-    the earliest epoch.
+    {"epoch", "step", "uar", "war"} of the *test* split at the selected epoch. Both selections
+    rank with `selection_key`: best by validation on the validation metric, the paper protocol
+    (docs/method.md, Evaluation) on test WAR, ties to the earliest epoch.
   """
   if not history:
     raise ValueError("no evaluated epochs: cannot build a report")
@@ -296,17 +313,16 @@ def report_rows(
       raise ValueError(f"history entry {k} needs 'epoch' and a 'test' dict, got keys {sorted(h)}")
 
   def row(h):
-    return {
-      "epoch": int(h["epoch"]),
-      "uar": float(h["test"]["uar"]),
-      "war": float(h["test"]["war"]),
-    }
+    out = {"epoch": int(h["epoch"])}
+    if h.get("step") is not None:
+      out["step"] = int(h["step"])
+    return out | {"uar": float(h["test"]["uar"]), "war": float(h["test"]["war"])}
 
-  paper = max(enumerate(history), key=lambda kh: (kh[1]["test"]["war"], -kh[0]))[1]
-  with_val = [(k, h) for k, h in enumerate(history) if h.get("val") is not None]
+  paper = max(history, key=lambda h: selection_key({**h, "val": None}))
+  with_val = [h for h in history if h.get("val") is not None]
   best_val = None
   if with_val:
-    best = max(with_val, key=lambda kh: (kh[1]["val"][val_metric], -kh[0]))[1]
+    best = max(with_val, key=lambda h: selection_key(h, val_metric))
     best_val = row(best) | {"val_" + val_metric: float(best["val"][val_metric])}
   return {ROW_LAST: row(history[-1]), ROW_BEST_VAL: best_val, ROW_PAPER: row(paper)}
 

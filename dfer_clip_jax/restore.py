@@ -32,8 +32,8 @@ from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
 from dfer_clip_jax.conversion import reference as reference_lib
 
-# The trainer ranks its checkpoints by this metric (higher is better): the validation metric, or
-# test WAR under the paper protocol.
+# The metrics key under which the trainer stores each epoch's `metrics.selection_key` (the one
+# rule that picks the best epoch; `checkpointing.rank` orders steps by it).
 BEST_METRIC = "select"
 WORKDIR = "workdir"
 CHECKPOINT = "checkpoint"
@@ -50,16 +50,24 @@ class CheckpointRef:
     path: the folder holding the weights (the step folder for a workdir).
     step: the training step, when known.
     given: the path as the user gave it.
+    epoch: the epoch the step ended, when it was saved with evaluation metrics.
+    which: what was asked for in a workdir ("latest", "best" or a step), else "".
   """
 
   kind: str
   path: pathlib.Path
   step: int | None
   given: str
+  epoch: int | None = None
+  which: str = ""
 
   def describe(self) -> str:
-    step = f" (step {self.step})" if self.step is not None else ""
-    return f"{self.kind} {self.path}{step}"
+    """E.g. `workdir /runs/x/checkpoints/66 (step 66, epoch 2, the best by the selection rule)`."""
+    notes = [f"step {self.step}"] if self.step is not None else []
+    notes += [f"epoch {self.epoch}"] if self.epoch is not None else []
+    if self.which == "best":
+      notes.append("the best by the selection rule")
+    return f"{self.kind} {self.path}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def is_export(path: pathlib.Path) -> bool:
@@ -97,9 +105,10 @@ def resolve_checkpoint(path: str | os.PathLike, which: str | int = "latest") -> 
     reason = checkpointing.verify_checkpoint(p)
     if reason is not None:
       raise ValueError(f"checkpoint {p} is unusable because {reason}")
-    return CheckpointRef(CHECKPOINT, p, _step_of_folder(p), given)
+    return CheckpointRef(CHECKPOINT, p, _step_of_folder(p), given, _epoch_of(p))
   directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p
   which = str(which)
+  asked = which
   if which == "latest":
     step = _latest_step(directory)
     if step is None:
@@ -112,7 +121,12 @@ def resolve_checkpoint(path: str | os.PathLike, which: str | int = "latest") -> 
   elif which != "best" and not which.isdigit():
     raise ValueError(f"which={which!r}: expected 'latest', 'best' or a step number")
   path = checkpointing.step_dir(directory, which, metric=BEST_METRIC)
-  return CheckpointRef(WORKDIR, path, int(path.name), given)
+  return CheckpointRef(WORKDIR, path, int(path.name), given, _epoch_of(path), asked)
+
+
+def _epoch_of(step_dir: pathlib.Path) -> int | None:
+  epoch = (checkpointing.read_metrics(step_dir) or {}).get("epoch")
+  return int(epoch) if isinstance(epoch, int) else None
 
 
 def _latest_step(directory: pathlib.Path) -> int | None:

@@ -34,6 +34,7 @@ from flax import nnx
 from dfer_clip_jax import checkpointing, distributed, metric_writer, optim, preemption
 from dfer_clip_jax import evaluate as evaluate_lib
 from dfer_clip_jax import metrics as metrics_lib
+from dfer_clip_jax import restore as restore_lib
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
 from dfer_clip_jax.data import pipeline
@@ -243,7 +244,7 @@ class Trainer:
       self.workdir / "checkpoints",
       keep_last=t.keep_checkpoints,
       keep_best=True,
-      best_metric="select",
+      best_metric=restore_lib.BEST_METRIC,
       best_mode="max",
       async_save=True,
       save_interval_steps=1,
@@ -329,12 +330,6 @@ class Trainer:
         flush=True,
       )
     return entry
-
-  def _select_value(self, entry) -> float:
-    # Best checkpoint: validation UAR; without a validation split the paper's protocol (test WAR).
-    if entry["val"] is not None:
-      return float(entry["val"][self.config.train.select_metric])
-    return float(entry["test"]["war"])
 
   # -- training --------------------------------------------------------------------------------
 
@@ -469,7 +464,11 @@ class Trainer:
     metrics = None
     if entry is not None:
       metrics = {
-        "select": self._select_value(entry),
+        # The one selection rule (`metrics.selection_key`), stored so that the checkpoint kept
+        # as best and `--checkpoint=best` are the report's best epoch.
+        restore_lib.BEST_METRIC: list(
+          metrics_lib.selection_key(entry, self.config.train.select_metric)
+        ),
         "epoch": entry["epoch"],
         "test": entry["test"],
         "val": entry["val"],

@@ -86,10 +86,10 @@ def test_round_trip_retention_and_device_counts(tmp_path, mesh8, mesh1, caplog):
 
   # Saved on 8 devices, restored on 1.
   step, state, data_state, config, m = ck.restore("latest", abstract_state=abstract_state(mesh1))
-  assert (step, data_state, config, m) == (5, {"position": 5}, CONFIG, metrics[5])
+  assert (step, data_state, config, m) == (5, {"position": 5}, CONFIG, {**metrics[5], "step": 5})
   assert_state(state, 5, mesh1)
   step, state, _, _, m = ck.restore("best", abstract_state=abstract_state(mesh1))
-  assert (step, m) == (2, metrics[2])
+  assert (step, m) == (2, {**metrics[2], "step": 2})
   assert_state(state, 2, mesh1)
   for which in (4, "4"):
     step, state, *_ = ck.restore(which, abstract_state=abstract_state(mesh8))
@@ -104,7 +104,7 @@ def test_round_trip_retention_and_device_counts(tmp_path, mesh8, mesh1, caplog):
   shutil.copytree(directory / "4", copied)
   reopened = checkpointing.Checkpointer(directory, keep_last=2)
   step, state, data_state, _, m = reopened.restore(copied, abstract_state=abstract_state(mesh1))
-  assert (step, data_state, m) == (4, {"position": 4}, metrics[4])
+  assert (step, data_state, m) == (4, {"position": 4}, {**metrics[4], "step": 4})
   assert_state(state, 4, mesh1)
   reopened.close()
   assert checkpointing.read_config(copied) == CONFIG
@@ -217,15 +217,19 @@ def test_latest_that_fails_to_read_falls_back(tmp_path, mesh1, caplog, monkeypat
   assert any("reading it failed (ValueError: DATA_LOSS" in r.getMessage() for r in caplog.records)
   assert ck.all_steps() == [1] and (tmp_path / "2.corrupt").is_dir()
 
-  # When nothing reads back (e.g. a wrong abstract_state) nothing is renamed.
+  # A failure that is no evidence of damage (a wrong abstract_state, permissions) stops with
+  # its cause, and nothing is skipped or renamed.
   monkeypatch.setattr(
     checkpointing,
     "_restore_dir",
     lambda path, abstract: (_ for _ in ()).throw(ValueError("mismatch")),
   )
-  with pytest.raises(ValueError, match="no usable checkpoint .* all of steps \\[1\\] are broken"):
+  with pytest.raises(
+    checkpointing.CheckpointAccessError,
+    match=r"checkpoints?.*1: reading it failed with ValueError: mismatch",
+  ):
     ck.restore("latest", abstract_state=abstract_state(mesh1))
-  assert ck.all_steps() == [1]
+  assert ck.all_steps() == [1] and not (tmp_path / "1.corrupt").exists()
   ck.close()
 
 
