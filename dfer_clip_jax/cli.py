@@ -3,10 +3,16 @@
 `main.py` and `folds.py` run under `absl.app` with the global flags (`--config` is a config
 file). The other tools parse into a private `FlagValues` per call, so that their `main(argv)`
 can also be called from Python (tests, notebooks) any number of times.
+
+Every path a user gives is made absolute (and `~` expanded) once, here, as the command line is
+read (`parse(paths=...)`, `absolute`): the libraries below, Orbax among them (which refuses
+relative paths), then see one meaning of each path whatever folder they run in.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -21,6 +27,17 @@ def fail(prog: str, message: str) -> NoReturn:
   raise SystemExit(2)
 
 
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def absolute(path: str | os.PathLike | None) -> str | None:
+  """`path` with `~` expanded, made absolute against the current folder; None and "" (unset)
+  stay as they are. Globs keep their wildcards."""
+  if path is None or str(path) == "" or _URL.match(os.fspath(path)):
+    return path  # unset, or a URL (refused or handled where it is used)
+  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
 def parse(
   prog: str,
   doc: str,
@@ -28,11 +45,13 @@ def parse(
   argv: Sequence[str] | None,
   *,
   positional: bool = False,
+  paths: Sequence[str] = (),
 ) -> tuple[types.SimpleNamespace, list[str]]:
   """Defines flags with `define(flag_values)` and parses `argv` (default: `sys.argv[1:]`).
 
   Returns the flag values (as attributes) and the positional arguments, which are refused
-  unless `positional`. `--help` prints `doc` and every flag; a bad or missing flag exits with
+  unless `positional`. The flags named in `paths` (strings or lists of strings) and, when they
+  are paths too, the positional arguments come back absolute (`absolute`). `--help` prints `doc` and every flag; a bad or missing flag exits with
   status 2 and the reason.
   """
   fv = flags.FlagValues()
@@ -47,4 +66,8 @@ def parse(
     fail(prog, str(e))
   if rest and not positional:
     fail(prog, f"unexpected arguments: {rest}")
-  return types.SimpleNamespace(**fv.flag_values_dict()), rest
+  values = fv.flag_values_dict()
+  for name in paths:
+    value = values[name]
+    values[name] = [absolute(v) for v in value] if isinstance(value, list) else absolute(value)
+  return types.SimpleNamespace(**values), rest

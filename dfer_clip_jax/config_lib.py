@@ -10,9 +10,11 @@ imports them.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import ml_collections
 
+from dfer_clip_jax import cli
 from dfer_clip_jax.data import datasets
 from dfer_clip_jax.models import class_texts, dfer_clip
 
@@ -261,4 +263,48 @@ def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigD
   apply_args(c, a)
   datasets.get(dataset).check_fold(c.fold)
   c.lock()
+  return c
+
+
+# Config keys holding paths of the user's files and folders (made absolute by `resolve_paths`).
+PATH_KEYS = (
+  "data.root",
+  "data.packed_dir",
+  "data.synthetic_dir",
+  "data.classes_file",
+  "clip.checkpoint",
+  "clip.tokenizer",
+  "model.class_texts_file",
+)
+LIST_KEYS = ("data.train_list", "data.test_list")
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose paths are absolute, `~` expanded (the original is left as is).
+
+  Relative paths are taken from the current folder, as a shell user means them, so the run
+  reads the same files whatever folder its libraries (Orbax among them) work in. An annotation
+  list is looked for in the current folder first, then under `data.root`; an empty list means
+  the dataset's own list in `data.root` (`datasets.Dataset.find_list`). Applying it twice
+  changes nothing.
+  """
+  c = config.copy_and_resolve_references()
+  for dotted in PATH_KEYS:
+    section, key = dotted.split(".")
+    if key in c[section] and c[section][key]:
+      c[section][key] = cli.absolute(c[section][key])
+  root = c.data.root
+  for dotted in LIST_KEYS:
+    key = dotted.split(".")[1]
+    given = c.data[key]
+    if not given:
+      continue
+    path = os.path.expanduser(given)
+    here = cli.absolute(path)
+    if not os.path.isabs(path) and root and not os.path.exists(here.format(fold=c.fold)):
+      c.data[key] = os.path.join(root, path)
+    else:
+      c.data[key] = here
+  if config.is_locked:
+    c.lock()
   return c

@@ -67,7 +67,13 @@ def _define(fv: flags.FlagValues) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args, _ = cli.parse("python -m dfer_clip_jax.convert", __doc__, _define, argv)
+  args, _ = cli.parse(
+    "python -m dfer_clip_jax.convert",
+    __doc__,
+    _define,
+    argv,
+    paths=("reference", "out", "token_ids"),
+  )
   token_ids = np.load(args.token_ids, allow_pickle=False) if args.token_ids else None
   imported = reference.load_reference_checkpoint(
     args.reference,

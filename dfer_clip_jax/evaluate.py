@@ -17,7 +17,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dfer_clip_jax import distributed, restore
+from dfer_clip_jax import cli, config_lib, distributed, restore
 from dfer_clip_jax import metrics as metrics_lib
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax.data import pipeline
@@ -119,8 +119,9 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
   """Restores a model (`latest`, `best`, a step of `<workdir>/checkpoints`, or a checkpoint or
   export folder) and evaluates the config's test split; writes `<workdir>/eval/<name>/`."""
-  workdir = pathlib.Path(workdir)
-  path = pathlib.Path(which)
+  config = config_lib.resolve_paths(config)
+  workdir = pathlib.Path(cli.absolute(workdir))
+  path = pathlib.Path(cli.absolute(which))
   mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
   model, spec, ref = restore.load_model(
     path if path.is_dir() else workdir, which, mesh=mesh, min_size=config.mesh.fsdp_min_size

@@ -18,7 +18,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from dfer_clip_jax import distributed, train
+from dfer_clip_jax import cli, config_lib, distributed, train
 from dfer_clip_jax import metrics as metrics_lib
 from dfer_clip_jax.data import datasets
 
@@ -32,7 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run_folds(config, workdir, folds=None) -> dict:
   """Trains/resumes each fold, then summarises; returns {row name: fold_summary}."""
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(cli.absolute(workdir))
   folds = [int(f) for f in (folds or range(1, datasets.get(config.dataset).folds + 1))]
   per_fold = {}
   for fold in folds:
@@ -67,7 +67,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize(_CONFIG.value.distributed)
-  run_folds(_CONFIG.value, _WORKDIR.value, _FOLDS.value)
+  run_folds(config_lib.resolve_paths(_CONFIG.value), cli.absolute(_WORKDIR.value), _FOLDS.value)
 
 
 if __name__ == "__main__":

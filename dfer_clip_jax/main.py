@@ -17,7 +17,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfer_clip_jax import distributed, evaluate, train, xla_flags
+from dfer_clip_jax import cli, config_lib, distributed, evaluate, train, xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/*.py[:args]).", lock_config=True
@@ -49,15 +49,20 @@ def main(argv):
     # We use transformers for tokenizers and configs only: its "PyTorch was not found" notice
     # (printed when it is first imported) is expected, not a problem.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-  config = _CONFIG.value
+  # Every path on the command line is absolute from here on (config paths: config_lib).
+  config = config_lib.resolve_paths(_CONFIG.value)
+  workdir = cli.absolute(_WORKDIR.value)
+  which = _CHECKPOINT.value
+  if which not in ("latest", "best") and not which.isdigit():
+    which = cli.absolute(which)
   # Before anything starts a backend: XLA reads its flags once.
   xla_flags.apply(config.train.xla_gpu_flags)
   distributed.initialize(config.distributed)
   logging.info("config:\n%s", config)
   if _MODE.value == "eval":
-    evaluate.evaluate_checkpoint(config, train.local_workdir(_WORKDIR.value), _CHECKPOINT.value)
+    evaluate.evaluate_checkpoint(config, train.local_workdir(workdir), which)
   else:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    train.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

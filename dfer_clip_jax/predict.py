@@ -514,8 +514,10 @@ def _define(fv: flags.FlagValues) -> None:
 
 def parse_args(argv: Sequence[str] | None):
   """The flags; words after `--input` that are no flags (a shell-expanded glob) are inputs."""
-  args, rest = cli.parse(_PROG, __doc__, _define, argv, positional=True)
-  args.input = list(args.input) + rest
+  args, rest = cli.parse(
+    _PROG, __doc__, _define, argv, positional=True, paths=("checkpoint", "input", "out")
+  )
+  args.input = list(args.input) + [cli.absolute(r) for r in rest]
   return args
 
 

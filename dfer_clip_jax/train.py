@@ -31,7 +31,15 @@ import optax
 from absl import logging
 from flax import nnx
 
-from dfer_clip_jax import checkpointing, distributed, metric_writer, optim, preemption
+from dfer_clip_jax import (
+  checkpointing,
+  cli,
+  config_lib,
+  distributed,
+  metric_writer,
+  optim,
+  preemption,
+)
 from dfer_clip_jax import evaluate as evaluate_lib
 from dfer_clip_jax import metrics as metrics_lib
 from dfer_clip_jax import restore as restore_lib
@@ -61,7 +69,7 @@ def local_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
       "Mount the bucket on every host (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/gcs`, as "
       "launch/tpu_pod.sh does) and pass the mounted path, e.g. --workdir=/mnt/gcs/runs/dfew"
     )
-  return pathlib.Path(workdir)
+  return pathlib.Path(cli.absolute(text))
 
 
 def _mesh(config):
@@ -187,7 +195,7 @@ class Trainer:
   reports, `evaluate_split()` evaluates the model on one split."""
 
   def __init__(self, config, workdir: str | pathlib.Path):
-    self.config = config
+    self.config = config = config_lib.resolve_paths(config)
     self.workdir = local_workdir(workdir)
     self.primary = distributed.is_primary()
     if self.primary:

@@ -431,7 +431,7 @@ def _define(fv: flags.FlagValues) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args, _ = cli.parse(_PROG, __doc__, _define, argv)
+  args, _ = cli.parse(_PROG, __doc__, _define, argv, paths=("json", "work_dir"))
   try:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
   except ValueError:

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from dfer_clip_jax import cli
+
 # (record key, column title, format)
 COLUMNS = (
   ("framework", "framework", "{}"),
@@ -200,8 +202,10 @@ def read_records(paths: Sequence[str | pathlib.Path]) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("records", nargs="+", help="JSON files or folders of them")
-  p.add_argument("--json", default="", help="write all records, as one list, here")
+  p.add_argument("records", nargs="+", type=cli.absolute, help="JSON files or folders of them")
+  p.add_argument(
+    "--json", default="", type=cli.absolute, help="write all records, as one list, here"
+  )
   p.add_argument("--md", default="", help="write the table here too")
   args = p.parse_args(argv)
   records = read_records(args.records)

@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfer_clip_jax import config_lib, xla_flags
+from dfer_clip_jax import cli, config_lib, xla_flags
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
 from dfer_clip_jax.benchmarks import report
@@ -902,7 +902,9 @@ def _parser() -> argparse.ArgumentParser:
     help="untimed steps after compiling (at least 1: the first step also checks "
     "that the compiled kernels run)",
   )
-  p.add_argument("--json", default="", help="write the record (or the summary's records) here")
+  p.add_argument(
+    "--json", default="", type=cli.absolute, help="write the record (or the summary's records) here"
+  )
   p.add_argument(
     "--workdir",
     default="",

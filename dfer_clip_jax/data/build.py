@@ -74,7 +74,7 @@ def _define(fv: flags.FlagValues) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args, _ = cli.parse(_PROG, __doc__, _define, argv)
+  args, _ = cli.parse(_PROG, __doc__, _define, argv, paths=("manual_dir", "data_dir", "data_root"))
 
   configs = args.config or tfds_builders.base_configs(args.dataset)
   known = tfds_builders.base_configs(args.dataset)

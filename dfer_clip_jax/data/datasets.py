@@ -1,9 +1,11 @@
 """The dataset registry: one entry per dataset holds its facts.
 
 An entry gives the class names in label order, the number of folds, the dataset-specific train
-augmentation op (`augment.DATASET_OPS`), the naming of its annotation lists (as the TFDS builders
-look for them) and the name of its packed (TFDS) dataset. Configs, the data pipeline, the fold
-runner and the TFDS builders read it; adding a dataset is one `register` call here plus one
+augmentation op (`augment.DATASET_OPS`), the one naming of its annotation lists (the names the
+authors' annotation files carry, e.g. `DFEW_set_1_train.txt`, found in `annotation/`,
+`annotations/` or the dataset folder itself) and the name of its packed (TFDS) dataset. Configs,
+training (`data.train_list` / `data.test_list` default to these lists under `data.root`), the
+fold runner and the TFDS builders read it; adding a dataset is one `register` call here plus one
 config file.
 
 The label order of the paper datasets is the reference's (docs/method.md, Data): for MAFW it is
@@ -45,8 +47,8 @@ class Dataset:
     folds: number of train/test folds (1 = one split).
     augment_op: the dataset-specific train augmentation before the crop ("brightness",
       "rotation" or "" for none; see `augment.DATASET_OPS`).
-    list_names: annotation-list file names the TFDS builders look for, `{split}` (train, test)
-      and `{fold}` filled in; the first is the reference's.
+    list_name: the annotation lists' file name, `{split}` (train, test) and `{fold}` filled in
+      (matched case-insensitively, in one of `LIST_FOLDERS`).
     packed_name: the packed dataset's name for `packed.packed_source`, `{fold}` filled in.
   """
 
@@ -54,7 +56,7 @@ class Dataset:
   class_names: tuple[str, ...]
   folds: int = 1
   augment_op: str = ""
-  list_names: tuple[str, ...] = ("{split}.txt",)
+  list_name: str = "{split}.txt"
   packed_name: str = ""
 
   def classes(self, classes_file: str | os.PathLike = "") -> tuple[str, ...]:
@@ -73,6 +75,25 @@ class Dataset:
       )
     return read_classes_file(classes_file)
 
+  def list_file(self, split: str, fold: int) -> str:
+    return self.list_name.format(split=split, fold=fold)
+
+  def find_list(self, folder: str | os.PathLike, split: str, fold: int) -> pathlib.Path | None:
+    """The `split` list of `fold` in `folder`'s list folders (`LIST_FOLDERS`), or None."""
+    wanted = self.list_file(split, fold).lower()
+    for sub in LIST_FOLDERS:
+      d = pathlib.Path(folder) / sub
+      if d.is_dir():
+        for p in sorted(d.iterdir()):
+          if p.name.lower() == wanted and p.is_file():
+            return p
+    return None
+
+  def missing_list(self, folder: str | os.PathLike, split: str, fold: int) -> str:
+    """What `find_list` looked for, for an error message."""
+    places = ", ".join(str(pathlib.Path(folder) / sub) for sub in LIST_FOLDERS)
+    return f"no {self.list_file(split, fold)} (the {self.name} {split} list) in {places}"
+
   def packed(self, fold: int) -> str:
     if not self.packed_name:
       raise ValueError(f"dataset {self.name!r} has no packed form: set data.packed_name")
@@ -81,6 +102,10 @@ class Dataset:
   def check_fold(self, fold: int) -> None:
     if not 1 <= fold <= self.folds:
       raise ValueError(f"{self.name} has folds 1..{self.folds}, got fold={fold}")
+
+
+# Where a dataset folder keeps its annotation lists (the reference's repository: annotation/).
+LIST_FOLDERS = ("annotation", "annotations", ".")
 
 
 def read_classes_file(path: str | os.PathLike) -> tuple[str, ...]:
@@ -129,7 +154,7 @@ register(
     DFEW_CLASSES,
     folds=5,
     augment_op="brightness",
-    list_names=("DFEW_set_{fold}_{split}.txt", "{split}_fold{fold}.txt"),
+    list_name="DFEW_set_{fold}_{split}.txt",
     packed_name="dfew/fold{fold}",
   )
 )
@@ -138,7 +163,7 @@ register(
     "ferv39k",
     DFEW_CLASSES,
     augment_op="rotation",
-    list_names=("FERV39K_{split}.txt", "{split}.txt"),
+    list_name="FERV39K_{split}.txt",
     packed_name="ferv39k",
   )
 )
@@ -147,7 +172,7 @@ register(
     "mafw",
     MAFW_CLASSES,
     folds=5,
-    list_names=("MAFW_set_{fold}_{split}.txt", "{split}_fold{fold}.txt"),
+    list_name="MAFW_set_{fold}_{split}.txt",
     packed_name="mafw/fold{fold}",
   )
 )

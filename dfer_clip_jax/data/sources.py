@@ -151,6 +151,27 @@ def check_same_on_all_processes(sources: Sources) -> None:
     )
 
 
+def _list_path(dataset, given: str, root: pathlib.Path | None, split: str, fold: int):
+  """The annotation list of `split`: `given` (`{fold}` = the fold number: one command line for
+  every fold; made absolute by `config_lib.resolve_paths`), else the dataset's own list in
+  `data.root` (the registry's naming)."""
+  if given:
+    return pathlib.Path(given.format(fold=fold))
+  if root is None:
+    raise ValueError(
+      f"data.source=folders needs data.root (the {dataset.name} folder holding its lists: "
+      f"{dataset.list_file(split, fold)}) or data.{split}_list (annotation lists: "
+      "'<frame_dir> <num_frames> <label>' per line)"
+    )
+  found = dataset.find_list(root, split, fold)
+  if found is None:
+    raise FileNotFoundError(
+      f"data.{split}_list is not set and {dataset.missing_list(root, split, fold)}; give it "
+      f"with --config.data.{split}_list=PATH"
+    )
+  return found
+
+
 def build_sources(config, workdir: str | pathlib.Path) -> Sources:
   """The run's sources from `config.data` (see `config_lib.base_config`)."""
   data = config.data
@@ -169,20 +190,11 @@ def build_sources(config, workdir: str | pathlib.Path) -> Sources:
     if data.source == "synthetic":
       root, train_list, test_list = _synthetic_lists(data, workdir, len(names))
     else:
-      if not data.train_list or not data.test_list:
-        raise ValueError(
-          "data.source=folders needs data.train_list and data.test_list "
-          "(annotation lists: '<frame_dir> <num_frames> <label>' per line)"
-        )
       root = pathlib.Path(data.root) if data.root else None
-      # `{fold}` in a list path is the fold number (one command line for every fold).
-      train_list = pathlib.Path(data.train_list.format(fold=config.fold))
-      test_list = pathlib.Path(data.test_list.format(fold=config.fold))
-      if root is not None:
-        train_list = (
-          train_list if train_list.is_absolute() or train_list.exists() else root / train_list
-        )
-        test_list = test_list if test_list.is_absolute() or test_list.exists() else root / test_list
+      train_list, test_list = (
+        _list_path(dataset, given, root, split, config.fold)
+        for given, split in ((data.train_list, "train"), (data.test_list, "test"))
+      )
     train = _folder_source(train_list, root, names, data, skipped)
     test = _folder_source(test_list, root, names, data, skipped)
   else:

@@ -873,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     "Render the synthetic dynamic-expression dataset.",
     _define,
     argv,
+    paths=("out",),
   )
   args.classes = int(args.classes)
   start = time.perf_counter()

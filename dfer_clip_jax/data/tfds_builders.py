@@ -31,7 +31,7 @@ Expected `manual_dir` layout (frame folders are the paths in the lists, relative
 `data_root`, which defaults to `manual_dir`; absolute paths are kept):
 
   dfew/foldK   annotation lists of the reference: `DFEW_set_K_train.txt`,
-               `DFEW_set_K_test.txt` (or `train_foldK.txt` / `test_foldK.txt`), in
+               `DFEW_set_K_test.txt` (the registry's one naming, `datasets.py`), in
                `manual_dir/annotation/`, `manual_dir/annotations/` or `manual_dir/`.
                Without lists, DFEW's official release is read: split files
                `EmoLabel_DataSplit/train(single-labeled)/set_K.csv` and
@@ -39,11 +39,11 @@ Expected `manual_dir` layout (frame folders are the paths in the lists, relative
                `video_name,label`, labels 1..7 in DFEW's order = ours + 1) and frame folders
                `Clip/clip_224x224/<video_name as 5 digits>/` (or `clip_224x224/...`); the
                frame count is taken from the folder.
-  ferv39k      `FERV39K_train.txt`, `FERV39K_test.txt` (or `train.txt` / `test.txt`), same
+  ferv39k      `FERV39K_train.txt`, `FERV39K_test.txt`, same
                folders. (FERV39k's own `4_setups` csv files are not read: convert them to
                the reference's lists.)
-  mafw/foldK   `MAFW_set_K_train.txt`, `MAFW_set_K_test.txt` (or `train_foldK.txt` /
-               `test_foldK.txt`), labels already in the reference's order (datasets.py).
+  mafw/foldK   `MAFW_set_K_train.txt`, `MAFW_set_K_test.txt`, labels already in the
+               reference's order (datasets.py).
   synthetic    the output folder of `python -m dfer_clip_jax.data.synthetic`: `train.txt`,
                `test.txt`, `synthetic.json` and `frames/`; config classes7 / classes11 must
                match the generated class count.
@@ -73,7 +73,6 @@ from dfer_clip_jax.data import augment, datasets, synthetic, validate
 DATASETS = ("dfew", "ferv39k", "mafw", "synthetic")
 SPLITS = ("train", "test")
 DEFAULT_JPEG_QUALITY = 95
-_LIST_DIRS = ("annotation", "annotations", ".")
 # Shown by tfds when manual_dir is missing or empty.
 _MANUAL_LAYOUT = "Expected `manual_dir` layout" + __doc__.split("Expected `manual_dir` layout")[1]
 
@@ -177,20 +176,6 @@ def _encode_task(task: tuple[list[str], int, int]) -> list[bytes]:
   return encode_frames(paths, resize, quality)
 
 
-def _find_list(manual_dir: pathlib.Path, names: Sequence[str]) -> pathlib.Path | None:
-  """The first of `names` (case-insensitive) found in the list folders of `manual_dir`."""
-  wanted = [n.lower() for n in names]
-  for sub in _LIST_DIRS:
-    folder = manual_dir / sub
-    if not folder.is_dir():
-      continue
-    present = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
-    for name in wanted:
-      if name in present:
-        return present[name]
-  return None
-
-
 def _read_dfew_official(
   csv_path: pathlib.Path, manual_dir: pathlib.Path, data_root: pathlib.Path
 ) -> list[annotations_lib.ClipAnnotation]:
@@ -256,8 +241,7 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
-  DATASET: datasets.Dataset | None = None  # the registry entry: class names, list names
-  LIST_NAMES: tuple[str, ...] = ()  # annotation-list names ({split}, {fold} filled in)
+  DATASET: datasets.Dataset | None = None  # the registry entry: class names, list naming
   HOMEPAGE = ""
   DESCRIPTION = ""
 
@@ -311,16 +295,14 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self, manual_dir: pathlib.Path, data_root: pathlib.Path
   ) -> dict[str, list[annotations_lib.ClipAnnotation]]:
     """Annotations per split, read from `manual_dir`."""
-    names = self._list_names()
-    found = {split: _find_list(manual_dir, names[split]) for split in SPLITS}
+    fold = self.builder_config.fold
+    found = {split: self.DATASET.find_list(manual_dir, split, fold) for split in SPLITS}
     missing = [s for s in SPLITS if found[s] is None]
     if missing:
-      folders = ", ".join(str(manual_dir / d) for d in _LIST_DIRS)
-      wanted = "; ".join(f"{s}: {' or '.join(names[s])}" for s in missing)
+      wanted = "; ".join(self.DATASET.missing_list(manual_dir, s, fold) for s in missing)
       raise ManualDirError(
-        f"{self.name}/{self.builder_config.name}: annotation lists not "
-        f"found in {folders} (looked for {wanted}). See the layout in "
-        f"dfer_clip_jax/data/tfds_builders.py."
+        f"{self.name}/{self.builder_config.name}: annotation lists not found: {wanted}. See "
+        "the layout in dfer_clip_jax/data/tfds_builders.py and the README."
       )
     out = {}
     for split, path in found.items():
@@ -333,11 +315,6 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         raise DatasetValidationError(f"{path}: the {split} list holds no clips")
       out[split] = annotations_lib.rebase_absolute(clips, data_root)
     return out
-
-  def _list_names(self) -> dict[str, list[str]]:
-    """Accepted annotation-list names per split, in order of preference."""
-    fold = self.builder_config.fold
-    return {s: [t.format(split=s, fold=fold) for t in self.LIST_NAMES] for s in SPLITS}
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = pathlib.Path(dl_manager.manual_dir)
@@ -413,11 +390,8 @@ class Dfew(_ClipsBuilder):
   HOMEPAGE = "https://dfew-dataset.github.io/"
   DESCRIPTION = "DFEW dynamic facial expressions (face-cropped frame folders)."
 
-  LIST_NAMES = DATASET.list_names
-
   def _split_annotations(self, manual_dir, data_root):
-    names = self._list_names()
-    if any(_find_list(manual_dir, names[s]) for s in SPLITS):
+    if any(self.DATASET.find_list(manual_dir, s, self.builder_config.fold) for s in SPLITS):
       return super()._split_annotations(manual_dir, data_root)
     k = self.builder_config.fold
     split_dir = manual_dir / "EmoLabel_DataSplit"
@@ -436,8 +410,6 @@ class Ferv39k(_ClipsBuilder):
   HOMEPAGE = "https://wangyanckxx.github.io/Proj_CVPR2022_FERV39k.html"
   DESCRIPTION = "FERV39k dynamic facial expressions (face-cropped frame folders)."
 
-  LIST_NAMES = DATASET.list_names
-
 
 class Mafw(_ClipsBuilder):
   """MAFW: 9,172 single-label clips, 11 classes (reference order), 5 folds."""
@@ -447,8 +419,6 @@ class Mafw(_ClipsBuilder):
   DATASET = datasets.get("mafw")
   HOMEPAGE = "https://mafw-database.github.io/MAFW/"
   DESCRIPTION = "MAFW dynamic facial expressions, 11 classes (face-cropped frame folders)."
-
-  LIST_NAMES = DATASET.list_names
 
 
 class Synthetic(_ClipsBuilder):
@@ -468,7 +438,7 @@ class Synthetic(_ClipsBuilder):
     name = "synthetic" if self.builder_config.num_classes == 7 else "synthetic11"
     return datasets.get(name).classes()
 
-  LIST_NAMES = ("{split}.txt",)
+  DATASET = datasets.get("synthetic")  # its list naming (the class names come from the config)
 
   def _split_annotations(self, manual_dir, data_root):
     meta = synthetic.read_meta(manual_dir)

@@ -351,13 +351,16 @@ def main(argv: Sequence[str]) -> int:
 
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  from dfer_clip_jax import cli  # pylint: disable=g-import-not-at-top
+
   f = flags.FLAGS
-  class_names = datasets.get(f.classes).classes(f.classes_file) if f.classes else None
+  classes_file = cli.absolute(f.classes_file)
+  class_names = datasets.get(f.classes).classes(classes_file) if f.classes else None
   any_error = False
   for path in f.annotations:
     report = validate_clips(
-      path,
-      data_root=f.data_root,
+      cli.absolute(path),
+      data_root=cli.absolute(f.data_root),
       class_names=class_names,
       num_classes=f.num_classes,
       check_images=f.check_images,
