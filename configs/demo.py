@@ -11,13 +11,24 @@ with three changes, all config switches, because this CLIP starts from random we
 a pretrained one: AdamW instead of SGD (the paper's image-tower lr of 1e-5 only suits a
 pretrained tower), CLIP mean/std input normalisation, and milder crops (area >= 50%).
 On a 2-core CPU it generates 2,100 clips (about a minute) and trains for a few minutes.
+
+`DFER_README_TEST=1` in the environment shrinks it to seconds (42 clips of 24 px, 2 epochs of 4
+frames at 16 px, batch 8): tests/test_readme.py runs the README's commands as printed with it.
 """
+
+import os
 
 from dfer_clip_jax import config_lib
 
+# The README test's sizes (the shapes of tests/test_train.py's tiny run).
+_README_TEST = os.environ.get("DFER_README_TEST") == "1"
+
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, classes=7, clips=2100, epochs=25, frames=8)
+  defaults = dict(classes=7, clips=2100, epochs=25, frames=8)
+  if _README_TEST:
+    defaults.update(clips=42, epochs=2, frames=4)
+  a = config_lib.parse_arg(arg, **defaults)
   c = config_lib.base_config()
   c.seed = 0
   c.dataset = {7: "synthetic", 11: "synthetic11"}[a.classes]
@@ -46,5 +57,10 @@ def get_config(arg=None):
   c.train.eval_batch_size = 64
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 50
+  if _README_TEST:
+    c.data.synthetic_size = 24
+    c.clip.image_size = 16
+    c.train.batch_size = 8
+    c.train.eval_batch_size = 8
   c.lock()
   return c

@@ -1,9 +1,10 @@
 r"""Runs (or resumes) every fold of a dataset and writes the mean ± std table over folds.
 
   python -m dfer_clip_jax.folds --config=configs/dfew.py --workdir=runs/dfew \
-    --config.clip.checkpoint=clip-vit-base-patch32 --config.data.root=/data/DFEW \
-    --config.data.train_list=annotations/DFEW/set_{fold}_train.txt \
-    --config.data.test_list=annotations/DFEW/set_{fold}_test.txt
+    --config.clip.checkpoint=clip-vit-base-patch32 --config.data.root=/data/DFEW
+
+Each fold reads the dataset's own lists in data.root (DFEW_set_<fold>_train.txt, ...: the
+registry's naming, `data/datasets.py`) unless data.train_list / data.test_list are given.
 
 `{fold}` in data.train_list / data.test_list / data.packed_name is replaced by the fold number.
 Each fold trains in `<workdir>/fold<k>` (rerunning resumes unfinished folds and skips finished
