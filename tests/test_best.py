@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dfer_clip_jax import checkpointing, evaluate, restore, train
+from dfer_clip_jax import checkpointing, config_lib, evaluate, restore, train
 from dfer_clip_jax import metrics as metrics_lib
 from tests.test_train import synth, tiny_config  # noqa: F401  (the module's tiny run shapes)
 
@@ -77,3 +77,25 @@ def test_a_tied_run_has_one_best_everywhere(tied_run, capsys):
   # predict --which=best reads the model through the same restore.
   assert restore.resolve_checkpoint(workdir, "best").step == best["step"]
   # The folds table reads the report's rows: nothing else to select there.
+
+
+def test_the_readme_list_names_are_found_by_training_and_the_builder(synth, tmp_path):  # noqa: F811
+  """A DFEW-layout folder with the authors' list names (the README's layout): training reads
+  it with no list flags, and the builder finds the same lists."""
+  from dfer_clip_jax.data import sources, tfds_builders
+
+  (tmp_path / "annotation").mkdir()
+  for split in ("train", "test"):
+    lines = (synth / f"{split}.txt").read_text()
+    (tmp_path / "annotation" / f"DFEW_set_1_{split}.txt").write_text(lines)
+  (tmp_path / "frames").symlink_to(synth / "frames")
+  config = tiny_config(synth, **{"data.source": "folders", "data.val_fraction": 0.0})
+  with config.unlocked():
+    config.dataset = "dfew"
+    config.data.root = str(tmp_path)
+    config.data.augment = "none"
+  built = sources.build_sources(config_lib.resolve_paths(config), tmp_path / "work")
+  assert len(built.train) + len(built.test) == 42
+  builder = tfds_builders.Dfew(config="fold1", data_dir=str(tmp_path / "tfds"))
+  found = builder._split_annotations(tmp_path, tmp_path)  # pylint: disable=protected-access
+  assert [len(found[s]) for s in ("train", "test")] == [len(built.train), len(built.test)]
