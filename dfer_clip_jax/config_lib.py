@@ -255,7 +255,11 @@ def common_args(arg: str | None, **extra):
 
 def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """The paper's recipe on a registered dataset, with the common variant arguments; locked."""
-  a = common_args(arg)
+  return paper_config_from_args(dataset, common_args(arg))
+
+
+def paper_config_from_args(dataset: str, a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`paper_config` from already parsed arguments (`common_args`, maybe with extra ones)."""
   c = base_config()
   c.dataset = dataset
   apply_args(c, a)
