@@ -119,7 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fold = 1  # 1..5 for DFEW and MAFW; FERV39k has one split
 
   c.clip = ml_collections.ConfigDict()
-  c.clip.checkpoint = ""  # HF CLIP folder or OpenAI/OpenCLIP file; "" = random init of variant
+  # HF CLIP folder or Hub id (openai/clip-vit-base-patch32), or an OpenAI/OpenCLIP file;
+  # "" = random init of variant.
+  c.clip.checkpoint = ""
   c.clip.variant = "B/32"  # CLIP size for random init: B/32 | B/16 | L/14 | tiny
   c.clip.tokenizer = ""  # folder with vocab.json + merges.txt; "" = the checkpoint folder
   c.clip.act = ""  # activation of OpenAI-format weights ("" = quick_gelu; LAION: gelu)
