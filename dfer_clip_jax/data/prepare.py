@@ -6,8 +6,8 @@ annotation lists of the `custom` dataset (configs/custom.py).
 
 --videos is a CSV file with the columns `video,label` and optionally `split` (train or test on
 every row; video paths relative to the CSV's folder), or a folder holding one sub-folder of
-videos per class. Without splits, a stratified train/test split is drawn (--test_fraction,
---seed), the same on every rerun.
+videos per class. Without splits, a stratified train/test split of the prepared videos is drawn
+(--test_fraction, --seed), the same on every rerun that prepares the same videos.
 
 Each video is read and cropped exactly as `python -m dfer_clip_jax.predict` reads and crops it
 (the same decoder, face detector, tracker, smoothing and square crop; video/crops.py), so a
@@ -75,7 +75,7 @@ class Entry:
 
   video: pathlib.Path
   label: str
-  split: str  # train | test
+  split: str | None  # train | test as the CSV gives it; None: drawn (`draw_splits`)
   folder: str  # relative to --out: frames/<class>/<name>
 
 
@@ -160,38 +160,42 @@ def read_labels(videos: str | os.PathLike) -> list[tuple[pathlib.Path, str, str 
 
 
 def plan_entries(
-  rows: Sequence[tuple[pathlib.Path, str, str | None]], *, test_fraction: float, seed: int
+  rows: Sequence[tuple[pathlib.Path, str, str | None]],
 ) -> tuple[list[str], list[Entry]]:
-  """(class names, entries): classes sorted; without given splits, a stratified split drawing
-  round(n * test_fraction) test videos of each class's n (at least one of two or more, never
-  all), seeded."""
+  """(class names sorted, entries ordered by class and path, each with its frame folder)."""
+  classes = sorted({label for _, label, _ in rows})
+  used: set[str] = set()
+  entries = []
+  for video, label, split in sorted(rows, key=lambda r: (r[1], str(r[0]))):
+    base = f"{FRAMES}/{_safe(label)}/{_safe(video.stem)}"
+    folder, n = base, 2
+    while folder in used:
+      folder, n = f"{base}_{n}", n + 1
+    used.add(folder)
+    entries.append(Entry(video, label, split, folder))
+  return classes, entries
+
+
+def draw_splits(
+  entries: Sequence[Entry], usable: Sequence[bool], *, test_fraction: float, seed: int
+) -> list[str | None]:
+  """Each entry's split: the given one, else a stratified draw among the usable (prepared)
+  videos: round(n * test_fraction) of each class's n for test (at least one of two or more,
+  never all), seeded, so the same videos give the same split on every rerun. None: unusable."""
   if not 0 <= test_fraction < 1:
     raise ValueError(f"--test_fraction must be in [0, 1), got {test_fraction}")
-  classes = sorted({label for _, label, _ in rows})
+  out: list[str | None] = [e.split if ok else None for e, ok in zip(entries, usable)]
   rng = np.random.default_rng(seed)
-  split_of: dict[int, str] = {}
-  for c in classes:
-    members = sorted(
-      (i for i, (_, label, _) in enumerate(rows) if label == c), key=lambda i: str(rows[i][0])
-    )
+  for c in sorted({e.label for e in entries}):
+    members = [i for i, e in enumerate(entries) if e.label == c and usable[i] and not e.split]
     n = len(members)
     n_test = round(n * test_fraction)
     if test_fraction > 0 and n >= 2:
       n_test = min(max(n_test, 1), n - 1)
     test = set(rng.permutation(n)[:n_test].tolist())
     for k, i in enumerate(members):
-      split_of[i] = rows[i][2] or ("test" if k in test else "train")
-  used: set[str] = set()
-  entries = []
-  for i in sorted(range(len(rows)), key=lambda i: (rows[i][1], str(rows[i][0]))):
-    video, label, _ = rows[i]
-    base = f"{FRAMES}/{_safe(label)}/{_safe(video.stem)}"
-    folder, n = base, 2
-    while folder in used:
-      folder, n = f"{base}_{n}", n + 1
-    used.add(folder)
-    entries.append(Entry(video, label, split_of[i], folder))
-  return classes, entries
+      out[i] = "test" if k in test else "train"
+  return out
 
 
 class Skipped(Exception):
@@ -376,7 +380,9 @@ def prepare(
     LabelsError, ValueError: a bad label list or option (nothing is written then).
   """
   out = pathlib.Path(out)
-  classes, entries = plan_entries(read_labels(videos), test_fraction=test_fraction, seed=seed)
+  if not 0 <= test_fraction < 1:
+    raise ValueError(f"--test_fraction must be in [0, 1), got {test_fraction}")
+  classes, entries = plan_entries(read_labels(videos))
   classes_path = out / CLASSES
   if classes_path.is_file():
     from dfer_clip_jax.data import datasets  # pylint: disable=g-import-not-at-top
@@ -423,14 +429,16 @@ def prepare(
         record(futures[fut], fut.result(), n)
 
   label_of = {c: k for k, c in enumerate(classes)}
+  usable = [results[i]["status"] != "skipped" for i in range(len(entries))]
+  splits = draw_splits(entries, usable, test_fraction=test_fraction, seed=seed)
   lines: dict[str, list[str]] = {s: [] for s in SPLITS}
   videos_out = []
-  for i, e in enumerate(entries):
+  for i, (e, split) in enumerate(zip(entries, splits)):
     r = results[i]
-    if r["status"] != "skipped":
-      lines[e.split].append(f"{e.folder} {r['frames']} {label_of[e.label]}")
+    if split is not None:
+      lines[split].append(f"{e.folder} {r['frames']} {label_of[e.label]}")
     videos_out.append(
-      {"video": str(e.video), "label": e.label, "split": e.split, "folder": e.folder, **r}
+      {"video": str(e.video), "label": e.label, "split": split, "folder": e.folder, **r}
     )
   counts = {
     s: sum(v["status"] == s for v in videos_out)
