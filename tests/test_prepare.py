@@ -196,3 +196,91 @@ def test_labels_errors_name_the_line(tmp_path):
   bad.write_text("file,label\na.mp4,joy\n")
   with pytest.raises(prepare.LabelsError, match=r"labels.csv:1: .*missing \['video'\]"):
     prepare.read_labels(bad)
+
+
+def _cached_hub_repo(hf_home: pathlib.Path, repo_id: str, files: dict) -> pathlib.Path:
+  """A Hugging Face cache entry as `hf download` leaves it: refs/main -> snapshots/<commit>."""
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+  snapshot = repo / "snapshots" / commit
+  snapshot.mkdir(parents=True)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text(commit)
+  for name, write in files.items():
+    write(snapshot / name)
+  return snapshot
+
+
+def test_clip_checkpoint_from_a_hub_id_offline(tmp_path, monkeypatch):
+  """A tiny CLIP cached under a Hub id in a temporary HF_HOME: with HF_HUB_OFFLINE=1 the
+  loader and tokenizer find it by id; an id not cached fails naming it and what to run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  from dfer_clip_jax import demo_tokenizer, tokenizer  # pylint: disable=g-import-not-at-top
+  from dfer_clip_jax.conversion import clip_weights  # pylint: disable=g-import-not-at-top
+  from dfer_clip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+
+  config = clip_lib.tiny_config()
+  # Weights of the right shapes, made without running an initialiser (no compiles).
+  graphdef, shapes = nnx.split(nnx.eval_shape(lambda: clip_lib.CLIP(config, rngs=nnx.Rngs(0))))
+  model = nnx.merge(graphdef, jax.tree.map(lambda s: np.full(s.shape, 0.01, s.dtype), shapes))
+  weights = clip_weights.params_to_openai(model)
+  words = tmp_path / "tok"
+  demo_tokenizer.build_demo_tokenizer(words, ["an expression of calm."], vocab_size=600)
+  hf_home = tmp_path / "hf"
+  snapshot = _cached_hub_repo(
+    hf_home,
+    "tiny-org/tiny-clip",
+    {
+      "config.json": lambda p: p.write_text("{}"),  # OpenAI-named weights: sizes from shapes
+      "model.safetensors": lambda p: save_file(weights, str(p)),
+      "vocab.json": lambda p: p.write_bytes((words / "vocab.json").read_bytes()),
+      "merges.txt": lambda p: p.write_bytes((words / "merges.txt").read_bytes()),
+    },
+  )
+  # A fresh process, so that huggingface_hub reads HF_HOME and HF_HUB_OFFLINE as users set them.
+  script = (
+    "from dfer_clip_jax.conversion import hub\n"
+    "print(hub.resolve('tiny-org/tiny-clip'))\n"
+    "try:\n"
+    "  hub.resolve('openai/clip-vit-base-patch32')\n"
+    "except FileNotFoundError as e:\n"
+    "  print(e)\n"
+  )
+  env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+  proc = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+  )
+  assert proc.returncode == 0, proc.stderr
+  found, error = proc.stdout.strip().split("\n", 1)
+  assert pathlib.Path(found) == snapshot
+  assert "openai/clip-vit-base-patch32" in error and "HF_HUB_OFFLINE is set" in error
+  assert "hf download openai/clip-vit-base-patch32" in error
+
+  # In this process: the CLIP loader and the tokenizer take the id (the cache and offline switch set directly,
+  # as huggingface_hub read the environment at import).
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  _, loaded = clip_weights.load_clip("tiny-org/tiny-clip")
+  assert loaded == config
+  assert len(tokenizer.load_tokenizer("tiny-org/tiny-clip")) == 600
+
+
+def test_converted_reference_checkpoints_carry_class_names(reference_dir, tmp_path):
+  from dfer_clip_jax import convert  # pylint: disable=g-import-not-at-top
+
+  # Without --class_names, 7 classes get the DFEW order: test_predict's converted checkpoint.
+  source = f"--reference={reference_dir / 'tiny_forward.npz'}"
+  (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+  assert (
+    convert.main([source, f"--out={tmp_path / 'own'}", f"--class_names={tmp_path}/classes.txt"])
+    == 0
+  )
+  names = json.loads((tmp_path / "own" / "config.json").read_text())["dfer_clip"]
+  assert names["class_names"] == CLASSES
+  with pytest.raises(SystemExit, match="2"):
+    convert.main([source, f"--out={tmp_path / 'bad'}", "--class_names=a,b,c"])
