@@ -121,7 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fold = 1  # 1..5 for DFEW and MAFW; FERV39k has one split
 
   c.clip = ml_collections.ConfigDict()
-  c.clip.checkpoint = ""  # HF CLIP folder or OpenAI/OpenCLIP file; "" = random init of variant
+  # HF CLIP folder or Hub id (openai/clip-vit-base-patch32), or an OpenAI/OpenCLIP file;
+  # "" = random init of variant.
+  c.clip.checkpoint = ""
   c.clip.variant = "B/32"  # CLIP size for random init: B/32 | B/16 | L/14 | tiny
   c.clip.tokenizer = ""  # folder with vocab.json + merges.txt; "" = the checkpoint folder
   c.clip.act = ""  # activation of OpenAI-format weights ("" = quick_gelu; LAION: gelu)
@@ -257,7 +259,11 @@ def common_args(arg: str | None, **extra):
 
 def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """The paper's recipe on a registered dataset, with the common variant arguments; locked."""
-  a = common_args(arg)
+  return paper_config_from_args(dataset, common_args(arg))
+
+
+def paper_config_from_args(dataset: str, a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`paper_config` from already parsed arguments (`common_args`, maybe with extra ones)."""
   c = base_config()
   c.dataset = dataset
   apply_args(c, a)

@@ -3,12 +3,18 @@
   python -m dfer_clip_jax.convert --reference=model_best.pth --out=exports/dfew_fold1
 
 writes `model.safetensors` (our parameter names) and `config.json` (the inferred model and CLIP
-configs) into --out; `dfer_clip_jax.conversion.reference.load_exported_model` restores them.
+configs, with the class names) into --out; `dfer_clip_jax.conversion.reference.load_exported_model`
+restores them, and `dfer_clip_jax.predict --checkpoint=<out>` runs the model on videos.
+
+The reference's tensors don't name the classes: a 7-class checkpoint gets the DFEW / FERV39k
+names and an 11-class one the MAFW names, in the reference's label order; --class_names (a file
+with one name per line, or a comma-separated list) names them otherwise.
 The pickle is read without executing code from it (see `conversion/torch_io.py`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +23,7 @@ from absl import flags
 
 from dfer_clip_jax import cli
 from dfer_clip_jax.conversion import reference
+from dfer_clip_jax.data import datasets
 
 
 def _define(fv: flags.FlagValues) -> None:
@@ -57,6 +64,13 @@ def _define(fv: flags.FlagValues) -> None:
     "head width of the temporal attention (the reference: 64)",
     flag_values=fv,
   )
+  flags.DEFINE_string(
+    "class_names",
+    None,
+    "class names in label order: a file (one per line) or a comma-separated list; default: "
+    "the DFEW/FERV39k names for 7 classes, the MAFW names for 11",
+    flag_values=fv,
+  )
   flags.DEFINE_enum(
     "clip_act",
     "quick_gelu",
@@ -66,23 +80,40 @@ def _define(fv: flags.FlagValues) -> None:
   )
 
 
+def parse_class_names(value: str) -> tuple[str, ...]:
+  """--class_names: a classes file (one name per line) or a comma-separated list."""
+  if os.path.isfile(value):
+    return datasets.read_classes_file(value)
+  names = tuple(n.strip() for n in value.split(","))
+  if not all(names):
+    raise ValueError(f"--class_names={value!r}: no such file, and an empty name in the list")
+  if len(set(names)) != len(names):
+    raise ValueError(f"--class_names={value!r} repeats a name")
+  return names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  args, _ = cli.parse(
-    "python -m dfer_clip_jax.convert",
-    __doc__,
-    _define,
-    argv,
-    paths=("reference", "out", "token_ids"),
-  )
+  prog = "python -m dfer_clip_jax.convert"
+  args, _ = cli.parse(prog, __doc__, _define, argv, paths=("reference", "out", "token_ids"))
   token_ids = np.load(args.token_ids, allow_pickle=False) if args.token_ids else None
-  imported = reference.load_reference_checkpoint(
-    args.reference,
-    position=args.position,
-    token_ids=token_ids,
-    temporal_dim_head=args.temporal_dim_head,
-    clip_act=args.clip_act,
-    text_type=args.text_type,
-  )
+  overrides = {}
+  if args.class_names:
+    try:
+      overrides["class_names"] = parse_class_names(args.class_names)
+    except ValueError as e:
+      cli.fail(prog, str(e))
+  try:
+    imported = reference.load_reference_checkpoint(
+      args.reference,
+      position=args.position,
+      token_ids=token_ids,
+      temporal_dim_head=args.temporal_dim_head,
+      clip_act=args.clip_act,
+      text_type=args.text_type,
+      **overrides,
+    )
+  except ValueError as e:
+    cli.fail(prog, f"{args.reference}: {e}")
   cfg, report = imported.config, imported.report
   out = reference.export_model(
     imported.model,
@@ -98,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"temporal depth {cfg.temporal_depth} ({cfg.temporal_heads}x{cfg.temporal_dim_head} heads, "
     f"MLP {cfg.temporal_mlp_dim}), {cfg.num_frames} frames"
   )
+  print(f"  class names: {', '.join(cfg.class_names)}")
   print(
     f"  CLIP: image {v.image_size}px patch {v.patch_size} width {v.width} x {v.layers} layers;"
     f" text width {t.width} x {t.layers} layers; embedding {imported.clip_config.embed_dim}"

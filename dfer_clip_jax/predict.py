@@ -39,12 +39,10 @@ from typing import Any
 
 import numpy as np
 from absl import flags
-from PIL import Image
 
 from dfer_clip_jax import cli, inference, restore
-from dfer_clip_jax.data import augment
+from dfer_clip_jax.video import crops, render, sources
 from dfer_clip_jax.video import faces as faces_lib
-from dfer_clip_jax.video import render, sources
 from dfer_clip_jax.video import windows as windows_lib
 
 FORMAT = "dfer_clip_jax.predict/1"
@@ -56,30 +54,26 @@ SUMMARY = "summary.json"
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """How inputs are turned into clips (the CLI flags of the same names)."""
+  """How inputs are turned into clips (the CLI flags of the same names); the face fields are
+  `crops.FaceOptions`', shared with dataset preparation."""
 
-  face: str = "auto"
+  face: str = crops.DEFAULTS.face
   all_faces: bool = False
   window_s: float = 3.0
   stride_s: float = 1.0
   fps: float = 25.0
-  detect_fps: float = 5.0
-  margin: float = 0.25
-  min_face: float = 0.06
-  smooth_s: float = 0.3
-  max_gap_s: float = 1.0
+  detect_fps: float = crops.DEFAULTS.detect_fps
+  margin: float = crops.DEFAULTS.margin
+  min_face: float = crops.DEFAULTS.min_face
+  smooth_s: float = crops.DEFAULTS.smooth_s
+  max_gap_s: float = crops.DEFAULTS.max_gap_s
   annotate: bool = False
 
   def __post_init__(self):
-    if self.face not in ("auto", "none"):
-      raise ValueError(f"face={self.face!r}: expected 'auto' or 'none'")
-    for name in ("window_s", "stride_s", "fps", "detect_fps", "smooth_s", "max_gap_s"):
+    crops.options_from_flags(self)  # validates the face fields
+    for name in ("window_s", "stride_s", "fps"):
       if not getattr(self, name) > 0:
         raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-    if self.margin < 0:
-      raise ValueError(f"--margin must be >= 0, got {self.margin}")
-    if not 0 < self.min_face <= 1:
-      raise ValueError(f"--min_face must be in (0, 1], got {self.min_face}")
 
 
 @dataclasses.dataclass
@@ -94,52 +88,6 @@ class _Job:
 
 def _rounded(values, digits: int = 2) -> list[float]:
   return [round(float(v), digits) for v in values]
-
-
-def _scan(
-  reader: sources.FrameReader, options: Options, detector: faces_lib.HaarFaceDetector | None
-) -> tuple[np.ndarray, list]:
-  """Pass 1: every frame's time, and the faces on about `detect_fps` frames per second.
-
-  Returns:
-    (frame times (N,) in s, [(time, detections)] of the examined frames).
-  """
-  next_detect = [0.0]
-
-  def detect_here(_, t: float) -> bool:
-    if detector is None or t < next_detect[0] - 1e-6:
-      return False
-    next_detect[0] = t + 1.0 / options.detect_fps
-    return True
-
-  times, observations = [], []
-  for rec in reader.frames(detect_here):
-    times.append(rec.time)
-    if rec.rgb is not None:
-      observations.append((rec.time, detector(rec.rgb)))
-  return np.asarray(times, np.float64), observations
-
-
-def _find_tracks(item: sources.InputItem, observations, options: Options) -> list[faces_lib.Track]:
-  tracks = faces_lib.select_tracks(
-    faces_lib.track_faces(observations, max_gap_s=options.max_gap_s),
-    num_examined=len(observations),
-    all_faces=options.all_faces,
-  )
-  if not tracks:
-    found = sum(len(d) for _, d in observations)
-    detail = (
-      f"{found} isolated detections were dropped as false alarms"
-      if found
-      else "nothing was detected"
-    )
-    raise sources.InputError(
-      f"{item.path}: no face found in the {len(observations)} frames examined ({detail}; "
-      f"faces smaller than {options.min_face:.0%} of the frame's shorter side are not "
-      "searched for, see --min_face). If the input is already cropped to the face, use "
-      "--face=none"
-    )
-  return tracks
 
 
 @dataclasses.dataclass
@@ -164,11 +112,14 @@ def _plan(tracks, windows, indices, times, width: int, height: int, options: Opt
       plan.face_boxes.append({f: full for f in needed})
       plan.crop_boxes.append({f: (0, 0, width, height) for f in needed})
     else:
-      boxes = {f: tr.box_at(times[f], options.smooth_s) for f in needed}
-      plan.face_boxes.append(boxes)
-      plan.crop_boxes.append(
-        {f: faces_lib.square_crop_box(b, options.margin, width, height) for f, b in boxes.items()}
-      )
+      at = {
+        f: crops.crop_box_at(
+          tr, times[f], smooth_s=options.smooth_s, margin=options.margin, width=width, height=height
+        )
+        for f in needed
+      }
+      plan.face_boxes.append({f: face for f, (face, _) in at.items()})
+      plan.crop_boxes.append({f: crop for f, (_, crop) in at.items()})
     plan.jobs += [_Job(k, w.index, idx) for w, idx, c in zip(windows, indices, covered) if c]
   return plan
 
@@ -235,16 +186,24 @@ def predict_input(
   class_names = list(spec.class_names)
   reader = sources.open_input(item, fps=options.fps)
   if options.face == "auto" and detector is None:
-    detector = faces_lib.HaarFaceDetector(min_face=options.min_face)
+    detector = crops.options_from_flags(options).detector()
   if options.face == "none":
     detector = None
 
-  times, observations = _scan(reader, options, detector)
+  times, observations = crops.scan(reader, detector, options.detect_fps)
   info = reader.info
   windows = windows_lib.make_windows(info.duration_s, options.window_s, options.stride_s)
   indices = [windows_lib.sample_frames(times, w.start_s, w.end_s, spec.num_frames) for w in windows]
   tracks: list[faces_lib.Track | None] = (
-    [None] if detector is None else list(_find_tracks(item, observations, options))
+    [None]
+    if detector is None
+    else crops.find_tracks(
+      item.path,
+      observations,
+      max_gap_s=options.max_gap_s,
+      min_face=options.min_face,
+      all_faces=options.all_faces,
+    )
   )
   plan = _plan(tracks, windows, indices, times, info.width, info.height, options)
   probs = _classify(reader, plan, tracks, predictor)
@@ -314,7 +273,7 @@ def _classify(
   for key, end in last_use.items():
     release_at.setdefault(end, []).append(key)
 
-  crops: dict[tuple[int, int], np.ndarray] = {}
+  cut: dict[tuple[int, int], np.ndarray] = {}
   queue: list[tuple[_Job, np.ndarray]] = []
   out: dict[tuple[int, int], np.ndarray] = {}
 
@@ -331,15 +290,13 @@ def _classify(
   for rec in reader.frames(lambda i, t: i in uses):
     if rec.rgb is None:
       continue
-    image = Image.fromarray(rec.rgb, "RGB")
     for k in uses[rec.index]:
-      box = plan.crop_boxes[k][rec.index]
-      region = image if tracks[k] is None else image.crop(box)
-      crops[(k, rec.index)] = augment.test_transform([region], size=size)[0]
+      box = None if tracks[k] is None else plan.crop_boxes[k][rec.index]
+      cut[(k, rec.index)] = crops.crop_frame(rec.rgb, box, size)
     for job in done_at.get(rec.index, []):
-      queue.append((job, np.stack([crops[(job.track, int(f))] for f in job.frames])))
+      queue.append((job, np.stack([cut[(job.track, int(f))] for f in job.frames])))
     for key in release_at.get(rec.index, []):
-      del crops[key]
+      del cut[key]
     flush(final=False)
   flush(final=True)
   missing = [j for j in jobs if (j.track, j.window) not in out]
@@ -464,13 +421,7 @@ def _define(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "out", None, "output folder (one sub-folder per input)", required=True, flag_values=fv
   )
-  flags.DEFINE_enum(
-    "face",
-    "auto",
-    ["auto", "none"],
-    "auto: detect and crop faces; none: whole frames (already-cropped inputs)",
-    flag_values=fv,
-  )
+  crops.define_flags(fv)
   flags.DEFINE_boolean(
     "all_faces",
     False,
@@ -483,25 +434,6 @@ def _define(fv: flags.FlagValues) -> None:
   flags.DEFINE_float("stride_s", 1.0, "step between windows (s)", flag_values=fv)
   flags.DEFINE_float(
     "fps", 25.0, "frame rate of frame folders (videos carry their own timestamps)", flag_values=fv
-  )
-  flags.DEFINE_float(
-    "detect_fps", 5.0, "frames per second examined by the face detector", flag_values=fv
-  )
-  flags.DEFINE_float(
-    "margin", 0.25, "crop margin on each side, as a fraction of the face box side", flag_values=fv
-  )
-  flags.DEFINE_float(
-    "min_face",
-    0.06,
-    "smallest face searched for, as a fraction of the frame's shorter side",
-    flag_values=fv,
-  )
-  flags.DEFINE_float("smooth_s", 0.3, "time scale (s) of the face box smoothing", flag_values=fv)
-  flags.DEFINE_float(
-    "max_gap_s",
-    1.0,
-    "a face missed for longer starts a gap (windows there have no face)",
-    flag_values=fv,
   )
   flags.DEFINE_integer("batch_size", 8, "clips per model call", flag_values=fv)
   flags.DEFINE_boolean(
@@ -549,9 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     model, spec, ref = restore.load_model(args.checkpoint, args.which)
     predictor = inference.Predictor(model, spec, batch_size=args.batch_size)
-    detector = (
-      faces_lib.HaarFaceDetector(min_face=options.min_face) if options.face == "auto" else None
-    )
+    detector = crops.options_from_flags(options).detector()
   except (OSError, ValueError, KeyError, RuntimeError) as e:
     print(f"error: cannot load the model from {args.checkpoint}: {e}", file=sys.stderr)
     return 2

@@ -22,6 +22,7 @@ from flax import nnx
 from dfer_clip_jax import optim
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import tokenizer as tokenizer_lib
+from dfer_clip_jax.conversion import hub
 from dfer_clip_jax.conversion.clip_weights import load_clip
 from dfer_clip_jax.models import clip as clip_lib
 from dfer_clip_jax.models import dfer_clip as dfer_lib
@@ -96,7 +97,7 @@ class ModelSpec:
 def _tokenizer(config, workdir: pathlib.Path, texts: list[str], vocab_size: int):
   if config.clip.tokenizer:
     return tokenizer_lib.load_tokenizer(config.clip.tokenizer)
-  ckpt = pathlib.Path(config.clip.checkpoint) if config.clip.checkpoint else None
+  ckpt = hub.resolve(config.clip.checkpoint) if config.clip.checkpoint else None
   if ckpt is not None and ckpt.is_dir() and (ckpt / "vocab.json").is_file():
     return tokenizer_lib.load_tokenizer(ckpt)
   if ckpt is not None:

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from dfer_clip_jax.conversion import hub
 
 START_OF_TEXT = 49406
 END_OF_TEXT = 49407
 
 
 def load_tokenizer(folder: str | os.PathLike):
-  """A CLIPTokenizer from a folder holding `vocab.json` + `merges.txt` (any HF CLIP folder)."""
+  """A CLIPTokenizer from a folder holding `vocab.json` + `merges.txt` (any HF CLIP folder, or
+  its Hugging Face Hub id)."""
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
 
-  folder = pathlib.Path(folder)
+  folder = hub.resolve(folder, what="tokenizer")
   vocab, merges = folder / "vocab.json", folder / "merges.txt"
   for f in (vocab, merges):
     if not f.is_file():

@@ -21,7 +21,7 @@ from dfer_clip_jax import checkpointing, inference, predict, restore, train
 from dfer_clip_jax import state as state_lib
 from dfer_clip_jax.conversion import reference
 from dfer_clip_jax.data import augment, sampling, synthetic
-from dfer_clip_jax.data.datasets import MAFW_CLASSES
+from dfer_clip_jax.data.datasets import DFEW_CLASSES, MAFW_CLASSES
 from dfer_clip_jax.models import clip as clip_lib
 from dfer_clip_jax.models import dfer_clip as dfer_lib
 from dfer_clip_jax.video import faces, sources, windows
@@ -434,6 +434,7 @@ def test_cli_on_a_converted_reference_checkpoint(reference_dir, media, tmp_path)
   )
   pred = json.loads((out / "synth" / "predictions.json").read_text())
   assert pred["model"]["checkpoint"].startswith("export ")
+  assert pred["class_names"] == list(DFEW_CLASSES)  # a 7-class reference: the DFEW order
   assert not pred["model"]["normalize"]  # the reference feeds [0, 1] pixels
   (w,) = pred["tracks"][0]["windows"]  # 3 s <= the default 3 s window: one clip
   assert len(w["frame_indices"]) == pred["model"]["num_frames"] == 16

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfer_clip_jax.conversion import hub
 from dfer_clip_jax.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 # Source keys that carry no weights we use (explicitly ignored, never silently dropped).
@@ -398,7 +399,7 @@ def load_clip(
 
   Args:
     source: a Hugging Face CLIP folder (`config.json` + `model.safetensors` or
-      `pytorch_model.bin`), an OpenAI/OpenCLIP checkpoint file (TorchScript archive such as
+      `pytorch_model.bin`) or Hub id (`openai/clip-vit-base-patch32`, see `hub.resolve`), an OpenAI/OpenCLIP checkpoint file (TorchScript archive such as
       `ViT-B-32.pt`, or a plain state-dict `.pt/.pth/.bin/.safetensors/.npz`), or an in-memory
       mapping of names to arrays in either naming.
     dtype: compute dtype (parameters stay float32).
@@ -416,7 +417,7 @@ def load_clip(
   if isinstance(source, Mapping):
     state, cfg_json = _strip_hf_prefix(source), config_json
   else:
-    path = pathlib.Path(source)
+    path = hub.resolve(source)
     if path.is_dir():
       state, cfg_json = _load_hf_folder(path)
       state = _strip_hf_prefix(state)
