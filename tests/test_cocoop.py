@@ -53,13 +53,22 @@ def test_batched_logits_equal_a_per_video_loop(cocoop, video, logits_of):  # noq
   share its batch; an evaluation computes nothing once for all videos (evaluate and predict run
   `probabilities(video, eval_constants())`, the same forward)."""
   assert cocoop.eval_constants() is None
-  batched = logits_of(cocoop, video)
+  # A louder meta-network whose D/16 = 4 hidden units are all alive (the tiny random one's are
+  # shut by the ReLU for these clips) and two unlike clips: the two videos' prompts really differ.
+  model = nnx.clone(cocoop)
+  first, last = model.prompt_learner.meta_net.linear1, model.prompt_learner.meta_net.linear2
+  first.bias.value = jnp.ones_like(first.bias[...])
+  last.kernel.value = 30.0 * last.kernel[...]
+  clips = jnp.stack([video[0], jnp.full_like(video[1], 0.8)])
+  text = nnx.jit(lambda m, v: m(v, train=False)[1]["text_features"])(model, clips)
+  assert text.shape == (B, 5, 64) and np.abs(text[0] - text[1]).max() > 5e-4
+  batched = logits_of(model, clips)
   for i in range(B):
     np.testing.assert_allclose(
-      batched[i], logits_of(cocoop, video[i : i + 1])[0], rtol=1e-5, atol=1e-6
+      batched[i], logits_of(model, clips[i : i + 1])[0], rtol=1e-5, atol=1e-6
     )
-  other = jnp.stack([video[0], 1.0 - video[1]])
-  np.testing.assert_allclose(logits_of(cocoop, other)[0], batched[0], rtol=1e-6, atol=1e-6)
+  other = jnp.stack([clips[0], video[1]])
+  np.testing.assert_allclose(logits_of(model, other)[0], batched[0], rtol=1e-6, atol=1e-6)
 
 
 def test_microbatched_step_equals_one_pass(cocoop, video):  # noqa: F811
