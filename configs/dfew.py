@@ -7,7 +7,7 @@ r"""DFER-CLIP on DFEW (7 classes, 5 folds): the paper's recipe (docs/method.md).
 
 Arguments after the colon: fold=1..5, variant=B/32|B/16|L/14, ctx=4|8|16, depth=0..3,
 text=class_name|name_with_context|descriptor|template,
-baseline=zeroshot|linear_probe|finetune|finetune_tm|coop, protocol=val|paper.
+baseline=NAME (a row of the paper's tables: README, config_lib.BASELINES), protocol=val|paper.
 All folds: `python -m dfer_clip_jax.folds --config=configs/dfew.py --workdir=runs/dfew`.
 """
 

@@ -15,22 +15,47 @@ import os
 import ml_collections
 
 from dfer_clip_jax import cli
+from dfer_clip_jax.conversion import hub
 from dfer_clip_jax.data import datasets
 from dfer_clip_jax.models import class_texts, dfer_clip
 
 # Arguments accepted after the colon in `--config=configs/dfew.py:fold=2,variant=B/16`.
 VARIANTS = ("B/32", "B/16", "L/14", "tiny")
 
-# The paper's baselines and manual prompts as presets: config key -> value, applied by
-# `baseline=NAME` after the colon. The default (no baseline) is DFER-CLIP itself.
+# The paper's rows as presets (README, "Reproduce the paper's tables"): config key -> value,
+# applied by `baseline=NAME` after the colon. The default (no baseline) is DFER-CLIP itself (also
+# named `dfer_clip`). Each preset sets its row's whole model, trained parts and text, so that
+# one argument gives one row; `ctx=`, `depth=` and `text=` still apply on top.
 _NO_TRAINING = {f"optim.lr.{g}": 0.0 for g in ("temporal", "image", "prompt", "head")}
+# Frozen CLIP, frame mean, CLIP's own logit scale: what CoOp and Co-CoOp leave of the model.
+_FROZEN_CLIP = {"model.temporal": "mean", "model.logit_scale": "clip", "optim.lr.image": 0.0}
+_NO_TM = {"model.temporal": "mean"}  # the paper's "w/o TM": the mean of the frame features
+_MANUAL = {"model.n_ctx": 0, "model.text_type": "template"}
 BASELINES: dict[str, dict[str, object]] = {
+  # DFER-CLIP (Tables 1-3): 8 class-specific context tokens before the descriptors; image tower,
+  # temporal transformer (depth 1, or 2 / 3) and context train.
+  "dfer_clip": {},
+  "dfer_clip_depth2": {"model.temporal_depth": 2},
+  "dfer_clip_depth3": {"model.temporal_depth": 3},
+  # DFER-CLIP without the temporal model (Table 1 with M = 4 / 8 / 16; Tables 2 and 3 with 8).
+  "dfer_clip_no_tm": {**_NO_TM},
+  "dfer_clip_no_tm_ctx4": {**_NO_TM, "model.n_ctx": 4},
+  "dfer_clip_no_tm_ctx16": {**_NO_TM, "model.n_ctx": 16},
   # CLIP as is: frame mean, "an expression of [class].", CLIP's own learned logit scale (argmax
   # is scale-free; the scale only matters for probabilities and loss); nothing trained.
   "zeroshot": {
     "model.temporal": "mean",
-    "model.n_ctx": 0,
-    "model.text_type": "template",
+    **_MANUAL,
+    "model.template": class_texts.MANUAL_TEMPLATES["expression"],
+    "model.logit_scale": "clip",
+    **_NO_TRAINING,
+  },
+  # The same on FaRL's ViT-B/16 weights: needs --config.clip.checkpoint=<OpenAI ViT-B-16.pt>
+  # --config.clip.overlay=<FaRL .pth> (FaRL's file holds the CLIP tensors it changed).
+  "zeroshot_farl": {
+    "clip.variant": "B/16",
+    "model.temporal": "mean",
+    **_MANUAL,
     "model.template": class_texts.MANUAL_TEMPLATES["expression"],
     "model.logit_scale": "clip",
     **_NO_TRAINING,
@@ -41,19 +66,35 @@ BASELINES: dict[str, dict[str, object]] = {
   "finetune": {"model.head": "linear", "model.temporal": "mean"},
   # Temporal transformer -> a Linear head; head, temporal model and image tower train.
   "finetune_tm": {"model.head": "linear"},
-  # CoOp: context tokens shared by all classes + class names.
-  "coop": {"model.class_specific": False, "model.text_type": "class_name"},
-  # The paper's manual prompts (Table 3), no learnable context; image and temporal train.
-  "manual_photo": {
-    "model.n_ctx": 0,
-    "model.text_type": "template",
-    "model.template": class_texts.MANUAL_TEMPLATES["photo"],
+  # CoOp: CLIP frozen, 16 context tokens shared by all classes before the class name; only the
+  # context trains.
+  "coop": {
+    **_FROZEN_CLIP,
+    "model.n_ctx": 16,
+    "model.class_specific": False,
+    "model.text_type": "class_name",
   },
+  # Co-CoOp: CoOp with 4 context tokens started from "a photo of a" and a meta-network giving
+  # each video its own prompts; context and meta-network train.
+  "cocoop": {
+    **_FROZEN_CLIP,
+    "model.n_ctx": 4,
+    "model.class_specific": False,
+    "model.text_type": "class_name",
+    "model.ctx_init": "a photo of a",
+    "model.meta_net": True,
+  },
+  # Table 3's manual prompts, no learnable context, without the temporal model; image trains.
+  "manual_photo": {**_NO_TM, **_MANUAL, "model.template": class_texts.MANUAL_TEMPLATES["photo"]},
   "manual_expression": {
-    "model.n_ctx": 0,
-    "model.text_type": "template",
+    **_NO_TM,
+    **_MANUAL,
     "model.template": class_texts.MANUAL_TEMPLATES["expression"],
   },
+  # Table 3's [learnable context] [class]: DFER-CLIP with class names instead of descriptors,
+  # without and with the temporal model.
+  "ctx_class": {**_NO_TM, "model.text_type": "class_name"},
+  "ctx_class_tm": {"model.text_type": "class_name"},
 }
 
 
@@ -124,6 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
   # HF CLIP folder or Hub id (openai/clip-vit-base-patch32), or an OpenAI/OpenCLIP file;
   # "" = random init of variant.
   c.clip.checkpoint = ""
+  # A second file of OpenAI-named CLIP tensors (e.g. FaRL's .pth) that replace the checkpoint's
+  # of the same name; its other keys are ignored, the checkpoint's other tensors kept.
+  c.clip.overlay = ""
   c.clip.variant = "B/32"  # CLIP size for random init: B/32 | B/16 | L/14 | tiny
   c.clip.tokenizer = ""  # folder with vocab.json + merges.txt; "" = the checkpoint folder
   c.clip.act = ""  # activation of OpenAI-format weights ("" = quick_gelu; LAION: gelu)
@@ -177,12 +221,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-4  # coupled for sgd (added to the gradient), decoupled for adamw
   # Parameter groups: name -> regex over dotted parameter paths; parameters of no group are
-  # frozen (the text tower, token embedding, CLIP's logit scale).
+  # frozen (the text tower, token embedding, CLIP's logit scale). "prompt" holds the context and
+  # Co-CoOp's meta-network.
   c.optim.groups = ml_collections.ConfigDict(
     dict(
       temporal=r"temporal_net\..*",
       image=r"clip\.visual\..*",
-      prompt=r"prompt_learner\.ctx",
+      prompt=r"prompt_learner\.(ctx|meta_net\..*)",
       head=r"head\..*",
     )
   )
@@ -279,9 +324,12 @@ PATH_KEYS = (
   "data.synthetic_dir",
   "data.classes_file",
   "clip.checkpoint",
+  "clip.overlay",
   "clip.tokenizer",
   "model.class_texts_file",
 )
+# Keys that may also name a Hugging Face Hub id (`owner/name`), which stays as it is.
+HUB_KEYS = ("clip.checkpoint", "clip.tokenizer")
 LIST_KEYS = ("data.train_list", "data.test_list")
 
 
@@ -297,8 +345,9 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c = config.copy_and_resolve_references()
   for dotted in PATH_KEYS:
     section, key = dotted.split(".")
-    if key in c[section] and c[section][key]:
-      c[section][key] = cli.absolute(c[section][key])
+    value = c[section].get(key)
+    if value and not (dotted in HUB_KEYS and hub.is_hub_id(value)):
+      c[section][key] = cli.absolute(value)
   root = c.data.root
   for dotted in LIST_KEYS:
     key = dotted.split(".")[1]

@@ -160,9 +160,15 @@ def build_model(
   workdir = pathlib.Path(workdir)
   dtype = dtype_of(config.clip.dtype)
   dcfg = model_config(config, class_names)
+  if config.clip.overlay and not config.clip.checkpoint:
+    raise ValueError(
+      f"clip.overlay={config.clip.overlay!r} replaces tensors of a checkpoint: set clip.checkpoint "
+      "to the CLIP it goes over (FaRL: OpenAI's ViT-B-16.pt)"
+    )
   if config.clip.checkpoint:
     clip, clip_cfg = load_clip(
       config.clip.checkpoint,
+      overlay=config.clip.overlay or None,
       dtype=dtype,
       act=config.clip.act or None,
       image_size=config.clip.image_size,
@@ -187,7 +193,9 @@ def build_model(
   tok = None
   if dcfg.head == "prompt":
     texts = dcfg.texts()
-    tok = _tokenizer(config, workdir, texts, clip_cfg.text.vocab_size)
+    # The context's start text too: the demo tokenizer learns its words as whole tokens.
+    extra = [dcfg.ctx_init] if dcfg.ctx_init else []
+    tok = _tokenizer(config, workdir, texts + extra, clip_cfg.text.vocab_size)
   model = dfer_lib.create_dfer_clip(
     dcfg, clip, tok, dtype=dtype, attention_impl=config.clip.attention_impl, rngs=rngs
   )

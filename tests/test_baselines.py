@@ -1,5 +1,5 @@
-"""The paper's baselines as config presets: forward, backward and one update each; every preset
-and config argument builds a model."""
+"""The paper's rows as config presets: each preset's definition, one update of every preset that
+trains (which parameters moved, which did not); every preset and config argument builds a model."""
 
 import dataclasses
 import pathlib
@@ -52,7 +52,9 @@ def clip():
   cfg = cfg.replace(
     vision=dataclasses.replace(cfg.vision, layers=1), text=dataclasses.replace(cfg.text, layers=1)
   )
-  return clip_lib.CLIP(cfg, rngs=nnx.Rngs(0))
+  # Initialised in one jitted call: eager initialisation dispatches op by op (seconds).
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: clip_lib.CLIP(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, jax.jit(lambda: nnx.split(clip_lib.CLIP(cfg, rngs=nnx.Rngs(0)))[1])())
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +63,22 @@ def video():
   return jax.random.uniform(jax.random.key(2), (B, TINY["model.num_frames"], size, size, 3))
 
 
+def step_shapes(name):
+  """Overrides that give the presets which differ only in context length or temporal depth one
+  shape (one compile each for the update test): 3 context tokens (unless the context starts from
+  a text, whose length it must keep), depth 1. The presets' own values: test_preset_rows."""
+  model = config_lib.base_config().model.to_dict()
+  model.update(
+    {k[6:]: v for k, v in config_lib.BASELINES.get(name, {}).items() if k[:6] == "model."}
+  )
+  out = {"model.temporal_depth": 1}
+  if model["n_ctx"] and not model["ctx_init"]:
+    out["model.n_ctx"] = 3
+  return out
+
+
 def build(name, clip, **overrides):
   """(model config, parameter groups present, model) of a baseline preset ("" = DFER-CLIP)."""
-  if name in ("", "coop"):  # the presets with learnable context
-    overrides.setdefault("model.n_ctx", 3)
   c = config_lib.base_config()
   if name:
     config_lib.apply_preset(c, config_lib.BASELINES[name])
@@ -92,20 +106,112 @@ def arrays(state):
   return {optim.path_name(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
 
-# Which parameters each trained baseline updates (by group) and which must stay untouched.
+# Which parameter groups each preset trains; every other parameter must stay untouched.
+DFER_CLIP = {"prompt", "image", "temporal"}
 TRAINED = {
+  "dfer_clip": DFER_CLIP,
+  "dfer_clip_depth2": DFER_CLIP,
+  "dfer_clip_depth3": DFER_CLIP,
+  "dfer_clip_no_tm": {"prompt", "image"},
+  "dfer_clip_no_tm_ctx4": {"prompt", "image"},
+  "dfer_clip_no_tm_ctx16": {"prompt", "image"},
+  "zeroshot": set(),
+  "zeroshot_farl": set(),
   "linear_probe": {"head"},
   "finetune": {"head", "image"},
   "finetune_tm": {"head", "image", "temporal"},
-  "coop": {"prompt", "image", "temporal"},
-  # manual_expression differs from manual_photo only in its texts (checked below).
-  "manual_photo": {"image", "temporal"},
+  "coop": {"prompt"},
+  "cocoop": {"prompt"},
+  "manual_photo": {"image"},
+  "manual_expression": {"image"},
+  "ctx_class": {"prompt", "image"},
+  "ctx_class_tm": DFER_CLIP,
+}
+# Each preset's row: (temporal model, context tokens, class-specific, text, meta-network).
+ROWS = {
+  "dfer_clip": ("transformer", 8, True, "descriptor", False),
+  "dfer_clip_depth2": ("transformer", 8, True, "descriptor", False),
+  "dfer_clip_depth3": ("transformer", 8, True, "descriptor", False),
+  "dfer_clip_no_tm": ("mean", 8, True, "descriptor", False),
+  "dfer_clip_no_tm_ctx4": ("mean", 4, True, "descriptor", False),
+  "dfer_clip_no_tm_ctx16": ("mean", 16, True, "descriptor", False),
+  "zeroshot": ("mean", 0, True, "template", False),
+  "zeroshot_farl": ("mean", 0, True, "template", False),
+  "linear_probe": ("mean", 8, True, "descriptor", False),
+  "finetune": ("mean", 8, True, "descriptor", False),
+  "finetune_tm": ("transformer", 8, True, "descriptor", False),
+  "coop": ("mean", 16, False, "class_name", False),
+  "cocoop": ("mean", 4, False, "class_name", True),
+  "manual_photo": ("mean", 0, True, "template", False),
+  "manual_expression": ("mean", 0, True, "template", False),
+  "ctx_class": ("mean", 8, True, "class_name", False),
+  "ctx_class_tm": ("transformer", 8, True, "class_name", False),
 }
 
 
-@pytest.mark.parametrize("name", sorted(TRAINED))
+def test_preset_rows():
+  """Every preset is listed here, with its row's model as the paper describes it."""
+  assert set(config_lib.BASELINES) == set(TRAINED) == set(ROWS)
+  for name, (temporal, n_ctx, class_specific, text, meta_net) in ROWS.items():
+    c = dfew.get_config(f"baseline={name}")
+    m = c.model
+    assert (m.temporal, m.n_ctx, m.class_specific, m.text_type, m.meta_net) == (
+      temporal,
+      n_ctx,
+      class_specific,
+      text,
+      meta_net,
+    ), name
+    assert m.temporal_depth == {"dfer_clip_depth2": 2, "dfer_clip_depth3": 3}.get(name, 1), name
+    assert m.head == ("linear" if name.startswith(("linear", "finetune")) else "prompt"), name
+    # CoOp, Co-CoOp and the zero-shot rows score with CLIP's own logit scale, as CLIP does.
+    assert (m.logit_scale == "clip") == (name in ("coop", "cocoop", "zeroshot", "zeroshot_farl"))
+    assert m.ctx_init == ("a photo of a" if name == "cocoop" else ""), name
+  assert dfew.get_config("baseline=zeroshot_farl").clip.variant == "B/16"
+  assert dfew.get_config("baseline=manual_photo").model.template == "a photo of {}."
+  assert dfew.get_config("baseline=manual_expression").model.template == "an expression of {}."
+
+
+def step_groups():
+  """Trained presets grouped by the update they compile to: the same model after `step_shapes`
+  up to its class texts (buffer values, not shapes) and the same learning rates. One update per
+  group (compiles dominate the test time); every member's groups are checked."""
+  groups = {}
+  for name in sorted(n for n, g in TRAINED.items() if g):
+    c = config_lib.base_config()
+    config_lib.apply_preset(c, {**config_lib.BASELINES[name], **step_shapes(name)})
+    model = {k: v for k, v in c.model.to_dict().items() if k not in ("text_type", "template")}
+    key = repr((sorted(model.items()), sorted(c.optim.lr.to_dict().items())))
+    groups.setdefault(key, []).append(name)
+  return {names[0]: names for names in groups.values()}
+
+
+STEP_GROUPS = step_groups()
+
+
+def test_step_groups_share_one_update():
+  """The grouping covers every trained preset and joins only rows that differ in texts, context
+  length or depth."""
+  assert STEP_GROUPS == {
+    "cocoop": ["cocoop"],
+    "coop": ["coop"],
+    "ctx_class": ["ctx_class", "dfer_clip_no_tm", "dfer_clip_no_tm_ctx16", "dfer_clip_no_tm_ctx4"],
+    "ctx_class_tm": ["ctx_class_tm", "dfer_clip", "dfer_clip_depth2", "dfer_clip_depth3"],
+    "finetune": ["finetune"],
+    "finetune_tm": ["finetune_tm"],
+    "linear_probe": ["linear_probe"],
+    "manual_expression": ["manual_expression", "manual_photo"],
+  }
+
+
+# Co-CoOp's update (the trainer's step, one pass and micro-batched): test_cocoop.py.
+@pytest.mark.parametrize("name", sorted(n for n in STEP_GROUPS if n != "cocoop"))
 def test_trained_baseline_forward_backward_update(name, clip, video):
-  _, groups, model = build(name, clip)
+  for member in STEP_GROUPS[name]:  # each builds, with its own trained groups
+    _, member_groups, member_model = build(member, clip, **step_shapes(member))
+    part = optim.partition(member_model, member_groups)
+    assert {g.name for g in part.values() if g.trainable} == TRAINED[member], member
+  _, groups, model = build(name, clip, **step_shapes(name))
   assert state_lib.is_trained(groups)
   optimizer = optim.make_optimizer(model, groups)
   part = optim.partition(model, groups)
@@ -120,6 +226,8 @@ def test_trained_baseline_forward_backward_update(name, clip, video):
     norm = sum(float(np.sum(g**2)) for k, g in grads.items() if part[k].name == group)
     assert np.isfinite(norm) and norm > 0, group
   after = arrays(nnx.state(model, nnx.Param))
+  if name == "cocoop":  # the meta-network trains with the context
+    assert any(k.startswith("prompt_learner.meta_net.") and part[k].trainable for k in before)
   for k in before:
     if part[k].trainable:
       assert not np.array_equal(after[k], before[k]), f"{k} did not train"
@@ -143,9 +251,11 @@ def test_linear_heads_read_raw_video_features(clip, video):
 
 
 def test_coop_uses_shared_context_and_class_names(clip):
-  config, _, model = build("coop", clip)
+  config, groups, model = build("coop", clip)
   assert not config.class_specific and config.texts()[0] == "happiness."
-  assert model.prompt_learner.ctx.shape == (3, 64)
+  assert model.prompt_learner.ctx.shape == (16, 64) and model.prompt_learner.meta_net is None
+  assert isinstance(model.temporal_net, temporal_lib.FrameMean)
+  assert [g.name for g in groups if g.trainable] == ["prompt"]
   np.testing.assert_array_equal(model.prompt_learner.name_lens[...], [2] * 5)
 
 
@@ -196,7 +306,7 @@ def test_paper_model_preset_and_unknown_names(clip):
     ("temporal", 1e-2, True),
     ("frozen", 0.0, False),
   ]
-  assert build("coop", clip, **{"model.n_ctx": 16})[0].n_ctx == 16
+  assert build("coop", clip, **{"model.n_ctx": 5})[0].n_ctx == 5
   with pytest.raises(ValueError, match="baseline='clip'"):
     config_lib.paper_config("dfew", "baseline=clip")
 
@@ -231,21 +341,12 @@ def test_every_config_argument_builds_its_model(arg, clip):
   model = nnx.eval_shape(lambda: state_lib.model_from_spec(spec, rngs=nnx.Rngs(0)))
   groups = optim.present_groups(model, optim.groups_from_config(c.optim))
   trained = {g.name for g in groups if g.trainable}
-  expected = {"image", "temporal", "prompt"}
-  if arg.startswith("baseline="):
-    expected = {
-      "zeroshot": set(),
-      "linear_probe": {"head"},
-      "finetune": {"head", "image"},
-      "finetune_tm": {"head", "image", "temporal"},
-    }.get(arg[9:], {"image", "temporal", "prompt"})
-    if arg[9:].startswith("manual"):
-      expected = {"image", "temporal"}
+  expected = TRAINED.get(arg[9:], DFER_CLIP) if arg.startswith("baseline=") else DFER_CLIP
   if arg in ("depth=0",):
     expected = {"image", "prompt"}
   if arg == "text=template":
     expected = {"image", "temporal"}
   assert trained == expected
   assert (config.temporal == "mean") == (
-    arg in ("depth=0", "baseline=zeroshot", "baseline=linear_probe", "baseline=finetune")
+    arg == "depth=0" or (arg.startswith("baseline=") and ROWS[arg[9:]][0] == "mean")
   )

@@ -3,10 +3,12 @@ r"""Speed of the real DFER-CLIP training (or evaluation) step, on random weights
     python -m dfer_clip_jax.benchmarks.train_step --variant=B/16 --frames=16 --batch=48 \
         --dtype=bfloat16 --remat=none --mode=train --json=out.json \
         [--steps=20 --warmup=3] [--attention=auto] [--find_max_batch]
+    python -m dfer_clip_jax.benchmarks.train_step --variant=tiny --config_argument=baseline=cocoop
     python -m dfer_clip_jax.benchmarks.train_step --summarize a.json b.json [--json=all.json]
 
-The step is the trainer's own: `configs/dfew.py` (paper recipe) with the named CLIP size
-(random init), `state.build_model`, `state.build_optimizer`, `train.make_train_step`, jitted as
+The step is the trainer's own: `configs/dfew.py` (paper recipe, or one of its rows with
+`--config_argument`, the text after the colon of `--config=configs/dfew.py:...`, e.g.
+`baseline=coop`) with the named CLIP size (random init), `state.build_model`, `state.build_optimizer`, `train.make_train_step`, jitted as
 `train.Trainer` does (model and optimizer state donated, state placed by the `sharding` rules
 on a mesh over all local devices). `--mode=eval` times the evaluator's per-batch function
 (`evaluate.Evaluator`: frozen text features computed once, softmax probabilities per batch).
@@ -149,7 +151,7 @@ def transformer_flops(
 
 
 def analytic_flops(
-  clip_cfg: clip_lib.CLIPConfig, dfer_cfg, batch: int, mode: str
+  clip_cfg: clip_lib.CLIPConfig, dfer_cfg, batch: int, mode: str, *, image_trained: bool = True
 ) -> dict[str, float]:
   """Model FLOPs of one step, by part (image, temporal, text, logits) and `total`.
 
@@ -157,7 +159,9 @@ def analytic_flops(
   gradient), except the patch embedding (no gradient to the pixels: 2x) and the frozen text
   tower, which only propagates activation gradients to the context (linear layers 2x, attention
   products 3x since q, k and v are all activations). Evaluation: forward of image, temporal and
-  logits; the text features are computed once per evaluation, not per batch.
+  logits; the text features are computed once per evaluation, not per batch. A frozen image
+  tower (`image_trained` False: CoOp, Co-CoOp, linear probe) runs forward only. Conditional
+  prompts (Co-CoOp) run B x C prompts through the text tower in every step, evaluation included.
   """
   if mode not in ("train", "eval"):
     raise ValueError(f"mode must be train or eval, got {mode!r}")
@@ -168,7 +172,10 @@ def analytic_flops(
   patch = 2.0 * v.grid * v.grid * (v.patch_size * v.patch_size * 3) * v.width
   lin, att = transformer_flops(tokens, v.width, v.layers, v.mlp_dim, v.width)
   proj = 2.0 * v.width * clip_cfg.embed_dim
-  image = frames * ((2 * patch + 3 * (lin + att + proj)) if train else (patch + lin + att + proj))
+  if train and image_trained:
+    image = frames * (2 * patch + 3 * (lin + att + proj))
+  else:
+    image = frames * (patch + lin + att + proj)
   out = {"image": image, "temporal": 0.0, "text": 0.0, "logits": 0.0}
   d = clip_cfg.embed_dim
   if dfer_cfg.temporal == "transformer":
@@ -177,11 +184,11 @@ def analytic_flops(
       dfer_cfg.num_frames + 1, d, dfer_cfg.temporal_depth, dfer_cfg.temporal_mlp_dim, inner
     )
     out["temporal"] = batch * (lin + att) * (3 if train else 1)
-  if dfer_cfg.head == "prompt":
-    if train:
-      lin, att = transformer_flops(t.context_length, t.width, t.layers, t.mlp_dim, t.width)
-      tproj = 2.0 * t.width * d
-      out["text"] = dfer_cfg.num_classes * (2 * (lin + tproj) + 3 * att)
+  if dfer_cfg.head == "prompt" and (train or dfer_cfg.meta_net):
+    lin, att = transformer_flops(t.context_length, t.width, t.layers, t.mlp_dim, t.width)
+    tproj = 2.0 * t.width * d
+    prompts = dfer_cfg.num_classes * (batch if dfer_cfg.meta_net else 1)
+    out["text"] = prompts * ((2 * (lin + tproj) + 3 * att) if train else (lin + tproj + att))
   # Prompt head: video @ text.T; linear head: video @ kernel. Same size either way.
   out["logits"] = 2.0 * batch * d * dfer_cfg.num_classes * (3 if train else 1)
   out["total"] = sum(out.values())
@@ -321,9 +328,12 @@ def load_config(
   remat: str,
   attention: str,
   microbatches: int = 1,
+  config_argument: str = "",
 ):
-  """`configs/dfew.py` (the paper recipe) with the benchmark's overrides."""
-  c = config_lib.paper_config("dfew", f"variant={variant}")
+  """`configs/dfew.py` (the paper recipe, or the row `config_argument` names) with the
+  benchmark's overrides."""
+  arg = ",".join(a for a in (f"variant={variant}", config_argument) if a)
+  c = config_lib.paper_config("dfew", arg)
   c.clip.dtype = dtype
   c.clip.remat = remat
   c.clip.attention_impl = attention
@@ -392,6 +402,7 @@ class StepBench:
       remat=args.remat,
       attention=attention,
       microbatches=args.microbatches,
+      config_argument=args.config_argument,
     )
     c = self.config
     self.mesh = sharding_lib.make_mesh(c.mesh.data, c.mesh.fsdp)
@@ -433,7 +444,8 @@ class StepBench:
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
     self.replicated = sharding_lib.replicated(self.mesh)
     self.text_fn = None
-    if optimizer is not None and self.spec.model.head == "prompt":
+    # Conditional prompts have no text side apart from the videos: nothing to time alone.
+    if optimizer is not None and self.spec.model.head == "prompt" and not self.spec.model.meta_net:
       self.text_fn = jax.jit(_text_tower_step(self.graphdef, optimizer.wrt))
     del model, optimizer
 
@@ -593,6 +605,7 @@ def _config_record(bench: StepBench, args: argparse.Namespace) -> dict[str, Any]
     "optimizer": bench.config.optim.name,
     "mesh": dict(bench.mesh.shape),
     "config_file": "configs/dfew.py",
+    "config_argument": args.config_argument,
   }
 
 
@@ -748,7 +761,13 @@ def _run(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     head_dim = bench.spec.clip.vision.width // bench.spec.clip.vision.heads
     record["attention_used"] = clip_lib.resolve_attention_impl(args.attention, args.dtype, head_dim)
     record["config"] = _config_record(bench, args)
-    flops = analytic_flops(bench.spec.clip, bench.spec.model, args.batch, args.mode)
+    flops = analytic_flops(
+      bench.spec.clip,
+      bench.spec.model,
+      args.batch,
+      args.mode,
+      image_trained=bench.config.optim.lr.image > 0,
+    )
     record["analytic_tflops_per_step"] = flops["total"] / 1e12
     record["analytic_tflops_breakdown"] = {k: v / 1e12 for k, v in flops.items() if k != "total"}
     record["model_tflops_per_step"] = flops["total"] / 1e12
@@ -854,6 +873,12 @@ def _parser() -> argparse.ArgumentParser:
     description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--variant", default="B/32", choices=VARIANTS, help="CLIP size (random init)")
+  p.add_argument(
+    "--config_argument",
+    default="",
+    help="the text after the colon of --config=configs/dfew.py:..., e.g. baseline=cocoop (a "
+    "row of the paper's tables); variant comes from --variant",
+  )
   p.add_argument("--frames", type=int, default=16, help="frames per clip (T)")
   p.add_argument("--batch", type=int, default=48, help="global batch of clips")
   p.add_argument(

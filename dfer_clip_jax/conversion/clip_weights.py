@@ -7,6 +7,10 @@ Formats:
   `hf_to_openai` renames them to OpenAI names (fusing q/k/v), then the OpenAI path applies. One
   path into the model means one place where transposes can go wrong.
 
+Overlays: a second file of OpenAI-named tensors whose tensors replace the checkpoint's of the
+same name (FaRL releases its face-pretrained ViT-B/16 this way: the CLIP tensors it trained, under
+a `state_dict` key, beside keys of its own); `overlay_state` says what it replaced, ignored, kept.
+
 Every function here is pure and strict: each source key is used or explicitly ignored, each target
 parameter is filled, and shapes must agree; otherwise a `CheckpointMismatchError` names the keys.
 """
@@ -23,6 +27,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from dfer_clip_jax.conversion import hub
@@ -385,6 +390,52 @@ def _strip_hf_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
   return dict(state)
 
 
+@dataclasses.dataclass(frozen=True)
+class OverlayReport:
+  """What an overlay did: its tensors that replaced the checkpoint's (`replaced`), its keys that
+  name no checkpoint tensor (`ignored`: not CLIP tensors) and the checkpoint's tensors it left
+  as they were (`kept`)."""
+
+  replaced: tuple[str, ...]
+  ignored: tuple[str, ...]
+  kept: tuple[str, ...]
+
+  def summary(self) -> str:
+    return (
+      f"{len(self.replaced)} tensors replaced, {len(self.ignored)} overlay keys ignored "
+      f"(not CLIP tensors), {len(self.kept)} checkpoint tensors kept"
+    )
+
+
+def overlay_state(
+  base: Mapping[str, Any], overlay: Mapping[str, Any], *, where: str = "overlay"
+) -> tuple[dict[str, Any], OverlayReport]:
+  """The OpenAI-named `base` with every tensor that `overlay` also names replaced by the overlay's.
+
+  The matching is by exact name and deliberately not strict in the overlay's direction (its other
+  keys, e.g. a pretraining head, are ignored and reported); a shape mismatch is an error naming
+  the tensor, and so is an overlay that names no tensor of the base (wrong naming or prefixes).
+  """
+  replaced = tuple(k for k in overlay if k in base)
+  ignored = tuple(k for k in overlay if k not in base)
+  wrong = [
+    f"{k}: overlay {tuple(np.shape(overlay[k]))} vs checkpoint {tuple(np.shape(base[k]))}"
+    for k in replaced
+    if tuple(np.shape(overlay[k])) != tuple(np.shape(base[k]))
+  ]
+  if wrong:
+    raise _error(f"{where}: tensors do not fit the checkpoint", {"shape mismatch": wrong})
+  if not replaced:
+    raise CheckpointMismatchError(
+      f"{where}: none of its {len(overlay)} keys names a tensor of the checkpoint (expected "
+      f"OpenAI CLIP names such as 'visual.conv1.weight'; its first keys: {list(overlay)[:5]})"
+    )
+  merged = dict(base)
+  merged.update((k, overlay[k]) for k in replaced)
+  kept = tuple(k for k in base if k not in overlay)
+  return merged, OverlayReport(replaced, ignored, kept)
+
+
 def load_clip(
   source: str | os.PathLike | Mapping[str, Any],
   *,
@@ -394,6 +445,7 @@ def load_clip(
   attention_impl: str = "xla",
   remat: bool | str = "none",
   config_json: Mapping[str, Any] | None = None,
+  overlay: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> tuple[CLIP, CLIPConfig]:
   """Loads a CLIP checkpoint into our NNX model.
 
@@ -410,6 +462,9 @@ def load_clip(
       or `plain`.
     remat: what the image tower recomputes in the backward pass (`clip.remat_mode`).
     config_json: a HF `config.json` dict for an in-memory mapping in HF naming.
+    overlay: a file (or mapping) of OpenAI-named tensors replacing the checkpoint's of the same
+      name (`overlay_state`; e.g. FaRL's weights over OpenAI's ViT-B/16); what it replaced,
+      ignored and kept is logged.
 
   Returns:
     (model, config).
@@ -439,6 +494,11 @@ def load_clip(
     state = hf_to_openai(state)
   else:
     config = config_from_openai(state, act=act or "quick_gelu")
+  if overlay is not None:
+    where = "overlay" if isinstance(overlay, Mapping) else f"overlay {overlay}"
+    tensors = overlay if isinstance(overlay, Mapping) else _read_tensors(pathlib.Path(overlay))
+    state, report = overlay_state(state, tensors, where=where)
+    logging.info("CLIP %s: %s", where, report.summary())
   if image_size is not None and image_size != config.vision.image_size:
     if image_size % config.vision.patch_size:
       raise ValueError(

@@ -9,6 +9,10 @@ presets (`config_lib.BASELINES`):
   C prompts (`prompts.py`) -> frozen CLIP text tower -> (C, D), L2-normalised
   logits = video @ text.T * 100  (a fixed scale, as the reference; CLIP's learned scale optional)
 
+Conditional prompts (Co-CoOp, `meta_net`): each video's normalised feature shifts the context of
+its own C prompts, so the text features are per video, (B, C, D), and logits[b] = video[b] @
+text[b].T * scale. `eval_constants()` is then None and every forward runs the B x C prompts.
+
 Kept from the reference: fixed logit scale 100, tanh-GELU in the temporal FFN, N(0, 1) init of the
 temporal cls/pos embeddings, no final LayerNorm or projection after the temporal transformer,
 class-specific context by default, the text tower frozen but run on the prompts every step, no
@@ -23,6 +27,7 @@ Parameter paths (dotted, as the optimizer's regex groups and the checkpoint impo
   clip.visual.*, clip.text.*, clip.logit_scale      the CLIP towers (OpenAI names)
   temporal_net.{cls_token, pos_embedding, temporal_transformer.layers.{i}.{attn,ff}.*}
   prompt_learner.ctx                                the learnable context (a Param)
+  prompt_learner.meta_net.{linear1,linear2}.*       Co-CoOp's meta-network (conditional prompts)
   prompt_learner.{token_prefix, token_suffix, name_lens}   constant buffers (`PromptBuffer`)
   head.{kernel, bias}                               linear-head models only
 """
@@ -86,7 +91,14 @@ class DFERCLIPConfig:
   n_ctx: int = 8
   class_specific: bool = True  # context (C, M, W) per class, else (M, W) shared by all classes
   position: Position = "end"  # where the class text sits relative to the context
-  ctx_init_std: float = 0.02  # the context starts from N(0, ctx_init_std)
+  ctx_init_std: float = 0.02  # the context starts from N(0, ctx_init_std) ...
+  # ... or from the token embeddings of this text, n_ctx tokens long (Co-CoOp: "a photo of a");
+  # the start is stored with the model's parameters, so restoring needs no tokenizer.
+  ctx_init: str = ""
+  # Conditional prompts (Co-CoOp): a meta-network Linear(D, D/16) -> ReLU -> Linear(D/16, W)
+  # maps each video's normalised feature to a vector added to every context token, so each video
+  # has its own prompts (B x C prompts through the text tower per step).
+  meta_net: bool = False
   # Logits: "fixed" multiplies by fixed_logit_scale (reference: 100); "clip" by exp(CLIP's
   # learned logit_scale).
   logit_scale: LogitScale = "fixed"
@@ -102,6 +114,7 @@ class DFERCLIPConfig:
     # Written by older exports as None.
     object.__setattr__(self, "template", self.template or "")
     object.__setattr__(self, "class_texts_file", self.class_texts_file or "")
+    object.__setattr__(self, "ctx_init", self.ctx_init or "")
     if self.temporal_depth == 0:  # depth 0 names the frame mean
       object.__setattr__(self, "temporal", "mean")
     if self.num_frames < 1:
@@ -130,6 +143,8 @@ class DFERCLIPConfig:
       )
     if self.template and "{}" not in self.template:
       fail(f"template {self.template!r} has no '{{}}' for the class name")
+    if (self.meta_net or self.ctx_init) and (self.head != "prompt" or self.n_ctx == 0):
+      fail("meta_net and ctx_init act on the learnable context: they need head 'prompt', n_ctx > 0")
     if self.class_texts_file and self.text_type == "template":
       fail("class_texts_file and a template are exclusive: the file gives each class's text")
 
@@ -185,6 +200,7 @@ class DFERCLIP(nnx.Module):
     clip: CLIP,
     *,
     prompt_buffers: prompts_lib.PromptBuffers | None = None,
+    ctx_init: np.ndarray | None = None,
     dtype=jnp.float32,
     attention_impl: AttentionImpl = "xla",
     rngs: nnx.Rngs,
@@ -196,6 +212,8 @@ class DFERCLIP(nnx.Module):
       clip: the CLIP towers (its image tower is trained, its text tower is not).
       prompt_buffers: the prompt learner's constants (`build_prompt_buffers`, or from a reference
         checkpoint); required for head "prompt", ignored for head "linear".
+      ctx_init: the context's start (M, W) (`prompts.context_init_embeddings`); None = random
+        (also when the parameters are about to be restored).
       dtype: compute dtype of the temporal transformer and the head.
       attention_impl: attention implementation of the temporal transformer.
       rngs: parameter initialisation.
@@ -241,6 +259,8 @@ class DFERCLIP(nnx.Module):
         class_specific=config.class_specific,
         position=config.position,
         init_std=config.ctx_init_std,
+        ctx_init=ctx_init,
+        meta_net_in=width if config.meta_net else 0,
         rngs=rngs,
       )
     else:
@@ -248,14 +268,26 @@ class DFERCLIP(nnx.Module):
     self.prompt_learner = prompt_learner
     self.head = head
 
-  def text_features(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(text features (C, D) normalised, raw (C, D), prompts (C, L, W)) of the class prompts."""
-    if self.prompt_learner is None:
+  def text_features(
+    self, video_BxD: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(text features normalised, raw, prompts) of the class prompts: (C, D), (C, D), (C, L, W);
+    for conditional prompts, of each video's prompts from its normalised feature `video_BxD`:
+    (B, C, D), (B, C, D), (B, C, L, W)."""
+    learner = self.prompt_learner
+    if learner is None:
       raise ValueError("a linear-head model has no text features")
-    prompts_CxLxW = self.prompt_learner()
-    raw_CxD = self.clip.encode_text_embeddings(prompts_CxLxW, self.prompt_learner.eot)
-    raw_CxD = raw_CxD.astype(jnp.float32)
-    return layers.l2_normalize(raw_CxD), raw_CxD, prompts_CxLxW
+    prompts = learner(video_BxD) if learner.conditional else learner()
+    eot_C = learner.eot
+    if prompts.ndim == 3:
+      raw = self.clip.encode_text_embeddings(prompts, eot_C).astype(jnp.float32)
+      return layers.l2_normalize(raw), raw, prompts
+    b, c, length, width = prompts.shape  # one text-tower batch of B*C prompts, b-major
+    raw_NxD = self.clip.encode_text_embeddings(
+      prompts.reshape(b * c, length, width), jnp.tile(eot_C, b)
+    )
+    raw_BxCxD = raw_NxD.reshape(b, c, -1).astype(jnp.float32)
+    return layers.l2_normalize(raw_BxCxD), raw_BxCxD, prompts
 
   def logit_scale(self) -> jax.Array:
     if self.config.logit_scale == "clip":
@@ -278,12 +310,12 @@ class DFERCLIP(nnx.Module):
       train: enables dropout (the reference's dropout is 0, so train and eval agree there).
       rngs: dropout randomness (`nnx.Rngs(dropout=key)`), needed when training with dropout > 0.
       text_features: precomputed normalised (C, D) text features (`eval_constants()`, once per
-        evaluation); computed when None.
+        evaluation); computed when None (always for conditional prompts, per video).
 
     Returns:
       logits (B, C) and aux with frame_features (B, T, D) (raw CLIP image features),
-      video_features (B, D) / video_features_raw, and for the prompt head text_features (C, D),
-      plus text_features_raw and prompts (C, L, W) when computed here.
+      video_features (B, D) / video_features_raw, and for the prompt head text_features (C, D)
+      or per video (B, C, D), plus text_features_raw and prompts when computed here.
     """
     if video_BxTxHxWx3.ndim != 5 or video_BxTxHxWx3.shape[-1] != 3:
       raise ValueError(f"expected video (B, T, H, W, 3), got {video_BxTxHxWx3.shape}")
@@ -309,10 +341,17 @@ class DFERCLIP(nnx.Module):
       logits_BxC = self.head(video_raw_BxD).astype(jnp.float32)
     else:
       if text_features is None:
-        text_features, aux["text_features_raw"], aux["prompts"] = self.text_features()
-      assert text_features.shape == (self.config.num_classes, d), text_features.shape
+        text_features, aux["text_features_raw"], aux["prompts"] = self.text_features(video_BxD)
+      elif self.prompt_learner.conditional:
+        raise ValueError("conditional prompts compute their text features per video")
       aux["text_features"] = text_features
-      logits_BxC = video_BxD @ text_features.T * self.logit_scale()
+      c = self.config.num_classes
+      if text_features.ndim == 3:  # per video
+        assert text_features.shape == (b, c, d), text_features.shape
+        logits_BxC = jnp.einsum("bd,bcd->bc", video_BxD, text_features) * self.logit_scale()
+      else:
+        assert text_features.shape == (c, d), text_features.shape
+        logits_BxC = video_BxD @ text_features.T * self.logit_scale()
     return logits_BxC, aux
 
   def preprocess(self, video_uint8: jax.Array) -> jax.Array:
@@ -322,8 +361,10 @@ class DFERCLIP(nnx.Module):
   def eval_constants(self) -> jax.Array | None:
     """What an evaluation computes once for all its videos and passes to `probabilities`: the
     class prompts' text features (C, D), which do not depend on the video; None for a linear
-    head. A model whose text features depend on each video returns None."""
-    return None if self.prompt_learner is None else self.text_features()[0]
+    head. A model whose text features depend on each video (conditional prompts) returns None."""
+    if self.prompt_learner is None or self.prompt_learner.conditional:
+      return None
+    return self.text_features()[0]
 
   def probabilities(self, video_uint8: jax.Array, constants: jax.Array | None = None) -> jax.Array:
     """The evaluation forward pass: uint8 clips (B, T, H, W, 3) -> class probabilities (B, C)."""
@@ -356,7 +397,7 @@ def create_dfer_clip(
   `texts` overrides the config's class texts (one per class); the tokenizer is needed for the
   prompt head only.
   """
-  buffers = None
+  buffers, ctx_init = None, None
   if config.head == "prompt":
     if tokenizer is None:
       raise ValueError("head 'prompt' needs a tokenizer to build the class prompts")
@@ -366,6 +407,16 @@ def create_dfer_clip(
     buffers = prompts_lib.build_prompt_buffers(
       tokenizer, texts, config.n_ctx, clip.token_embedding, clip.config.text.context_length
     )
+    if config.ctx_init:
+      ctx_init = prompts_lib.context_init_embeddings(
+        tokenizer, config.ctx_init, config.n_ctx, clip.token_embedding
+      )
   return DFERCLIP(
-    config, clip, prompt_buffers=buffers, dtype=dtype, attention_impl=attention_impl, rngs=rngs
+    config,
+    clip,
+    prompt_buffers=buffers,
+    ctx_init=ctx_init,
+    dtype=dtype,
+    attention_impl=attention_impl,
+    rngs=rngs,
   )

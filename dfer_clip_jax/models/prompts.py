@@ -5,8 +5,12 @@
 
 The class texts are tokenized once (`build_prompt_buffers`); their embeddings are constant model
 state (`PromptBuffer`s: saved with the model, never trained), so a restored model needs no
-tokenizer. Parameter paths: `prompt_learner.ctx` (the context, a Param) and
-`prompt_learner.{token_prefix, token_suffix, name_lens}` (the buffers).
+tokenizer. Parameter paths: `prompt_learner.ctx` (the context, a Param),
+`prompt_learner.meta_net.{linear1, linear2}.{kernel, bias}` (Co-CoOp's meta-network, conditional
+prompts only) and `prompt_learner.{token_prefix, token_suffix, name_lens}` (the buffers).
+
+Conditional prompts (Co-CoOp): a meta-network maps each video's normalised feature (B, D) to a
+vector (B, W) added to every context token, so every video has its own C prompts (B, C, L, W).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dfer_clip_jax import tokenizer as tokenizer_lib
+from dfer_clip_jax.models import layers
 
 # The placeholder word whose token embeddings the learnable context replaces (one BPE token).
 CONTEXT_PLACEHOLDER = "X"
@@ -95,6 +100,36 @@ def build_prompt_buffers(
   return PromptBuffers(emb_CxLxW[:, :1], emb_CxLxW[:, 1 + n_ctx :], name_lens_C)
 
 
+def context_init_embeddings(
+  tokenizer, text: str, n_ctx: int, token_embedding_VxW: jax.Array | np.ndarray
+) -> np.ndarray:
+  """The token embeddings (M, W) of `text` (e.g. "a photo of a"), to start the context from.
+
+  The text must be exactly n_ctx tokens: each context token starts as one word piece of it.
+  """
+  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  if len(ids) != n_ctx:
+    raise ValueError(
+      f"ctx_init {text!r} is {len(ids)} tokens, but n_ctx is {n_ctx}: the context starts from "
+      "one token embedding per context token (set model.n_ctx to its token count, or "
+      "model.ctx_init='' for a random start)"
+    )
+  return np.asarray(token_embedding_VxW, np.float32)[np.asarray(ids)]
+
+
+class MetaNet(nnx.Module):
+  """Co-CoOp's meta-network: a video's normalised feature (B, D) -> Linear(D, D/16) -> ReLU ->
+  Linear(D/16, W) -> a bias (B, W) for every context token of that video's prompts."""
+
+  def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
+    hidden = max(in_dim // 16, 1)
+    self.linear1 = layers.torch_linear(in_dim, hidden, use_bias=True, dtype=jnp.float32, rngs=rngs)
+    self.linear2 = layers.torch_linear(hidden, out_dim, use_bias=True, dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, x_BxD: jax.Array) -> jax.Array:
+    return self.linear2(jax.nn.relu(self.linear1(x_BxD.astype(jnp.float32))))
+
+
 def prompt_gather_index(
   position: str, n_ctx: int, name_lens_C: jax.Array, length: int
 ) -> jax.Array:
@@ -122,7 +157,8 @@ class PromptLearner(nnx.Module):
   """Learnable context (CoOp-style) around fixed class-text token embeddings
   (docs/method.md, "Prompts").
 
-  With n_ctx = 0 the prompts are the class texts' token embeddings (manual prompts).
+  With n_ctx = 0 the prompts are the class texts' token embeddings (manual prompts). With
+  `meta_net_in` > 0 (Co-CoOp) the prompts depend on each video (see the module docstring).
   """
 
   def __init__(
@@ -133,8 +169,13 @@ class PromptLearner(nnx.Module):
     class_specific: bool,
     position: str,
     init_std: float = 0.02,
+    ctx_init: np.ndarray | None = None,
+    meta_net_in: int = 0,
     rngs: nnx.Rngs,
   ):
+    """Args beyond the buffers' shapes: `ctx_init` (M, W) starts every class's context from
+    these embeddings instead of N(0, init_std); `meta_net_in` > 0 adds a meta-network reading
+    video features of that width (conditional prompts)."""
     c, one, width = np.shape(buffers.token_prefix)
     suffix_shape = np.shape(buffers.token_suffix)
     if (
@@ -151,11 +192,20 @@ class PromptLearner(nnx.Module):
     self.num_classes, self.width, self.n_ctx = c, width, n_ctx
     self.context_length = 1 + n_ctx + suffix_shape[1]
     self.class_specific, self.position = class_specific, position
+    if meta_net_in and not n_ctx:
+      raise ValueError("a meta-network needs context tokens to add its output to (n_ctx > 0)")
     if n_ctx:
       shape = (c, n_ctx, width) if class_specific else (n_ctx, width)
-      self.ctx = nnx.Param(init_std * jax.random.normal(rngs.params(), shape, jnp.float32))
+      if ctx_init is None:
+        ctx = init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
+      else:
+        if np.shape(ctx_init) != (n_ctx, width):
+          raise ValueError(f"ctx_init has shape {np.shape(ctx_init)}, expected {(n_ctx, width)}")
+        ctx = jnp.broadcast_to(jnp.asarray(ctx_init, jnp.float32), shape)
+      self.ctx = nnx.Param(ctx)
     else:
       self.ctx = None
+    self.meta_net = MetaNet(meta_net_in, width, rngs=rngs) if meta_net_in else None
     self.token_prefix = PromptBuffer(jnp.asarray(buffers.token_prefix, jnp.float32))
     self.token_suffix = PromptBuffer(jnp.asarray(buffers.token_suffix, jnp.float32))
     self.name_lens = PromptBuffer(jnp.asarray(buffers.name_lens, jnp.int32))
@@ -165,11 +215,28 @@ class PromptLearner(nnx.Module):
     """End-of-text row of each prompt, (C,)."""
     return 1 + self.n_ctx + self.name_lens[...]
 
-  def __call__(self) -> jax.Array:
-    """The assembled prompt embeddings (C, L, W)."""
+  @property
+  def conditional(self) -> bool:
+    """Whether the prompts depend on the video (Co-CoOp's meta-network)."""
+    return self.meta_net is not None
+
+  def __call__(self, video_BxD: jax.Array | None = None) -> jax.Array:
+    """The assembled prompt embeddings: (C, L, W), or (B, C, L, W) for conditional prompts,
+    whose meta-network reads the videos' normalised features `video_BxD`."""
+    if not self.conditional:
+      return self._assemble(None if self.ctx is None else self.ctx[...])
+    if video_BxD is None:
+      raise ValueError("conditional prompts need the videos' features (video_BxD)")
+    bias_BxW = self.meta_net(video_BxD)
+    ctx = self.ctx[...]
+    # The same bias on every context token (and, with class-specific context, every class).
+    bias = bias_BxW[:, None, :] if ctx.ndim == 2 else bias_BxW[:, None, None, :]
+    return jax.vmap(self._assemble)(ctx[None] + bias)
+
+  def _assemble(self, ctx: jax.Array | None) -> jax.Array:
+    """Context (M, W) shared or (C, M, W) per class, or None -> prompts (C, L, W)."""
     parts = [self.token_prefix[...]]
-    if self.ctx is not None:
-      ctx = self.ctx[...]
+    if ctx is not None:
       if ctx.ndim == 2:  # shared context: broadcast to the classes before any splitting
         ctx = jnp.broadcast_to(ctx[None], (self.num_classes,) + ctx.shape)
       parts.append(ctx)
