@@ -464,6 +464,10 @@ class Trainer:
         len(dataset.skipped),
         dataset.skipped[:20],
       )
+      # Beside the clips validation left out: those found unreadable only while training.
+      with open(self.workdir / "skipped_clips.txt", "a") as f:
+        for s in dataset.skipped:
+          f.write(f"{s.origin or ''} {s.clip_id}: {s.reason} (training step {s.step})\n")
 
   def _save(self, step: int, it, entry) -> None:
     metrics = None
