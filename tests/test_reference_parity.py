@@ -54,8 +54,8 @@ def imported(reference_dir):
 
 
 @pytest.fixture(scope="module")
-def forward_fn():
-  return nnx.jit(lambda model, video: model(video, train=False))
+def forward_fn(eval_forward):
+  return eval_forward
 
 
 def test_inferred_config(imported, fwd):
