@@ -172,3 +172,39 @@ def test_two_folds_learn_skip_the_bad_clip_and_resume_an_interrupted_fold(
   assert last["war"]["std"] == pytest.approx(np.std(wars, ddof=1))
   table = (tmp_path / "folds.md").read_text()
   assert "2 folds" in table and "±" in table
+
+
+def test_training_from_packed_data_named_by_fold(colour_root, tmp_path):
+  """Fold 2's lists (the unreadable clip left out) packed at short side 20 as
+  dfew/fold2_short20; data.packed_name='dfew/fold{fold}_short20' trains and evaluates on it (the
+  default name, dfew/fold2, does not exist)."""
+  from dfer_clip_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+
+  manual = tmp_path / "manual"
+  (manual / "annotation").mkdir(parents=True)
+  (manual / "frames").symlink_to(colour_root / "frames")
+  for split in ("train", "test"):
+    lines = (colour_root / "lists" / f"fold2_{split}.txt").read_text().splitlines()
+    lines = [x for x in lines if "broken" not in x]
+    (manual / "annotation" / f"{split}_fold2.txt").write_text("\n".join(lines) + "\n")
+  data_dir = tmp_path / "tfds"
+  name = tfds_builders.build(
+    "dfew", "fold2", manual_dir=manual, data_dir=data_dir, resize_short_side=20, num_workers=1
+  )
+  assert name == "dfew/fold2_short20"
+  c = colour_config(
+    colour_root,
+    **{
+      "fold": 2,
+      "data.source": "packed",
+      "data.packed_dir": str(data_dir),
+      "data.packed_name": "dfew/fold{fold}_short20",
+      "train.epochs": 1,
+    },
+  )
+  report = train.train_and_evaluate(c, tmp_path / "run")
+  assert len(report["history"]) == 1 and report["last_test"]["counts"]["total"] == 7 * 2
+  steps = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+  assert steps == [STEPS_PER_EPOCH]
+  predictions = (tmp_path / "run" / "eval" / "last" / "predictions.csv").read_text()
+  assert "f2_test_" in predictions and "f1_test_" not in predictions
