@@ -120,13 +120,18 @@ def test_two_folds_learn_skip_the_bad_clip_and_resume_an_interrupted_fold(
   colour_root, tmp_path, monkeypatch, capsys
 ):
   """Fold 1 trains to the end; fold 2 is preempted after step 3 (the folds runner stops);
-  the rerun keeps fold 1, resumes fold 2 at step 3 and writes the mean ± std table."""
+  the rerun keeps fold 1, resumes fold 2 at step 3 and writes the mean ± std table. Fold 1's
+  unreadable clip is left out by the start-up validation, fold 2's (data.validate=False) while
+  training: both are listed in the fold's skipped_clips.txt with why."""
   config = colour_config(colour_root)
   real_run = train.train_and_evaluate
   calls = []
 
   def interrupt_fold2_once(c, workdir):
     calls.append(c.fold)
+    if c.fold == 2:  # its unreadable clip is found while training, not by the validation
+      with c.unlocked():
+        c.data.validate = False
     if c.fold == 2 and calls.count(2) == 1:
       monkeypatch.setenv(preemption.ENV_TEST_SIGNAL, "0:3")
     else:
@@ -162,7 +167,12 @@ def test_two_folds_learn_skip_the_bad_clip_and_resume_an_interrupted_fold(
     skipped = (run / "skipped_clips.txt").read_text().splitlines()
     assert len(skipped) == 1, skipped
     assert skipped[0].startswith(f"{colour_root / 'lists' / f'fold{fold}_train.txt'}:{BAD_LINE} ")
-    assert f"f{fold}_broken: [unreadable_image]" in skipped[0] and "cannot be decoded" in skipped[0]
+    broken = colour_root / "frames" / f"f{fold}_broken"
+    if fold == 1:
+      assert f" {broken}: [unreadable_image] " in skipped[0] and "cannot be decoded" in skipped[0]
+    else:
+      assert " frames/f2_broken: " in skipped[0] and "cannot identify image file" in skipped[0]
+      assert "(first skipped at training step" in skipped[0]
 
   last = summary["last epoch"]
   assert last["num_folds"] == 2
