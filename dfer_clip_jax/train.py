@@ -460,13 +460,27 @@ class Trainer:
           )
           if self.primary:
             print(message, flush=True)
+          self._record_skipped(dataset.skipped)
           raise preemption.Preempted(message)
-    if dataset.skipped and self.primary:
-      logging.warning(
-        "%d clips were skipped during training (bad_clip_policy=skip): %s",
-        len(dataset.skipped),
-        dataset.skipped[:20],
-      )
+    self._record_skipped(dataset.skipped)
+
+  def _record_skipped(self, skipped) -> None:
+    """Adds the clips found unreadable while training (bad_clip_policy=skip; beside those
+    validation left out) to `<workdir>/skipped_clips.txt`, once per clip, with why."""
+    if not skipped or not self.primary:
+      return
+    logging.warning(
+      "%d clips were skipped during training (bad_clip_policy=skip): %s", len(skipped), skipped[:20]
+    )
+    path = self.workdir / "skipped_clips.txt"
+    listed = path.read_text().splitlines() if path.is_file() else []
+    seen = {line.split(": ", 1)[0] for line in listed}
+    with open(path, "a") as f:
+      for s in skipped:
+        where = f"{s.origin} {s.clip_id}" if s.origin else s.clip_id
+        if where not in seen:
+          seen.add(where)
+          f.write(f"{where}: {s.reason} (first skipped at training step {s.step})\n")
 
   def _save(self, step: int, it, entry) -> None:
     metrics = None

@@ -29,3 +29,12 @@ def reference_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> pathlib.Path:
   return _require(TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def eval_forward():
+  """(model, float video) -> (logits, aux), jitted once for the session: tests that run models
+  of the same structure share its compilations."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  return nnx.jit(lambda model, video: model(video, train=False))

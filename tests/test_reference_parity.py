@@ -6,19 +6,19 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 # The reference's prompt assembly loop, written once for both test files.
 from test_dfer_clip import np_prompts  # pylint: disable=g-bad-import-order
 
-from dfer_clip_jax import config_lib, convert
+from dfer_clip_jax import config_lib, convert, train
+from dfer_clip_jax import state as state_lib
 from dfer_clip_jax.conversion import clip_weights, reference
 from dfer_clip_jax.conversion.clip_weights import CheckpointMismatchError
+from dfer_clip_jax.models import dfer_clip as dfer_lib
 from dfer_clip_jax.optim import (
   groups_from_config,
-  make_optimizer,
   momentum_buffers,
   path_name,
   present_groups,
@@ -54,8 +54,8 @@ def imported(reference_dir):
 
 
 @pytest.fixture(scope="module")
-def forward_fn():
-  return nnx.jit(lambda model, video: model(video, train=False))
+def forward_fn(eval_forward):
+  return eval_forward
 
 
 def test_inferred_config(imported, fwd):
@@ -290,7 +290,11 @@ def test_reference_pth_checkpoint_and_cli_export(weights, tmp_path, capsys):
 # Five training steps of the reference recipe.
 
 
-def test_train_steps_match_reference(reference_dir, imported):
+def test_train_steps_match_reference(reference_dir, imported, monkeypatch):
+  """The trainer's own step (`train.make_train_step`: masked loss, gradients of the optimizer's
+  parameters, update) with the optimizer the paper config builds (`state.build_optimizer`:
+  groups, learning rates, schedule, coupled weight decay), five steps against the reference.
+  Only the uint8 -> float conversion is bypassed: the fixture's pixels are floats in [0, 1]."""
   with np.load(reference_dir / "tiny_train_steps.npz") as f:
     ref = {k: f[k] for k in f.files}
   # A fresh copy: the module-scoped model stays untouched for the other tests.
@@ -309,32 +313,33 @@ def test_train_steps_match_reference(reference_dir, imported):
       reference.to_reference_layout(init[ours], how), ref[f"init/{name}"]
     )
 
-  groups = present_groups(model, groups_from_config(config_lib.base_config().optim))
-  optimizer = make_optimizer(model, groups, optimizer="sgd", momentum=0.9, weight_decay=1e-4)
+  config = config_lib.paper_config("dfew")
+  groups = present_groups(model, groups_from_config(config.optim))
+  optimizer = state_lib.build_optimizer(config, model, groups, steps_per_epoch=5)
   assert sorted(ours_to_ref[n][0] for n in optimizer.wrt.names) == trained
   frozen_before = reference.model_arrays(model)
   frozen_before = {k: v for k, v in frozen_before.items() if k not in optimizer.wrt.names}
 
-  @nnx.jit
-  def train_step(model, optimizer, video, labels):
-    def loss_fn(model):
-      logits, _ = model(video, train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(model)
-    optimizer.update(model, grads)
-    return loss, grads
-
+  monkeypatch.setattr(dfer_lib.DFERCLIP, "preprocess", lambda self, video: video)
+  graphdef, model_state = nnx.split(model)
+  opt_graphdef, opt_state = nnx.split(optimizer)
+  step_fn = jax.jit(train.make_train_step(graphdef, opt_graphdef, dropout=False))
   losses = []
   for step in range(5):
-    loss, grads = train_step(
-      model, optimizer, to_bthwc(ref["_videos"][step]), jnp.asarray(ref["_labels"][step], jnp.int32)
-    )
-    losses.append(float(loss))
+    batch = {
+      "video": to_bthwc(ref["_videos"][step]),
+      "label": jnp.asarray(ref["_labels"][step], jnp.int32),
+      "mask": jnp.ones(len(ref["_labels"][step]), bool),
+    }
+    model_state, opt_state, metrics = step_fn(model_state, opt_state, batch, jax.random.key(0))
+    losses.append(float(metrics["loss"]))
     if step == 0:
-      grad0 = arrays(grads)
+      # SGD's first momentum buffer is the gradient plus the coupled weight decay.
+      first = momentum_buffers(nnx.merge(opt_graphdef, opt_state))
+      grad0 = {k: v - config.optim.weight_decay * init[k] for k, v in first.items()}
   np.testing.assert_allclose(losses, ref["_losses"], rtol=1e-4)
 
+  model, optimizer = nnx.merge(graphdef, model_state), nnx.merge(opt_graphdef, opt_state)
   final = arrays(nnx.state(model, nnx.Param))
   momentum = momentum_buffers(optimizer)
   assert grad0.keys() == momentum.keys() == set(optimizer.wrt.names)
@@ -346,7 +351,12 @@ def test_train_steps_match_reference(reference_dir, imported):
 
     assert rel(back(grad0[ours]), ref[f"grad0/{name}"]) < 1e-4, name
     assert rel(back(final[ours]), ref[f"final/{name}"]) < 1e-4, name
-    update_tol = 5e-3 if name.startswith("image_encoder.") else 1e-4
+    if name.startswith("image_encoder."):
+      update_tol = 5e-3  # lr 1e-5: the update is a small difference of float32 weights
+    elif name.startswith("prompt_learner."):
+      update_tol = 1e-3
+    else:
+      update_tol = 1e-4
     assert (
       rel(back(final[ours] - init[ours]), ref[f"final/{name}"] - ref[f"init/{name}"]) < update_tol
     ), name

@@ -4,7 +4,9 @@
 datasets, or the synthetic dataset (generated into the workdir when absent). Frame folders are
 validated before training (`config.data.validate`): with `bad_clip_policy='error'` any problem
 stops the run with the full report; with `'skip'` the bad clips are left out and every one is
-listed in the log and in `<workdir>/skipped_clips.txt`.
+listed, with why, in the log and in `<workdir>/skipped_clips.txt` (one line per clip:
+`<list>:<line> <frame folder>: [kind] what is wrong`; clips found unreadable only while training
+are added by the trainer).
 
 Multi-process runs: process 0 alone generates the synthetic dataset, the others wait for it;
 each process validates its own share of the frame folders and all of them get the whole report;
@@ -112,9 +114,12 @@ def _folder_source(
       )
     bad = report.bad_lines
     if bad:
+      why: dict[int, list[str]] = {}
+      for p in report.errors:
+        why.setdefault(p.line, []).append(f"[{p.kind}] {p.message}")
       for a in anns:
         if a.line_no in bad:
-          skipped.append(f"{a.origin} {a.frame_dir}")
+          skipped.append(f"{a.origin} {a.frame_dir}: {'; '.join(why[a.line_no])}")
       logging.warning("%s: leaving out %d bad clips:\n%s", path, len(bad), report.format())
       anns = [a for a in anns if a.line_no not in bad]
   return annotations_lib.FrameFolderSource(anns)
