@@ -1,9 +1,10 @@
 r"""DFER-CLIP on DFEW (7 classes, 5 folds): the paper's recipe (docs/method.md).
 
   python -m dfer_clip_jax.main --config=configs/dfew.py:fold=1 --workdir=runs/dfew_fold1 \
-    --config.clip.checkpoint=clip-vit-base-patch32 --config.data.root=/data/DFEW \
-    --config.data.train_list=annotations/DFEW/set_1_train.txt \
-    --config.data.test_list=annotations/DFEW/set_1_test.txt
+    --config.clip.checkpoint=openai/clip-vit-base-patch32 --config.data.root=/data/DFEW
+
+(the annotation lists are found in data.root under the dataset's own names: README,
+"Train on DFEW")
 
 Arguments after the colon: fold=1..5, variant=B/32|B/16|L/14, ctx=4|8|16, depth=0..3,
 text=class_name|name_with_context|descriptor|template,

@@ -1,13 +1,28 @@
 """Shared test fixtures: paths to ../shared test data (skipped cleanly when absent)."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 # Keep tests on the CPU with several fake devices so sharding code is exercised.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# One persistent XLA compilation cache for the whole session: the tests' processes (pytest-xdist
+# workers, and the training runs, launchers and CLIs they start, which inherit the environment)
+# compile the same tiny programs many times over, and compiling is most of the suite's time. The
+# cache returns the executables the compiler would have produced; it changes no result. It is
+# made fresh for each session (never reused from an earlier one) and removed at its end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="dfer-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -66,7 +66,7 @@ def test_converted_checkpoint_computes_the_reference_logits(
   np.testing.assert_allclose(logits, fwd["_logits"], atol=LOGITS_ATOL, rtol=0)
 
 
-def test_clip_act_and_temporal_dim_head_change_the_model(weights, fwd, logits_of, tmp_path):
+def test_clip_act_and_temporal_dim_head_change_the_model(weights, fwd, logits_of, tmp_path, capsys):
   """--clip_act=gelu runs exact GELU in both CLIP towers; --temporal_dim_head=32 splits the
   temporal attention into 16 heads of 32. Both are recorded in the export and change the
   logits (the fixture was made with quick_gelu and 8 heads of 64)."""
@@ -83,5 +83,9 @@ def test_clip_act_and_temporal_dim_head_change_the_model(weights, fwd, logits_of
     json.loads((out / reference.EXPORT_CONFIG).read_text())["dfer_clip"]["temporal_heads"] == 16
   )
   assert np.abs(logits - fwd["_logits"]).max() > 100 * LOGITS_ATOL
-  with pytest.raises(ValueError, match="temporal_dim_head=48"):
+  # A width that does not divide the checkpoint's: a usage error (exit 2) naming the option.
+  with pytest.raises(SystemExit) as exit_info:
     convert.main([f"--reference={source}", f"--out={tmp_path / 'bad'}", "--temporal_dim_head=48"])
+  assert exit_info.value.code == 2
+  assert "temporal_dim_head=48" in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()

@@ -43,6 +43,7 @@ WAIT_LOG_EVERY_S = 10
 # the device layout, and Adam scales any noise up to a full learning-rate step.
 OVERRIDES = {
   **TINY_OVERRIDES,
+  "mesh.data": -1,  # every device of the process: the sharded layout is what is tested here
   "train.epochs": 1,
   "train.checkpoint_every_steps": 2,
   "optim.name": "sgd",
@@ -152,13 +153,9 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("dist")
   synth = root / "synth"
   synthetic.generate(synth, num_classes=7, num_clips=42, seed=0, image_size=24, processes=1)
-  # A compilation cache shared by the runs: the 1-process eval reuses the 1-process run's
-  # programs. It changes no result (the same executables), only the wall time.
-  env = {
-    "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-  }
+  # The runs share the session's compilation cache (conftest.py): the 1-process eval reuses the
+  # 1-process run's programs, the preemption test these runs' programs.
+  env = {}
   slow_primary = {
     distributed.ENV_TEST_PRIMARY_DELAY: f"{PRIMARY_DELAY_S}:generating",
     distributed.ENV_WAIT_LOG_EVERY: str(WAIT_LOG_EVERY_S),

@@ -3,6 +3,7 @@
 test_predict)."""
 
 import json
+import re
 
 import pytest
 
@@ -35,7 +36,10 @@ def test_which_picks_the_checkpoint_of_a_workdir(saved, media, tmp_path):  # noq
     args = [f"--checkpoint={saved['root'] / 'run'}", f"--input={media['root'] / 'frames_clip'}"]
     assert predict.main([*args, f"--which={which}", f"--out={out}", "--face=none"]) == 0
     pred = json.loads((out / "frames_clip" / "predictions.json").read_text())
-    assert pred["model"]["checkpoint"].endswith(f"(step {step})"), (which, pred["model"])
+    assert re.search(rf"checkpoints/{step} \(step {step}\b", pred["model"]["checkpoint"]), (
+      which,
+      pred["model"],
+    )
 
 
 def _faces(out, name):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dfer_clip_jax import folds, preemption, train
-from dfer_clip_jax.data import validate
+from dfer_clip_jax.data import datasets, validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -198,7 +198,9 @@ def test_training_from_packed_data_named_by_fold(colour_root, tmp_path):
   for split in ("train", "test"):
     lines = (colour_root / "lists" / f"fold2_{split}.txt").read_text().splitlines()
     lines = [x for x in lines if "broken" not in x]
-    (manual / "annotation" / f"{split}_fold2.txt").write_text("\n".join(lines) + "\n")
+    # Under the dataset's own list name (the registry's), where the builder looks.
+    list_file = datasets.get("dfew").list_file(split, 2)
+    (manual / "annotation" / list_file).write_text("\n".join(lines) + "\n")
   data_dir = tmp_path / "tfds"
   name = tfds_builders.build(
     "dfew", "fold2", manual_dir=manual, data_dir=data_dir, resize_short_side=20, num_workers=1

@@ -31,6 +31,10 @@ TINY_OVERRIDES = {
   "train.checkpoint_every_steps": 2,
   "train.log_every_steps": 1,
   "data.validate": True,
+  # One device: the runs here test training, checkpoints and reports, and on 8 fake CPU devices
+  # each save and restore compiles many small per-shard programs (2-3x the run's time). The
+  # 8-device layout is tested where it is the subject (one vs eight devices, test_distributed).
+  "mesh.data": 1,
 }
 
 
