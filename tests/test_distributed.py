@@ -37,14 +37,16 @@ RUN_TIMEOUT_S = 240  # one launcher call; a 2-process run takes ~70 s on 2 cores
 # 30 s a gloo collective's set-up waits, which is what the helpers of `distributed` once used.
 PRIMARY_DELAY_S = 35
 WAIT_LOG_EVERY_S = 10
-# One epoch of 3 steps, a checkpoint after step 2 and at the end (step 3). SGD (the paper's
+# Two epochs of 3 steps, a checkpoint every 2 steps and at each epoch's end (steps 2, 3, 4, 6;
+# the newest two and the best are kept). The 1-process run is also the uninterrupted run the
+# preemption test compares with. SGD (the paper's
 # optimizer) rather than the demo's AdamW: parameters whose exact gradient is zero (attention key
 # biases: softmax ignores a shift shared by all keys) get float-noise gradients that differ with
 # the device layout, and Adam scales any noise up to a full learning-rate step.
 OVERRIDES = {
   **TINY_OVERRIDES,
   "mesh.data": -1,  # every device of the process: the sharded layout is what is tested here
-  "train.epochs": 1,
+  "train.epochs": 2,
   "train.checkpoint_every_steps": 2,
   "optim.name": "sgd",
 }
@@ -220,9 +222,9 @@ def _assert_same_state(a, b) -> None:
 def test_two_processes_train_like_one(runs):
   one, two = runs["one"], runs["two"]
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=1e-5)
-  assert len(_losses(two)) == 3  # written once (process 0), not once per process
+  assert len(_losses(two)) == 6  # written once (process 0), not once per process
   _assert_same_state(
-    _restore_numpy(one / "checkpoints" / "3"), _restore_numpy(two / "checkpoints" / "3")
+    _restore_numpy(one / "checkpoints" / "6"), _restore_numpy(two / "checkpoints" / "6")
   )
 
 
@@ -232,12 +234,8 @@ def test_sigterm_to_one_process_saves_an_agreed_step_and_resumes(runs, tmp_path)
   command resumes there and ends with the state of an uninterrupted run."""
   from dfer_clip_jax import preemption  # pylint: disable=g-import-not-at-top
 
-  args = [*_cli(runs["synth"]), "--config.train.epochs=2"]
-  ref = tmp_path / "uninterrupted"
-  _check(
-    launch(tmp_path / "ref_logs", "--", f"--workdir={ref}", *args, n=1, devices=8),
-    tmp_path / "ref_logs",
-  )
+  args = _cli(runs["synth"])
+  ref = runs["one"]  # the same command, uninterrupted, in one process
   workdir, logdir = tmp_path / "preempted", tmp_path / "preempted_logs"
   result = launch(
     logdir,
@@ -278,7 +276,9 @@ def test_two_processes_evaluate_like_one(runs):
   for l1, l2 in zip(p1[1:], p2[1:]):
     f1, f2 = l1.split(","), l2.split(",")
     assert f1[:5] == f2[:5]  # clip id, label, its name, prediction, its name
-    np.testing.assert_allclose(np.float64(f2[5:]), np.float64(f1[5:]), atol=1e-5)
+    # Parameters agree to 1e-5 after the 6 steps (all-reduce order); the logit scale of 100
+    # amplifies that in the probabilities.
+    np.testing.assert_allclose(np.float64(f2[5:]), np.float64(f1[5:]), atol=1e-4)
 
 
 def test_only_process_zero_writes(runs):
@@ -287,9 +287,9 @@ def test_only_process_zero_writes(runs):
   log0 = (runs["two_logs"] / "process_0.log").read_text()
   log1 = (runs["two_logs"] / "process_1.log").read_text()
   assert "Report:" in log0 and "Report:" not in log1
-  assert re.search(r"step +3/3 \| loss", log0) and not re.search(r"step +\d+/3", log1)
+  assert re.search(r"step +6/6 \| loss", log0) and not re.search(r"step +\d+/6", log1)
   # Both processes wrote their shards of the checkpoint (Orbax: one OCDBT folder per process).
-  state = two / "checkpoints" / "3" / "state"
+  state = two / "checkpoints" / "6" / "state"
   assert sorted(p.name for p in state.glob("ocdbt.process_*")) == [
     "ocdbt.process_0",
     "ocdbt.process_1",
@@ -325,7 +325,10 @@ def test_two_process_checkpoint_evaluates_in_one_process(runs):
 def test_processes_agree_on_the_resume_step(runs, tmp_path):
   ckpt = tmp_path / "checkpoints"
   shutil.copytree(runs["two"] / "checkpoints", ckpt)
-  assert sorted(p.name for p in ckpt.iterdir()) == ["2", "3"]
+  for extra in ckpt.iterdir():  # the two newest steps: 4 and 6
+    if extra.name not in ("4", "6"):
+      shutil.rmtree(extra)
+  assert sorted(p.name for p in ckpt.iterdir()) == ["4", "6"]
   out = tmp_path / "out"
   out.mkdir()
   logdir = tmp_path / "logs"
@@ -348,10 +351,10 @@ def test_processes_agree_on_the_resume_step(runs, tmp_path):
     assert (g["process"], g["count"]) == (i, 2)
     assert g["broadcast"] == {"from": 0, "text": "x" * 100}
     assert g["gathered"] == [[0], [1, 1]]
-    assert g["newest"] == 3
-    # Process 1 alone saw step 3 as broken: both restore step 2, and step 3 is set aside.
-    assert g["agreed"] == 2
-    assert g["dirs_after"] == ["2", "3.corrupt"]
+    assert g["newest"] == 6
+    # Process 1 alone saw step 6 as broken: both restore step 4, and step 6 is set aside.
+    assert g["agreed"] == 4
+    assert g["dirs_after"] == ["4", "6.corrupt"]
   assert got[0]["run_on_primary_error"] == "KeyError: 'only process 0 runs this'"
   assert got[1]["run_on_primary_error"].startswith("PrimaryFailedError: process 0 failed")
   assert [g["every"] for g in got] == [[0, 10]] * 2
