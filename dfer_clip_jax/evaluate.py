@@ -126,7 +126,8 @@ def evaluate_checkpoint(
   model, spec, ref = restore.load_model(
     path if path.is_dir() else workdir, which, mesh=mesh, min_size=config.mesh.fsdp_min_size
   )
-  sources = sources_lib.build_sources(config, workdir)
+  # Only the split it evaluates is read and validated (not the training list).
+  sources = sources_lib.build_sources(config, workdir, splits=("test",))
   if tuple(sources.class_names) != spec.class_names:
     raise ValueError(
       f"the checkpoint's classes {spec.class_names} differ from the dataset's {sources.class_names}"

@@ -173,6 +173,30 @@ def test_eval_mode_reproduces_final_metrics(finished_run, synth):
   assert result["confusion_matrix"] == report["last_test"]["confusion_matrix"]
 
 
+def test_eval_mode_reads_and_validates_only_the_test_split(finished_run, synth, monkeypatch):
+  """--mode=eval validates the clips it evaluates, not the training list (a broken training
+  list does not matter to it), and leaves the run's skipped_clips.txt alone."""
+  from dfer_clip_jax.data import validate  # pylint: disable=g-import-not-at-top
+
+  workdir, report = finished_run
+  validated = []
+  real = validate.validate_clips
+  monkeypatch.setattr(
+    validate, "validate_clips", lambda anns, **kw: validated.append(len(anns)) or real(anns, **kw)
+  )
+  config = tiny_config(
+    synth,
+    **{
+      "data.source": "folders",
+      "data.train_list": str(synth / "no_such_train_list.txt"),
+      "data.test_list": str(synth / "test.txt"),
+    },
+  )
+  result = evaluate.evaluate_checkpoint(config, workdir, "latest")
+  assert validated == [report["last_test"]["counts"]["total"]]
+  assert result["war"] == report["last_test"]["war"]
+
+
 def test_rerun_of_finished_run_does_not_train_again(finished_run, synth, monkeypatch):
   """No step runs: no new checkpoint, no new metrics line, the train step never called."""
   workdir, report = finished_run

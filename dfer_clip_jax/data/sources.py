@@ -34,7 +34,7 @@ from dfer_clip_jax.data import validate as validate_lib
 
 @dataclasses.dataclass
 class Sources:
-  train: Any  # random-access clip source (record interface)
+  train: Any  # random-access clip source (record interface); None when not asked for
   val: Any | None  # carved from train (None when val_fraction is 0)
   test: Any
   class_names: tuple[str, ...]
@@ -177,8 +177,17 @@ def _list_path(dataset, given: str, root: pathlib.Path | None, split: str, fold:
   return found
 
 
-def build_sources(config, workdir: str | pathlib.Path) -> Sources:
-  """The run's sources from `config.data` (see `config_lib.base_config`)."""
+def build_sources(
+  config, workdir: str | pathlib.Path, splits: tuple[str, ...] = ("train", "test")
+) -> Sources:
+  """The run's sources from `config.data` (see `config_lib.base_config`).
+
+  `splits` names the lists to read and validate: ("test",) for an evaluation, which then does
+  not read (or validate) a training list it does not use; train and val are None then.
+  """
+  unknown = sorted(set(splits) - {"train", "test"})
+  if unknown or not splits:
+    raise ValueError(f"splits={splits!r}: expected a non-empty subset of ('train', 'test')")
   data = config.data
   workdir = pathlib.Path(workdir)
   dataset = datasets.get(config.dataset)
@@ -189,23 +198,27 @@ def build_sources(config, workdir: str | pathlib.Path) -> Sources:
     from dfer_clip_jax.data import packed  # pylint: disable=g-import-not-at-top
 
     name = data.packed_name.format(fold=config.fold) or dataset.packed(config.fold)
-    train = packed.packed_source(data.packed_dir, name, "train")
-    test = packed.packed_source(data.packed_dir, name, "test")
+    train, test = (
+      packed.packed_source(data.packed_dir, name, split) if split in splits else None
+      for split in ("train", "test")
+    )
   elif data.source in ("folders", "synthetic"):
     if data.source == "synthetic":
       root, train_list, test_list = _synthetic_lists(data, workdir, len(names))
     else:
       root = pathlib.Path(data.root) if data.root else None
       train_list, test_list = (
-        _list_path(dataset, given, root, split, config.fold)
+        _list_path(dataset, given, root, split, config.fold) if split in splits else None
         for given, split in ((data.train_list, "train"), (data.test_list, "test"))
       )
-    train = _folder_source(train_list, root, names, data, skipped)
-    test = _folder_source(test_list, root, names, data, skipped)
+    train, test = (
+      _folder_source(path, root, names, data, skipped) if path is not None else None
+      for path in (train_list, test_list)
+    )
   else:
     raise ValueError(f"data.source={data.source!r}: expected folders, packed or synthetic")
   val = None
-  if data.val_fraction > 0:
+  if data.val_fraction > 0 and train is not None:
     train_idx, val_idx = pipeline.split_train_val(
       list(train.labels), data.val_fraction, data.val_seed
     )
@@ -213,7 +226,8 @@ def build_sources(config, workdir: str | pathlib.Path) -> Sources:
   sources = Sources(train=train, val=val, test=test, class_names=names, skipped=skipped)
   if jax.process_count() > 1:
     check_same_on_all_processes(sources)
-  if skipped and distributed.is_primary():
+  # The run's record of what training left out (an evaluation reports its own in its metrics).
+  if skipped and train is not None and distributed.is_primary():
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "skipped_clips.txt").write_text("\n".join(skipped) + "\n")
   return sources
