@@ -286,7 +286,9 @@ class Trainer:
     if jax.process_count() > 1:
       which = checkpointing.agreed_latest_step(self.checkpointer)
     else:
-      which = "latest" if self.checkpointer.latest_valid_step() is not None else None
+      # `restore("latest")` checks the steps itself (and reports each broken one, once): a
+      # check here first would report every broken step twice.
+      which = "latest" if self.checkpointer.all_steps() else None
     if which is None:
       return 0, None
     step, state, data_state, _, _ = self.checkpointer.restore(

@@ -292,3 +292,33 @@ def test_partial_save_of_interrupted_run_is_ignored(tmp_path, mesh1, caplog):
   step, *_ = ck.restore("latest", abstract_state=abstract_state(mesh1))
   assert step == 1
   ck.close()
+
+
+def test_permission_denied_stops_with_the_cause_and_renames_nothing(tmp_path, mesh1, monkeypatch):
+  """A failure to open a file that is no evidence of damage (here the newest step's metadata
+  cannot be opened: permission denied) stops every way of choosing a step, names the file and
+  the cause, and renames nothing: the step is not skipped for the previous one."""
+  ck = checkpointing.Checkpointer(tmp_path, keep_last=5)
+  save_steps(ck, [1, 2], mesh1)
+  denied = tmp_path / "2" / checkpointing.STEP_METADATA_FILE
+  real_open = pathlib.Path.open
+
+  def guarded_open(self, *args, **kwargs):
+    if self == denied:
+      raise PermissionError(13, "Permission denied", str(self))
+    return real_open(self, *args, **kwargs)
+
+  monkeypatch.setattr(pathlib.Path, "open", guarded_open)
+  said = rf"{re.escape(str(tmp_path / '2'))}: reading {checkpointing.STEP_METADATA_FILE} failed "
+  said += r"with PermissionError: .*Permission denied"
+  for choose in (
+    ck.latest_valid_step,
+    lambda: ck.restore("latest", abstract_state=abstract_state(mesh1)),
+    lambda: checkpointing.step_dir(tmp_path, "latest", metric="uar"),
+  ):
+    with pytest.raises(checkpointing.CheckpointAccessError, match=said):
+      choose()
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == ["1", "2"]
+  assert ck.latest_valid_step() == 2
+  ck.close()

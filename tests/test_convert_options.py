@@ -37,6 +37,18 @@ def logits_of(fwd, eval_forward):
   return run
 
 
+def save_pth(weights, path, *, as_reference=True):
+  """Writes `weights` with torch: as the reference's training script saves its checkpoints
+  (`module.` names inside a dict with the epoch), or as a plain state dict."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+  if as_reference:
+    state = {"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3}
+  torch.save(state, path)
+  return path
+
+
 def _convert(tmp_path, source, name, *flags):
   out = tmp_path / name
   assert convert.main([f"--reference={source}", f"--out={out}", *flags]) == 0
@@ -55,12 +67,8 @@ def test_converted_checkpoint_computes_the_reference_logits(
     source = tmp_path / "weights.safetensors"
     save_file({k: np.array(v, order="C") for k, v in weights.items()}, str(source))
   else:
-    torch = pytest.importorskip("torch")
-    state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-    if form == "reference_pth":
-      state = {"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3}
-    source = tmp_path / "weights.pth"
-    torch.save(state, source)
+    pytest.importorskip("torch")
+    source = save_pth(weights, tmp_path / "weights.pth", as_reference=form == "reference_pth")
   logits, cfg, clip_cfg = logits_of(_convert(tmp_path, source, "export"))
   assert (cfg.num_classes, clip_cfg.vision.act) == (7, "quick_gelu")
   np.testing.assert_allclose(logits, fwd["_logits"], atol=LOGITS_ATOL, rtol=0)
@@ -89,3 +97,17 @@ def test_clip_act_and_temporal_dim_head_change_the_model(weights, fwd, logits_of
   assert exit_info.value.code == 2
   assert "temporal_dim_head=48" in capsys.readouterr().err
   assert not (tmp_path / "bad").exists()
+
+
+def test_home_relative_paths(weights, tmp_path, monkeypatch):
+  """`~` on the command line is the user's home folder, for the input and the output alike; no
+  folder literally named `~` appears in the current one."""
+  home, here = tmp_path / "home", tmp_path / "here"
+  home.mkdir()
+  here.mkdir()
+  np.savez(home / "weights.npz", **weights)
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.chdir(here)
+  assert convert.main(["--reference=~/weights.npz", "--out=~/exports/mine"]) == 0
+  assert reference.EXPORT_CONFIG in {p.name for p in (home / "exports" / "mine").iterdir()}
+  assert not (here / "~").exists()

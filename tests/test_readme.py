@@ -7,6 +7,14 @@ repository (its `git ls-files`) in a temporary folder, with their relative paths
 printed; `DFER_README_TEST=1` shrinks the demo (configs/demo.py) to seconds. Editing a marked
 command without keeping it working fails this test.
 
+A block that reads files a user brings declares them: `<!-- readme-test: model_best.pth
+video.mp4 -->`. Before the block runs, each declared path with a maker in `MAKERS` is made at
+that path in the copy (the reference's checkpoint from the reference fixture, a short video of a
+real face); a declared path without a maker must have been made by an earlier block. When a
+maker cannot run here (the ../shared fixtures absent, torch or PyAV missing), or an earlier block
+that makes a declared path was skipped, the block is skipped, the others still run, and the test
+ends as skipped with the reasons once everything else has passed.
+
 Installing is simulated, since the test runs inside an environment that has the package and
 nothing may be downloaded: on PATH, `python3 -m venv DIR` makes `DIR/bin/python` (this test's
 interpreter, importing the copy) and `DIR/bin/pip` (checks that the files it is asked to
@@ -16,15 +24,19 @@ install from exist, installs nothing); `python` and `python3` otherwise are this
 import json
 import os
 import pathlib
+import re
 import shutil
 import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MARKER = "<!-- readme-test -->"
+# The marker, optionally with the paths the block needs: `<!-- readme-test: a.pth b.mp4 -->`.
+_MARK = re.compile(r"<!-- readme-test(?::(?P<needs>[^>]*?))?\s*-->")
 # Commands that must stay covered by the marked blocks (the issue's list).
 REQUIRED = (
   "dfer_clip_jax.main --config=configs/demo.py --workdir=runs/demo",
@@ -34,15 +46,54 @@ REQUIRED = (
   "dfer_clip_jax.data.build",
   "dfer_clip_jax.folds",
   "launch/local.sh",
+  "dfer_clip_jax.convert --reference=model_best.pth",
+  "--checkpoint=exports/dfew_fold1 --input=video.mp4",
 )
 
 
-def marked_blocks(text: str) -> list[str]:
-  """The bash blocks that follow a marker line (indentation of list items removed)."""
+class Unavailable(Exception):
+  """A maker cannot run here (its reason is the message): the block that needs it is skipped."""
+
+
+def make_reference_checkpoint(path: pathlib.Path) -> None:
+  """The authors' `model_best.pth` form (torch pickle, `module.` names), of the tiny reference
+  model in the fixture."""
+  from conftest import REFERENCE  # pylint: disable=g-import-not-at-top
+
+  fixture = REFERENCE / "tiny_forward.npz"
+  if not fixture.is_file():
+    raise Unavailable(f"{fixture} is absent (the reference fixtures live in ../shared)")
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise Unavailable("torch is not installed (it writes the reference's .pth)") from None
+  from test_convert_options import save_pth  # pylint: disable=g-import-not-at-top
+
+  with np.load(fixture) as f:
+    save_pth({k: f[k] for k in f.files if not k.startswith("_")}, path)
+
+
+def make_face_video(path: pathlib.Path) -> None:
+  """2 s of a real face photograph moving a little (test_prepare's video), H.264 at 10 fps."""
+  try:
+    from test_prepare import astronaut_video  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise Unavailable(f"cannot make a video here: {e}") from None
+  astronaut_video(path, 0, 0)
+
+
+# Files a user brings, by the name the README gives them.
+MAKERS = {"model_best.pth": make_reference_checkpoint, "video.mp4": make_face_video}
+
+
+def marked_blocks(text: str) -> list[tuple[tuple[str, ...], str]]:
+  """(declared paths, bash text) of each block that follows a marker line (indentation of list
+  items removed)."""
   blocks = []
   lines = text.splitlines()
   for i, line in enumerate(lines):
-    if line.strip() != MARKER:
+    mark = _MARK.fullmatch(line.strip())
+    if not mark:
       continue
     fence = lines[i + 1]
     indent = len(fence) - len(fence.lstrip())
@@ -52,7 +103,7 @@ def marked_blocks(text: str) -> list[str]:
       if inner.strip() == "```":
         break
       body.append(inner[indent:])
-    blocks.append("\n".join(body))
+    blocks.append((tuple((mark["needs"] or "").split()), "\n".join(body)))
   return blocks
 
 
@@ -85,14 +136,15 @@ def _shims(bin_dir: pathlib.Path, copy: pathlib.Path) -> None:
 
 
 def test_marked_blocks_cover_the_commands():
-  text = "\n".join(marked_blocks((REPO / "README.md").read_text()))
+  text = "\n".join(b for _, b in marked_blocks((REPO / "README.md").read_text()))
   missing = [c for c in REQUIRED if c not in text]
   assert not missing, f"README blocks marked {MARKER} no longer run {missing}"
 
 
 def test_marked_blocks_extract_what_is_printed():
   text = "1. x\n\n   <!-- readme-test -->\n   ```bash\n   a --b=c \\\n     d\n   ```\n"
-  assert marked_blocks(text) == ["a --b=c \\\n  d"]
+  text += "<!-- readme-test: x.pth  v/y.mp4 -->\n```bash\ne x.pth\n```\n"
+  assert marked_blocks(text) == [((), "a --b=c \\\n  d"), (("x.pth", "v/y.mp4"), "e x.pth")]
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="copying the repository needs git")
@@ -118,8 +170,27 @@ def test_readme_commands_run_as_printed(tmp_path):
     "TMPDIR": str(tmp_path),
   }
   env.pop("XLA_FLAGS", None)  # the tests' 8 fake devices are not what a user has
-  outputs = []
-  for k, block in enumerate(marked_blocks((copy / "README.md").read_text())):
+  outputs, skipped = [], []
+  for k, (needs, block) in enumerate(marked_blocks((copy / "README.md").read_text())):
+    why = None
+    for need in needs:
+      path = copy / need
+      if need in MAKERS:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+          MAKERS[need](path)
+        except Unavailable as e:
+          why = f"{need}: {e}"
+          break
+      elif not path.exists():
+        # Made by an earlier block: one that was skipped, or this is a broken README.
+        assert skipped, f"README block {k + 1} needs {need}, which no earlier block made"
+        why = f"{need} was not made: an earlier block was skipped"
+        break
+    if why is not None:
+      skipped.append(f"block {k + 1} ({why})")
+      outputs.append("")
+      continue
     proc = subprocess.run(
       ["bash", "-eo", "pipefail", "-c", block],
       cwd=copy,
@@ -141,10 +212,23 @@ def test_readme_commands_run_as_printed(tmp_path):
   best = report["rows"]["best by validation"]
   for name in ("latest", "best"):
     assert (demo / "eval" / name / "metrics.json").is_file()
-  summary = json.loads((copy / "predictions" / "summary.json").read_text())
-  assert summary, "predict wrote an empty summary"
+  assert (copy / "predictions" / "c00000" / "predictions.json").is_file()
   assert list((copy / "runs" / "tfds" / "synthetic").glob("classes7/*/*"))
   assert "mean" in (copy / "runs" / "demo_folds" / "folds.md").read_text()
   # --checkpoint=best evaluates the report's best step and says which epoch it is.
   said = f"step {best['step']}, epoch {best['epoch']}, the best by the selection rule"
   assert any(said in out for out in outputs), said
+  # The reference checkpoint converted, then predictions on the video in the DFEW class names.
+  export = copy / "exports" / "dfew_fold1"
+  if export.is_dir():
+    from dfer_clip_jax.conversion import reference  # pylint: disable=g-import-not-at-top
+    from dfer_clip_jax.data.datasets import DFEW_CLASSES  # pylint: disable=g-import-not-at-top
+
+    written = {p.name for p in export.iterdir()}
+    assert {reference.EXPORT_WEIGHTS, reference.EXPORT_CONFIG} <= written, written
+    pred = json.loads((copy / "predictions" / "video" / "predictions.json").read_text())
+    assert pred["class_names"] == list(DFEW_CLASSES)
+    top = pred["tracks"][0]["summary"]["top_class"]
+    assert top in DFEW_CLASSES and any(f"{top} (" in out for out in outputs), top
+  if skipped:
+    pytest.skip("README blocks not run here: " + "; ".join(skipped) + " (the others passed)")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -257,7 +258,9 @@ def test_kill_and_resume_is_bit_identical(finished_run, synth, tmp_path):
   ).read_text()
 
 
-def test_corrupt_latest_checkpoint_falls_back(finished_run, synth, tmp_path):
+def test_corrupt_latest_checkpoint_falls_back(finished_run, synth, tmp_path, caplog):
+  """Evaluation and a rerun of the training command both fall back to the previous step, and
+  each reports the broken step once (one message per problem)."""
   ref_dir, _ = finished_run
   workdir = tmp_path / "copy"
   shutil.copytree(ref_dir, workdir)
@@ -266,8 +269,19 @@ def test_corrupt_latest_checkpoint_falls_back(finished_run, synth, tmp_path):
   for f in latest.rglob("*"):
     if f.is_file() and f.stat().st_size > 1000:
       f.write_bytes(f.read_bytes()[:100])  # truncate the array data
-  result = evaluate.evaluate_checkpoint(tiny_config(synth), workdir, "latest")
-  assert result["step"] == steps[-2]
+
+  def reports():
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    caplog.clear()
+    return [m for m in said if f"{latest} is unusable" in m]
+
+  with caplog.at_level(logging.WARNING):
+    result = evaluate.evaluate_checkpoint(tiny_config(synth), workdir, "latest")
+    assert result["step"] == steps[-2]
+    assert len(reports()) == 1
+    train.train_and_evaluate(tiny_config(synth), workdir)  # resumes from steps[-2]
+    assert len(reports()) == 1
+  assert (workdir / "checkpoints" / f"{steps[-1]}.corrupt").is_dir()
 
 
 def test_one_device_and_eight_devices_agree(synth, tmp_path):
