@@ -53,3 +53,18 @@ def eval_forward():
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   return nnx.jit(lambda model, video: model(video, train=False))
+
+
+@pytest.fixture(scope="session")
+def fwd(reference_dir):
+  """The reference's tiny forward fixture: its state dict plus '_' arrays (video, logits...)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  with np.load(reference_dir / "tiny_forward.npz") as f:
+    return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="session")
+def weights(fwd):
+  """The reference state dict alone (the fixture's '_' arrays dropped)."""
+  return {k: v for k, v in fwd.items() if not k.startswith("_")}

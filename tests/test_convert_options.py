@@ -15,17 +15,6 @@ LOGITS_ATOL = 5e-4
 
 
 @pytest.fixture(scope="module")
-def fwd(reference_dir):
-  with np.load(reference_dir / "tiny_forward.npz") as f:
-    return {k: f[k] for k in f.files}
-
-
-@pytest.fixture(scope="module")
-def weights(fwd):
-  return {k: v for k, v in fwd.items() if not k.startswith("_")}
-
-
-@pytest.fixture(scope="module")
 def logits_of(fwd, eval_forward):
   """Converted export folder -> (logits of the fixture's video, model config, CLIP config)."""
   video = jnp.asarray(fwd["_video"].transpose(0, 1, 3, 4, 2))

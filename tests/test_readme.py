@@ -230,5 +230,8 @@ def test_readme_commands_run_as_printed(tmp_path):
     assert pred["class_names"] == list(DFEW_CLASSES)
     top = pred["tracks"][0]["summary"]["top_class"]
     assert top in DFEW_CLASSES and any(f"{top} (" in out for out in outputs), top
+  # Deliberate: a block whose inputs cannot be made here (the ../shared reference fixtures or
+  # torch/PyAV absent) is not a failure of the README; the others ran and passed above, and the
+  # skip names each block left out and why.
   if skipped:
     pytest.skip("README blocks not run here: " + "; ".join(skipped) + " (the others passed)")

@@ -37,18 +37,6 @@ def to_bthwc(video_BxTxCxHxW: np.ndarray) -> jax.Array:
 
 
 @pytest.fixture(scope="module")
-def fwd(reference_dir):
-  with np.load(reference_dir / "tiny_forward.npz") as f:
-    return {k: f[k] for k in f.files}
-
-
-@pytest.fixture(scope="module")
-def weights(fwd):
-  """The reference state dict alone (the fixture's '_' arrays dropped)."""
-  return {k: v for k, v in fwd.items() if not k.startswith("_")}
-
-
-@pytest.fixture(scope="module")
 def imported(reference_dir):
   return reference.load_reference_checkpoint(reference_dir / "tiny_forward.npz")
 
