@@ -211,7 +211,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.fast_decode = False  # JPEG draft-mode downscaling while decoding (changes pixels)
   c.data.bad_clip_policy = "error"  # error | skip (skipped clips are counted and reported)
   c.data.validate = True  # check every clip's frames before training
-  c.data.worker_count = 4  # grain worker processes (0 = in the main process)
+  c.data.worker_count = 4  # input worker processes, kept for the run (0 = threads in this process)
   c.data.device_prefetch = 2  # batches copied to the devices ahead of the running step
   c.data.val_fraction = 0.1  # stratified validation split carved from train (0 = none)
   c.data.val_seed = 0  # seed of that split

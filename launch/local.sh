@@ -109,7 +109,7 @@ fi
 mkdir -p "$LOGDIR"
 
 # Job control: every process gets its own process group, so stopping it also stops its children
-# (e.g. grain worker processes).
+# (e.g. input worker processes).
 set -m
 pids=()
 stop_all() {

@@ -11,9 +11,11 @@ Flow (training)::
        p = process_index), so each process reads only its own clips
     -> per clip: read the record, sample 16 frame indices (`sampling`), decode + augment
        (`augment`) with a generator seeded by (seed, epoch, clip index) only
-    -> one map call per batch writing the clips into a preallocated batch array (no
-       per-clip grain elements, no np.stack copy) -> thread prefetch (`to_iter_dataset`)
-       -> process prefetch (`mp_prefetch`, when worker_count > 0)
+    -> one call per batch (`loading.BatchLoader`) writing the clips into a preallocated
+       batch array (no per-clip grain elements, no np.stack copy), made either by grain's
+       thread prefetch in this process (`to_iter_dataset`, worker_count=0) or by the
+       process's pool of light input worker processes (`workers.py`, worker_count > 0:
+       started once, shared by training and every evaluation, videos through shared memory)
     -> `{'video': uint8 (B, T, H, W, 3), 'label': int32 (B,), 'index': int32 (B,),
          'mask': bool (B,)}` numpy batches
     -> `to_global_batch`: global `jax.Array`s sharded on the batch axis over the mesh;
@@ -45,7 +47,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -56,22 +57,23 @@ import numpy as np
 from absl import logging
 
 from dfer_clip_jax.data import augment as augment_lib
-from dfer_clip_jax.data import sampling
+from dfer_clip_jax.data import loading
+from dfer_clip_jax.data import workers as workers_lib
+
+# Names callers know from this module (each defined once, in loading.py).
+BadClipError = loading.BadClipError
+SubsetSource = loading.SubsetSource
+clip_rng = loading.clip_rng
+epoch_order = loading.epoch_order
+steps_per_epoch = loading.steps_per_epoch
 
 BAD_CLIP_POLICIES = ("error", "skip")
 
-# Distinct first words of the seed sequences, so that the shuffle, the per-clip draws and
-# the train / val split never share a random stream.
-_SHUFFLE_STREAM = 0x5348
-_CLIP_STREAM = 0x434C
+# First word of the train / val split's seed sequence (distinct from loading.py's streams).
 _SPLIT_STREAM = 0x5350
 # Element count standing for "forever" when num_epochs is None (kept below 2**63 so that
 # index arithmetic stays within int64; 2**62 elements never run out).
 _UNBOUNDED_ELEMENTS = 2**62
-
-
-class BadClipError(RuntimeError):
-  """A clip cannot be loaded; names the clip, its annotation line when known and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,248 +86,6 @@ class SkippedClip:
   reason: str
   step: int  # Global step of the batch it was left out of.
   replaced_by: int | None  # Train: the clip used instead. Eval: None (the row is masked).
-
-
-def steps_per_epoch(num_clips: int, global_batch: int) -> int:
-  """Training steps per epoch: full global batches only (the partial one is dropped)."""
-  if global_batch < 1:
-    raise ValueError(f"global_batch must be positive, got {global_batch}")
-  return num_clips // global_batch
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(num_clips: int, seed: int, epoch: int) -> np.ndarray:
-  order = np.random.default_rng([_SHUFFLE_STREAM, seed, epoch]).permutation(num_clips)
-  order.flags.writeable = False  # Shared by every caller through the cache.
-  return order
-
-
-def epoch_order(num_clips: int, seed: int, epoch: int) -> np.ndarray:
-  """The order in which training epoch `epoch` visits the clips (a permutation)."""
-  return _permutation(num_clips, seed, epoch).copy()
-
-
-def clip_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-  """The generator of one clip's sampling and augmentation draws in one epoch."""
-  return np.random.default_rng([_CLIP_STREAM, seed, epoch, index])
-
-
-class _ClipLoader:
-  """Turns a clip index into one pipeline element (picklable, for grain worker processes)."""
-
-  def __init__(
-    self,
-    source,
-    *,
-    num_frames: int,
-    image_size: int,
-    fast_decode: bool,
-    augmentation: augment_lib.Augmentation | None,
-  ):
-    self.source = source
-    self.train = augmentation is not None  # train: sampled and augmented; eval: neither
-    self.num_frames = num_frames
-    self.image_size = image_size
-    self.augmentation = augmentation
-    self.fast_decode = fast_decode
-
-  def describe(self, index: int) -> tuple[str, str | None]:
-    """(clip_id, 'file:line' or None) of a clip, without touching its frames if possible."""
-    annotations = getattr(self.source, "annotations", None)
-    if annotations is not None and hasattr(annotations[index], "origin"):
-      return annotations[index].clip_id, annotations[index].origin
-    try:
-      record = self.source[index]
-    except Exception:  # The record itself may be what is broken.
-      return f"#{index}", None
-    return str(record.get("clip_id", f"#{index}")), record.get("origin")
-
-  def video(
-    self, index: int, seed: int, epoch: int, out: np.ndarray | None = None
-  ) -> tuple[np.ndarray, int]:
-    """Loads clip `index`: (video uint8 (T, H, W, 3), label), written into `out` where the
-    decode path allows. Raises BadClipError."""
-    try:
-      record = self.source[index]
-      frames, count = record["frames"], int(record["num_frames"])
-      if len(frames) != count:
-        raise ValueError(f"{len(frames)} frames found, the annotation says {count}")
-      if self.train:
-        rng = clip_rng(seed, epoch, index)
-        indices = sampling.train_indices(
-          count, rng, self.num_frames, fix_short=self.augmentation.fix_short_sampling
-        )
-        video = augment_lib.load_train_clip(
-          frames,
-          indices,
-          rng,
-          augmentation=self.augmentation,
-          size=self.image_size,
-          fast_decode=self.fast_decode,
-          out=out,
-        )
-      else:
-        indices = sampling.test_indices(count, self.num_frames)
-        video = augment_lib.load_test_clip(
-          frames, indices, size=self.image_size, fast_decode=self.fast_decode, out=out
-        )
-      return video, int(record["label"])
-    except Exception as e:
-      clip_id, origin = self.describe(index)
-      where = f" ({origin})" if origin else ""
-      raise BadClipError(f"clip {index} {clip_id!r}{where}: {type(e).__name__}: {e}") from e
-
-  def failure(self, index: int, seed: int, epoch: int) -> str:
-    """Why clip `index` cannot be loaded (re-runs the load; for skip reports)."""
-    try:
-      self.video(index, seed, epoch)
-    except BadClipError as e:
-      return str(e)
-    return "loaded fine when retried (transient read error?)"
-
-
-def _element(video: np.ndarray, label: int, index: int, mask: bool) -> dict[str, np.ndarray]:
-  return {
-    "video": video,
-    "label": np.int32(label),
-    "index": np.int32(index),
-    "mask": np.bool_(mask),
-  }
-
-
-class _BatchLoader:
-  """Global step -> this process's batch, loaded row by row into one preallocated array.
-
-  One map call per batch (not per clip + `MapDataset.batch`): grain's per-element work and
-  the np.stack copy of every (T, H, W, 3) video into the batch are gone; each video is
-  written once into its row. Rows are pure functions of (step, row), as before.
-  """
-
-  def __init__(self, elements: _TrainElements | _EvalElements):
-    self.elements = elements
-
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    el = self.elements
-    size, frames, rows = el.loader.image_size, el.loader.num_frames, el.batch_size
-    video = np.empty((rows, frames, size, size, 3), np.uint8)  # (B, T, H, W, 3)
-    label = np.empty((rows,), np.int32)
-    index = np.empty((rows,), np.int32)
-    mask = np.empty((rows,), np.bool_)
-    for row in range(rows):
-      item = el(step * rows + row, out=video[row])
-      if item["video"].shape != video.shape[1:]:
-        raise ValueError(
-          f"clip {int(item['index'])} loaded as {item['video'].shape}, expected {video.shape[1:]}"
-        )
-      if not np.may_share_memory(item["video"], video):  # the fast paths wrote in place
-        video[row] = item["video"]
-      label[row], index[row], mask[row] = item["label"], item["index"], item["mask"]
-    return {"video": video, "label": label, "index": index, "mask": mask}
-
-
-class _TrainElements:
-  """Element e of this process -> the element of the global training plan."""
-
-  def __init__(
-    self,
-    loader: _ClipLoader,
-    *,
-    num_clips: int,
-    seed: int,
-    batch_size: int,
-    process_index: int,
-    process_count: int,
-    bad_clip_policy: str,
-  ):
-    self.loader = loader
-    self.num_clips = num_clips
-    self.seed = seed
-    self.batch_size = batch_size
-    self.process_index = process_index
-    self.global_batch = batch_size * process_count
-    self.steps_per_epoch = steps_per_epoch(num_clips, self.global_batch)
-    self.bad_clip_policy = bad_clip_policy
-
-  def positions(self, step: int) -> tuple[int, np.ndarray]:
-    """(epoch, positions in the epoch's permutation) of this process's rows of `step`."""
-    epoch, k = divmod(step, self.steps_per_epoch)
-    start = k * self.global_batch + self.process_index * self.batch_size
-    return epoch, np.arange(start, start + self.batch_size)
-
-  def planned(self, step: int) -> tuple[int, np.ndarray]:
-    """(epoch, clip indices) of this process's rows of global step `step`."""
-    epoch, pos = self.positions(step)
-    return epoch, _permutation(self.num_clips, self.seed, epoch)[pos]
-
-  def __call__(self, element: int, out: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    step, row = divmod(element, self.batch_size)
-    epoch, pos = self.positions(step)
-    pos = int(pos[row])
-    order = _permutation(self.num_clips, self.seed, epoch)
-    index = int(order[pos])
-    try:
-      video, label = self.loader.video(index, self.seed, epoch, out)
-      return _element(video, label, index, True)
-    except BadClipError as e:
-      if self.bad_clip_policy == "error":
-        raise
-      logging.warning("skipping bad clip at step %d: %s", step, e)
-    # Deterministic replacement: the next readable clip of this epoch's order.
-    for k in range(1, self.num_clips):
-      alt = int(order[(pos + k) % self.num_clips])
-      try:
-        video, label = self.loader.video(alt, self.seed, epoch, out)
-      except BadClipError as e:
-        logging.warning("skipping bad clip at step %d: %s", step, e)
-        continue
-      return _element(video, label, alt, True)
-    raise BadClipError(f"no clip of the {self.num_clips} in the source can be loaded")
-
-
-class _EvalElements:
-  """Element e of this process -> a clip (or a padding row) of the evaluation plan."""
-
-  def __init__(
-    self,
-    loader: _ClipLoader,
-    *,
-    num_clips: int,
-    batch_size: int,
-    process_index: int,
-    process_count: int,
-    bad_clip_policy: str,
-  ):
-    self.loader = loader
-    self.num_clips = num_clips
-    self.batch_size = batch_size
-    self.process_index = process_index
-    self.global_batch = batch_size * process_count
-    self.num_steps = max(1, math.ceil(num_clips / self.global_batch))
-    self.bad_clip_policy = bad_clip_policy
-
-  def planned(self, step: int) -> tuple[None, np.ndarray]:
-    """(None, clip indices) of this process's rows of `step`; -1 marks padding rows."""
-    start = step * self.global_batch + self.process_index * self.batch_size
-    pos = np.arange(start, start + self.batch_size)
-    return None, np.where(pos < self.num_clips, pos, -1)
-
-  def _blank(self) -> np.ndarray:
-    size = self.loader.image_size
-    return np.zeros((self.loader.num_frames, size, size, 3), np.uint8)
-
-  def __call__(self, element: int, out: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    step, row = divmod(element, self.batch_size)
-    index = int(self.planned(step)[1][row])
-    if index < 0:
-      return _element(self._blank(), 0, -1, False)
-    try:
-      video, label = self.loader.video(index, 0, 0, out)
-      return _element(video, label, index, True)
-    except BadClipError as e:
-      if self.bad_clip_policy == "error":
-        raise
-      logging.warning("masking out bad eval clip at step %d: %s", step, e)
-      return _element(self._blank(), 0, index, False)
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -345,7 +105,7 @@ class ClipDataset:
 
   def __init__(
     self,
-    elements: _TrainElements | _EvalElements,
+    elements: loading.TrainElements | loading.EvalElements,
     *,
     kind: str,
     num_steps: int | None,
@@ -363,7 +123,8 @@ class ClipDataset:
     self.steps_per_epoch = elements.steps_per_epoch if kind == "train" else num_steps
     self.skipped: list[SkippedClip] = []
     total = num_steps if num_steps is not None else _UNBOUNDED_ELEMENTS // self.batch_size
-    self.batches: grain.MapDataset = grain.MapDataset.range(total).map(_BatchLoader(elements))
+    self._batch_loader = loading.BatchLoader(elements)
+    self.batches: grain.MapDataset = grain.MapDataset.range(total).map(self._batch_loader)
 
   def __len__(self) -> int:
     if self.num_steps is None:
@@ -373,22 +134,24 @@ class ClipDataset:
   def __iter__(self) -> ClipBatchIterator:
     return ClipBatchIterator(self)
 
-  def iter_from(self, step: int) -> grain.IterDataset:
-    """The grain pipeline yielding this process's batches from global step `step` on."""
-    ds = self.batches.slice(slice(step, None)).to_iter_dataset(
+  def iter_from(self, step: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's batches from global step `step` on.
+
+    worker_count=0: grain's thread prefetch in this process (`read_threads` threads; JPEG
+    decoding and resizing release the GIL). worker_count>0: the process's shared pool of light
+    worker processes (`workers.py`), started once and kept across evaluations, with two
+    batches in flight per worker.
+    """
+    if self.worker_count > 0:
+      pool = workers_lib.shared_pool(self.worker_count)
+      return workers_lib.PoolBatches(
+        pool, self._batch_loader, step, self.num_steps, depth=2 * self.worker_count
+      )
+    return self.batches.slice(slice(step, None)).to_iter_dataset(
       grain.ReadOptions(
         num_threads=self.read_threads, prefetch_buffer_size=max(1, self.read_threads)
       )
     )
-    if self.worker_count > 0:
-      # grain reads absl flags in its workers; outside absl.app (tests, notebooks) they are
-      # unparsed and grain raises UnparsedFlagAccessError.
-      from absl import flags  # pylint: disable=g-import-not-at-top
-
-      if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
-    return ds
 
   def record_skips(self, step: int, batch: dict[str, np.ndarray]) -> None:
     """Compares a batch with the plan; records (and logs) every clip that was left out."""
@@ -535,7 +298,7 @@ def make_train_dataset(
       batch_size x process_count.
     process_index, process_count: this process and the number of processes
       (`jax.process_index()`, `jax.process_count()`).
-    worker_count: grain worker processes (0: decode in threads of this process).
+    worker_count: input worker processes (`workers.py`; 0: decode in threads of this process).
     bad_clip_policy: 'error' or 'skip' (see the module docstring).
     num_epochs: stop after this many epochs; None repeats forever.
     fast_decode: reduced-scale JPEG decoding (`augment.load_train_clip`); changes pixels
@@ -561,14 +324,14 @@ def make_train_dataset(
     )
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
-  loader = _ClipLoader(
+  loader = loading.ClipLoader(
     source,
     num_frames=num_frames,
     image_size=image_size,
     fast_decode=fast_decode,
     augmentation=augmentation,
   )
-  elements = _TrainElements(
+  elements = loading.TrainElements(
     loader,
     num_clips=num_clips,
     seed=seed,
@@ -621,10 +384,10 @@ def make_eval_dataset(
     source, batch_size, num_frames, image_size, worker_count, read_threads, bad_clip_policy
   )
   _check_process(process_index, process_count)
-  loader = _ClipLoader(
+  loader = loading.ClipLoader(
     source, num_frames=num_frames, image_size=image_size, fast_decode=fast_decode, augmentation=None
   )
-  elements = _EvalElements(
+  elements = loading.EvalElements(
     loader,
     num_clips=num_clips,
     batch_size=batch_size,
@@ -768,33 +531,3 @@ def clip_id(source, index: int) -> str:
   if annotations is not None:
     return annotations[index].clip_id
   return str(source[index]["clip_id"])
-
-
-class SubsetSource:
-  """The clips `indices` of a source, as a source (e.g. the train / val parts of a split).
-
-  Records are the parent's; `index` in batches then refers to positions in this subset.
-  """
-
-  def __init__(self, source, indices: Sequence[int]):
-    self.source = source
-    self.indices = np.asarray(indices, np.int64)
-    n = len(source)
-    if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
-      raise ValueError(f"subset indices must lie in [0, {n})")
-    parent = getattr(source, "annotations", None)
-    if parent is not None:
-      self.annotations = [parent[i] for i in self.indices]
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.source[int(self.indices[index])]
-
-  @property
-  def labels(self) -> list[int]:
-    if hasattr(self.source, "labels"):
-      parent = self.source.labels
-      return [int(parent[i]) for i in self.indices]
-    return [int(self.source[int(i)]["label"]) for i in self.indices]
