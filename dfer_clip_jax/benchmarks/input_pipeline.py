@@ -1,31 +1,40 @@
-r"""Input-pipeline throughput: grain train / eval pipelines vs a reference-shaped loader.
+r"""Input-pipeline cost: our pipelines per path and worker count vs a reference-style loader.
 
-    python -m dfer_clip_jax.benchmarks.input_pipeline --json=out.json \
-        [--clips=64] [--workers=0,1,2] [--seconds=3]
+    python -m dfer_clip_jax.benchmarks.input_pipeline --json=out.json [--workers=0,2]
 
-Renders synthetic 16-frame clips at `--render_size` (256) into a temporary folder, packs
-them with the `synthetic` tfds builder, and measures clips per second (after a warm-up) of:
-  * `pipeline.make_train_dataset` (sampling, reference augmentation, uint8 batches) on the
-    frame folders and on the packed records, for each worker count;
-  * `pipeline.make_eval_dataset` likewise;
-  * a naive baseline shaped like the reference's loader, in this process, no prefetch, no
-    workers: per clip the reference's train sampler, `Image.open(path).convert('RGB')` per
-    frame, a random-sized crop + resize and a flip via PIL per frame, and a per-frame
-    float32 conversion `np.asarray(img, np.float32) / 255` (CHW), batches stacked as a
-    default collate does.
-Also (workers=0, so the process's CPU time is a clip's whole cost): the packed train
-pipeline on one read thread, with `fast_decode=True`, and on a second packing with frames
-re-encoded at short side `--image_size` (as users are told to pack), exact and with
-`fast_decode=True`. Output size is `--image_size` (224, the paper's). The JSON has the keys
-`train_packed_clips_per_s` (the headline: the configuration with the lowest CPU seconds per
-clip, named with its figures in `train_packed_config`), `train_packed_default_clips_per_s`
-(the exact path, best over worker counts), `train_folders_clips_per_s`,
-`eval_packed_clips_per_s`, `eval_folders_clips_per_s` (best over worker counts),
-`baseline_clips_per_s`, `cores`, `workers`, `per_workers` and `extras` (every measurement,
-with the main process's CPU seconds per clip), `train_packed_vs_baseline` (wall-clock
-ratio), `train_packed_vs_baseline_per_cpu_s` (ratio of CPU seconds per clip of the headline
-configuration: the per-core figure, robust to other load) and
-`train_packed_default_vs_baseline_per_cpu_s`, the sizes, `machine` and the load average.
+Renders `--clips` synthetic clips of `--min_frames`..`--max_frames` frames at `--render_size`
+(DFEW-like defaults: 224 px, 60-120 frames) into a temporary folder, packs them with the
+`synthetic` tfds builder (`data.build`'s layout), and measures, for each source (`folders`,
+`packed`), decode path (`exact`: pixel-identical to the reference; `fast`:
+`data.fast_decode`), worker count and kind (`train`: sampling + the reference's augmentation;
+`eval`: the test sampling), one whole pass over the clips from a cold start (the worker pool is
+started inside the measurement, as a run's first epoch pays it):
+
+  first_batch_s                 time to the first batch (worker start-up included)
+  clips_per_s_after_first       throughput once the first batch is out
+  clips_per_s_whole_pass        clips / whole pass time (start-up included)
+  cpu_ms_per_clip               CPU of this process and its workers per clip, whole pass,
+                                start-up included (the per-core figure: other load does not
+                                change it much)
+  cpu_ms_per_clip_steady        the same after the first batch
+  bytes_read_per_clip           bytes read from files (/proc rchar of this process and its
+                                workers) after the first batch, per clip
+  peak_rss_mb                   peak resident memory of this process (reset per measurement)
+                                plus each worker's (shared-memory blocks count in both)
+  projected_clips_per_s         {cores: cores x 1000 / cpu_ms_per_clip_steady}: what one host
+                                reaches with that many cores kept busy (linear scaling)
+  cores_for                     {clips/s: cores} needed for the rates in the README's Speed
+                                section (B/32 bf16 training today and at its target)
+
+and the same figures for a loader shaped like the reference's (`baseline`, in this process:
+the reference's train sampler, `Image.open(path).convert('RGB')` per frame, a random-sized
+crop + resize and a flip per frame via PIL, a float32 CHW conversion per frame, batches
+stacked as a default collate does). `vs_baseline_per_cpu_s` of a measurement is the
+baseline's steady CPU ms per clip over the measurement's. The headline keys:
+`default_path` (the path `config_lib.base_config()` selects), `default_vs_baseline_per_cpu_s`
+(train), `worker_start_s` / `worker_start_cpu_s` (one fresh worker, from launch to its first
+answer), `packed_bytes_per_clip_vs_frames` (packed train bytes read per clip over the bytes of
+the frames the sampler uses), with `machine`, the date and the load average.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import pathlib
 import platform
@@ -42,31 +52,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
 from absl import flags
 from PIL import Image
 
-from dfer_clip_jax import cli
+from dfer_clip_jax import cli, config_lib
 from dfer_clip_jax.data import annotations as annotations_lib
-from dfer_clip_jax.data import augment, packed, pipeline, synthetic, tfds_builders
+from dfer_clip_jax.data import augment, loading, packed, pipeline, synthetic, tfds_builders
+from dfer_clip_jax.data import workers as workers_lib
 
 NUM_SEGMENTS = 16
-
-
-class RepeatSource:
-  """`base` repeated `times` times (so a short dataset yields enough batches to time)."""
-
-  def __init__(self, base, times: int):
-    self.base = base
-    self.times = times
-
-  def __len__(self) -> int:
-    return len(self.base) * self.times
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.base[int(index) % len(self.base)]
+# Training clips/s of ViT-B/32 bf16 on one GPU, from the README's Speed section (today, target).
+GPU_RATES = (754, 1500)
+PROJECTED_CORES = (4, 8, 16, 32)
 
 
 def _reference_train_indices(num_frames: int, rng: random.Random) -> list[int]:
@@ -124,40 +125,134 @@ def baseline_clips(
       batch = []
 
 
-def _throughput(
-  make_iter: Callable[[], Iterator[Any]],
-  batch_size: int,
-  *,
-  warmup: int,
-  seconds: float,
-  min_batches: int,
-) -> dict[str, float]:
-  """Clips/s of an iterator after `warmup` batches, over >= seconds and >= min_batches."""
+# -- process accounting (Linux /proc; absent elsewhere, the figures are then None) --------------
+
+
+def _proc_cpu_s(pid: int) -> float | None:
+  try:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  except OSError:
+    return None
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _proc_rchar(pid: int) -> int | None:
+  try:
+    for line in pathlib.Path(f"/proc/{pid}/io").read_text().splitlines():
+      if line.startswith("rchar:"):
+        return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+def _proc_peak_rss_mb(pid: int) -> float | None:
+  try:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return None
+
+
+def _reset_peak_rss() -> None:
+  with contextlib.suppress(OSError):
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
+
+
+class _Usage:
+  """CPU seconds and bytes read by this process and the given worker processes."""
+
+  def __init__(self, pids: Sequence[int]):
+    self.pids = list(pids)
+    self.cpu = time.process_time() + sum(_proc_cpu_s(p) or 0.0 for p in self.pids)
+    rchar = [_proc_rchar(p) for p in [os.getpid(), *self.pids]]
+    self.rchar = None if None in rchar else sum(rchar)
+
+
+def _sample_frame_bytes(source, num_clips: int) -> float:
+  """Mean bytes of the frames the train sampler would use, per clip (16 of each clip)."""
+  from dfer_clip_jax.data import sampling  # pylint: disable=g-import-not-at-top
+
+  total = 0
+  for i in range(num_clips):
+    record = source[i]
+    indices = sampling.test_indices(int(record["num_frames"]), NUM_SEGMENTS)
+    for k in sorted(set(int(x) for x in indices)):
+      frame = record["frames"][k]
+      total += len(frame) if isinstance(frame, bytes) else os.path.getsize(frame)
+  return total / num_clips
+
+
+def _measure(make_iter: Callable[[], Iterator[Any]], batch_size: int, num_batches: int, workers):
+  """One whole pass of `num_batches` batches from a cold start (figures: module docstring).
+
+  The steady figures start once every worker has delivered a batch (so no worker's start-up
+  falls in them) and count the batches finished after that point (workers run ahead of the
+  consumer: `PoolBatches.completed`). The in-process pipeline's prefetch (2 batches) is not
+  visible; its steady CPU may be low by up to 2 / num_batches.
+  """
+  workers_lib.shutdown()
+  _reset_peak_rss()
+  start, usage0 = time.perf_counter(), _Usage([])
   it = make_iter()
-  start = time.perf_counter()
-  for _ in range(warmup):
+  next(it)
+  t_first = time.perf_counter()
+  warm = max(1, workers)
+  for _ in range(warm - 1):
     next(it)
-  warm = time.perf_counter() - start
-  count = 0
-  start, cpu_start = time.perf_counter(), time.process_time()
-  while count < min_batches or time.perf_counter() - start < seconds:
+  pids = workers_lib.shared_pool(workers).pids if workers else []
+  finished = getattr(getattr(it, "_it", None), "completed", warm)
+  mid = _Usage(pids)
+  for _ in range(num_batches - warm):
     next(it)
-    count += 1
-  elapsed = time.perf_counter() - start
-  cpu = time.process_time() - cpu_start
+  end, usage1 = time.perf_counter(), _Usage(pids)
+  peak = [_proc_peak_rss_mb(p) for p in [os.getpid(), *pids]]
   close = getattr(it, "close", None)
   if close is not None:
     close()
-  clips = count * batch_size
-  # CPU seconds of this process (all its threads; not worker processes): with workers=0
-  # it is the whole cost of a clip, and insensitive to other load on the machine.
+  workers_lib.shutdown()
+  clips = num_batches * batch_size
+  steady_clips = max(1, num_batches - finished) * batch_size
+  read = None
+  if usage1.rchar is not None and mid.rchar is not None:
+    read = (usage1.rchar - mid.rchar) / steady_clips
   return {
-    "clips_per_s": clips / elapsed,
-    "batches": count,
-    "seconds": elapsed,
-    "warmup_seconds": warm,
-    "main_process_cpu_s_per_clip": cpu / clips,
+    "first_batch_s": t_first - start,
+    "clips_per_s_after_first": (num_batches - 1) * batch_size / (end - t_first),
+    "clips_per_s_whole_pass": clips / (end - start),
+    # Workers were started inside the measurement: all their CPU time belongs to it.
+    "cpu_ms_per_clip": 1000 * (usage1.cpu - usage0.cpu) / clips,
+    "cpu_ms_per_clip_steady": 1000 * (usage1.cpu - mid.cpu) / steady_clips,
+    "bytes_read_per_clip": read,
+    "peak_rss_mb": None if None in peak else sum(peak),
+    "peak_rss_mb_main": peak[0],
+    "clips": clips,
   }
+
+
+def _project(result: dict[str, Any]) -> None:
+  per_core = 1000 / result["cpu_ms_per_clip_steady"]
+  result["projected_clips_per_s"] = {str(n): n * per_core for n in PROJECTED_CORES}
+  result["cores_for"] = {str(r): math.ceil(r / per_core) for r in GPU_RATES}
+
+
+def worker_start(batch_loader) -> dict[str, float]:
+  """Launch of one fresh worker to its first answer (one clip), wall and CPU seconds."""
+  workers_lib.shutdown()
+  start = time.perf_counter()
+  pool = workers_lib.WorkerPool(1)
+  block = shared_memory.SharedMemory(create=True, size=int(np.prod(batch_loader.shape)))
+  try:
+    pool.submit(batch_loader, 0, block.name, batch_loader.shape).result()
+    wall = time.perf_counter() - start
+    cpu = _proc_cpu_s(pool.pids[0])
+  finally:
+    pool.close()
+    block.close()
+    block.unlink()
+  return {"worker_start_s": wall, "worker_start_cpu_s": cpu}
 
 
 def _machine() -> dict[str, Any]:
@@ -191,11 +286,11 @@ def run(
   workers: Sequence[int],
   image_size: int,
   render_size: int,
+  min_frames: int,
+  max_frames: int,
   batch_size: int,
-  seconds: float,
-  min_batches: int,
+  repeat: int,
   work_dir: str | None = None,
-  extras: bool = True,
   log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """Runs every measurement; returns the results dict (see the module docstring)."""
@@ -213,8 +308,8 @@ def run(
       num_clips=clips,
       seed=0,
       image_size=render_size,
-      min_frames=NUM_SEGMENTS,
-      max_frames=NUM_SEGMENTS,
+      min_frames=min_frames,
+      max_frames=max_frames,
       processes=None if clips >= 32 else 1,
       test_fraction=0.5,
       overwrite=True,
@@ -241,175 +336,103 @@ def run(
     log(f"rendered {clips} clips at {render_size} px in {gen_s:.1f} s, packed in {pack_s:.1f} s")
     sources = {
       "folders": annotations_lib.FrameFolderSource(anns),
-      "packed": _ConcatSource(
+      "packed": loading.ConcatSource(
         [packed.packed_source(root / "tfds", name, s) for s in ("train", "test")]
       ),
     }
-    # Enough clips that no measurement runs out (the eval pipeline ends after one pass).
-    repeat = 1000
+    num_batches = max(2, repeat * clips // batch_size)
 
-    def measure(
-      kind: str,
-      source_name: str,
-      num_workers: int,
-      read_threads: int = 2,
-      fast_decode: bool = False,
-    ) -> dict[str, float]:
-      source = RepeatSource(sources[source_name], repeat)
+    def dataset(kind, source_name, num_workers, fast_decode):
+      # Exactly num_batches batches: no worker loads a batch that is not measured.
+      source = loading.SubsetSource(
+        loading.RepeatSource(sources[source_name], repeat + 1), range(num_batches * batch_size)
+      )
       common = dict(
         num_frames=NUM_SEGMENTS,
         image_size=image_size,
         batch_size=batch_size,
         worker_count=num_workers,
-        read_threads=read_threads,
         fast_decode=fast_decode,
       )
       if kind == "train":
-        ds = pipeline.make_train_dataset(
-          source, seed=0, augmentation=augment.Augmentation(), **common
+        return pipeline.make_train_dataset(
+          source, seed=0, augmentation=augment.Augmentation(), num_epochs=1, **common
         )
-      else:
-        ds = pipeline.make_eval_dataset(source, **common)
-      result = _throughput(
-        lambda: iter(ds),
-        batch_size,
-        warmup=1 + num_workers,
-        seconds=seconds,
-        min_batches=min_batches,
-      )
-      log(
-        f"{kind:5s} {source_name:7s} workers={num_workers} threads={read_threads}"
-        f"{' fast_decode' if fast_decode else ''}: {result['clips_per_s']:.1f} clips/s"
-      )
-      return result
+      return pipeline.make_eval_dataset(source, **common)
 
-    per_workers: dict[str, dict[str, Any]] = {}
-    for w in workers:
-      per_workers[str(w)] = {
-        f"{kind}_{src}": measure(kind, src, w)
-        for kind in ("train", "eval")
-        for src in ("packed", "folders")
-      }
-    results: dict[str, Any] = {}
-    for key in ("train_packed", "train_folders", "eval_packed", "eval_folders"):
-      best = max(per_workers, key=lambda w: per_workers[w][key]["clips_per_s"])
-      results[f"{key}_clips_per_s"] = per_workers[best][key]["clips_per_s"]
-      results[f"{key}_best_workers"] = int(best)
-    base = _throughput(
-      lambda: baseline_clips(anns, image_size, batch_size),
-      batch_size,
-      warmup=1,
-      seconds=seconds,
-      min_batches=min_batches,
+    results: dict[str, Any] = {"measurements": {}}
+    base = _measure(
+      lambda: baseline_clips(anns, image_size, batch_size), batch_size, num_batches, 0
     )
-    log(f"baseline (reference-shaped, 1 process, no prefetch): {base['clips_per_s']:.1f} clips/s")
-    results["baseline_clips_per_s"] = base["clips_per_s"]
+    _project(base)
     results["baseline"] = base
-    results["train_packed_default_clips_per_s"] = results["train_packed_clips_per_s"]
-    base_cpu = base["main_process_cpu_s_per_clip"]
-    if "0" in per_workers:
-      # Per core: CPU seconds per clip of the in-process pipeline vs the baseline.
-      results["train_packed_default_vs_baseline_per_cpu_s"] = (
-        base_cpu / per_workers["0"]["train_packed"]["main_process_cpu_s_per_clip"]
-      )
-    headline = {
-      "name": "default",
-      "workers": results["train_packed_best_workers"],
-      "clips_per_s": results["train_packed_clips_per_s"],
-      "vs_baseline_per_cpu_s": results.get("train_packed_default_vs_baseline_per_cpu_s"),
-    }
-    if extras:
-      # The documented fast configuration: frames packed at short side `image_size` (as
-      # users are told to pack) and `fast_decode=True`; one process, so its CPU time is
-      # the whole cost of a clip.
-      with contextlib.redirect_stderr(io.StringIO()):
-        name224 = tfds_builders.build(
-          "synthetic",
-          "classes7",
-          manual_dir=root / "synthetic",
-          data_dir=root / "tfds",
-          num_workers=None if clips >= 32 else 1,
-          resize_short_side=image_size,
-        )
-      sources["packed_short"] = _ConcatSource(
-        [packed.packed_source(root / "tfds", name224, s) for s in ("train", "test")]
-      )
-      configs = {
-        "workers0_threads1": measure("train", "packed", 0, read_threads=1),
-        "workers0_threads2_fast_decode": measure("train", "packed", 0, fast_decode=True),
-        f"short{image_size}_workers0_threads2": measure("train", "packed_short", 0),
-        f"short{image_size}_workers0_threads1_fast_decode": measure(
-          "train", "packed_short", 0, read_threads=1, fast_decode=True
-        ),
-        f"short{image_size}_workers0_threads2_fast_decode": measure(
-          "train", "packed_short", 0, fast_decode=True
-        ),
-      }
-      for r in configs.values():
-        r["vs_baseline_per_cpu_s"] = base_cpu / r["main_process_cpu_s_per_clip"]
-      results["extras"] = configs
-      one = configs["workers0_threads1"]
-      results["train_packed_1thread_clips_per_s"] = one["clips_per_s"]
-      results["train_packed_fast_decode_clips_per_s"] = configs["workers0_threads2_fast_decode"][
-        "clips_per_s"
-      ]
-      # The baseline runs on one core: compare it with the one-thread pipeline.
-      results["train_packed_1thread_vs_baseline"] = one["clips_per_s"] / base["clips_per_s"]
-      best = min(configs, key=lambda k: configs[k]["main_process_cpu_s_per_clip"])
-      if (
-        headline["vs_baseline_per_cpu_s"] is None
-        or configs[best]["vs_baseline_per_cpu_s"] > headline["vs_baseline_per_cpu_s"]
-      ):
-        headline = {
-          "name": f"train_packed_{best}",
-          "workers": 0,
-          "clips_per_s": configs[best]["clips_per_s"],
-          "vs_baseline_per_cpu_s": configs[best]["vs_baseline_per_cpu_s"],
-        }
-    # The headline: the configuration with the lowest CPU seconds per clip (`extras` and
-    # `per_workers` keep every measurement, the default path's included).
-    results["train_packed_config"] = headline
-    results["train_packed_clips_per_s"] = headline["clips_per_s"]
-    results["train_packed_vs_baseline"] = headline["clips_per_s"] / base["clips_per_s"]
-    if headline["vs_baseline_per_cpu_s"] is not None:
-      results["train_packed_vs_baseline_per_cpu_s"] = headline["vs_baseline_per_cpu_s"]
+    log(
+      f"baseline (reference-shaped, 1 process): {base['clips_per_s_after_first']:.1f} clips/s, "
+      f"{base['cpu_ms_per_clip_steady']:.1f} CPU ms/clip"
+    )
+    for kind in ("train", "eval"):
+      for source_name in sources:
+        for path, fast in (("exact", False), ("fast", True)):
+          for w in workers:
+            key = f"{kind}_{source_name}_{path}_workers{w}"
+            r = _measure(
+              lambda: iter(dataset(kind, source_name, w, fast)),  # noqa: B023
+              batch_size,
+              num_batches,
+              w,
+            )
+            _project(r)
+            # Whole-pass CPU, start-up included: the conservative per-core comparison.
+            r["vs_baseline_per_cpu_s"] = base["cpu_ms_per_clip"] / r["cpu_ms_per_clip"]
+            results["measurements"][key] = r
+            log(
+              f"{key:32s} first batch {r['first_batch_s']:.2f} s, "
+              f"{r['clips_per_s_after_first']:6.1f} clips/s after it, "
+              f"{r['clips_per_s_whole_pass']:6.1f} whole pass, "
+              f"{r['cpu_ms_per_clip']:5.1f} CPU ms/clip "
+              f"({r['vs_baseline_per_cpu_s']:.2f}x), "
+              f"{(r['bytes_read_per_clip'] or 0) / 1e3:7.1f} kB/clip, "
+              f"peak {r['peak_rss_mb'] or 0:.0f} MB"
+            )
+    one_clip = pipeline.make_eval_dataset(
+      sources["folders"], batch_size=1, num_frames=1, image_size=image_size
+    )
+    results.update(worker_start(one_clip._batch_loader))  # pylint: disable=protected-access
+    log(f"one worker: {results['worker_start_s']:.2f} s from launch to its first clip")
+    default_path = "fast" if config_lib.base_config().data.fast_decode else "exact"
+    m = results["measurements"]
+    default_key = f"train_folders_{default_path}_workers0"
+    frames_bytes = _sample_frame_bytes(sources["packed"], clips)
+    packed_read = m[f"train_packed_{default_path}_workers0"]["bytes_read_per_clip"]
     results.update(
       {
+        "default_path": default_path,
+        "default_vs_baseline_per_cpu_s": m[default_key]["vs_baseline_per_cpu_s"],
+        "sampled_frame_bytes_per_clip": frames_bytes,
+        "packed_bytes_per_clip_vs_frames": (
+          None if packed_read is None else packed_read / frames_bytes
+        ),
         "cores": os.cpu_count(),
         "workers": list(workers),
-        "per_workers": per_workers,
         "image_size": image_size,
         "render_size": render_size,
+        "frames_per_clip": [min_frames, max_frames],
         "num_frames": NUM_SEGMENTS,
         "batch_size": batch_size,
         "clips": clips,
-        "seconds_per_measurement": seconds,
+        "batches_per_measurement": num_batches,
         "generate_seconds": gen_s,
         "pack_seconds": pack_s,
         "machine": _machine(),
+        "date": time.strftime("%Y-%m-%d"),
         "load_average_before_after": [load_before, list(os.getloadavg())],
       }
     )
     return results
   finally:
+    workers_lib.shutdown()
     if tmp is not None:
       shutil.rmtree(tmp, ignore_errors=True)
-
-
-class _ConcatSource:
-  """Several sources as one (the packed train and test splits)."""
-
-  def __init__(self, parts: Sequence[Any]):
-    self.parts = list(parts)
-    self._ends = np.cumsum([len(p) for p in self.parts])
-
-  def __len__(self) -> int:
-    return int(self._ends[-1])
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    part = int(np.searchsorted(self._ends, index, side="right"))
-    start = 0 if part == 0 else int(self._ends[part - 1])
-    return self.parts[part][int(index) - start]
 
 
 _PROG = "python -m dfer_clip_jax.benchmarks.input_pipeline"
@@ -418,16 +441,14 @@ _PROG = "python -m dfer_clip_jax.benchmarks.input_pipeline"
 def _define(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("json", None, "where to write the results", required=True, flag_values=fv)
   flags.DEFINE_integer("clips", 64, "distinct synthetic clips", flag_values=fv)
-  flags.DEFINE_string("workers", "0,1,2", "comma-separated worker counts", flag_values=fv)
+  flags.DEFINE_string("workers", "0,2", "comma-separated worker counts", flag_values=fv)
   flags.DEFINE_integer("image_size", 224, "pipeline output size", flag_values=fv)
-  flags.DEFINE_integer("render_size", 256, "synthetic frame size", flag_values=fv)
+  flags.DEFINE_integer("render_size", 224, "synthetic frame size", flag_values=fv)
+  flags.DEFINE_integer("min_frames", 60, "shortest synthetic clip", flag_values=fv)
+  flags.DEFINE_integer("max_frames", 120, "longest synthetic clip", flag_values=fv)
   flags.DEFINE_integer("batch_size", 8, "clips per batch", flag_values=fv)
-  flags.DEFINE_float("seconds", 3.0, "timed seconds per measurement", flag_values=fv)
-  flags.DEFINE_integer("min_batches", 2, "timed batches at least", flag_values=fv)
+  flags.DEFINE_integer("repeat", 4, "passes over the clips per measurement", flag_values=fv)
   flags.DEFINE_string("work_dir", None, "keep the data here (default: temp)", flag_values=fv)
-  flags.DEFINE_boolean(
-    "no_extras", False, "skip the one-thread and fast_decode measurements", flag_values=fv
-  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -440,26 +461,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.fail(_PROG, f"--workers needs non-negative counts, got {args.workers!r}")
   if args.clips < 14:
     cli.fail(_PROG, "--clips must be >= 14 (two per class)")
+  if not 1 <= args.min_frames <= args.max_frames:
+    cli.fail(_PROG, "--min_frames must lie in [1, --max_frames]")
   results = run(
     clips=args.clips,
     workers=workers,
     image_size=args.image_size,
     render_size=args.render_size,
+    min_frames=args.min_frames,
+    max_frames=args.max_frames,
     batch_size=args.batch_size,
-    seconds=args.seconds,
-    min_batches=args.min_batches,
+    repeat=args.repeat,
     work_dir=args.work_dir,
-    extras=not args.no_extras,
   )
   out = pathlib.Path(args.json)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
   print(
-    f"train packed {results['train_packed_clips_per_s']:.1f}, folders "
-    f"{results['train_folders_clips_per_s']:.1f}, eval packed "
-    f"{results['eval_packed_clips_per_s']:.1f}, baseline "
-    f"{results['baseline_clips_per_s']:.1f} clips/s on {results['cores']} cores "
-    f"-> {args.json}"
+    f"default path ({results['default_path']}, folders, in-process): "
+    f"{results['default_vs_baseline_per_cpu_s']:.2f}x the reference-style loader per "
+    f"CPU-second; a worker starts in {results['worker_start_s']:.2f} s -> {args.json}"
   )
   return 0
 

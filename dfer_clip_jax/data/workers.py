@@ -295,6 +295,7 @@ class PoolBatches:
     self.blocks = [shared_memory.SharedMemory(create=True, size=nbytes) for _ in range(depth)]
     self.free = collections.deque(range(depth))
     self.pending: collections.deque = collections.deque()
+    self.consumed = 0
     _LIVE_BATCHES.add(self)
 
   def _fill(self) -> None:
@@ -322,8 +323,14 @@ class PoolBatches:
     video = view.reshape(self.shape).copy()  # The block is reused for a later step.
     del view
     self.free.append(b)
+    self.consumed += 1
     self._fill()
     return {"video": video, **meta}
+
+  @property
+  def completed(self) -> int:
+    """Batches the workers have finished so far (handed out or waiting in a block)."""
+    return self.consumed + sum(future.done() for _, future in self.pending)
 
   def close(self) -> None:
     blocks, self.blocks = self.blocks, None
