@@ -90,19 +90,34 @@ _CORRUPTION_SIGNS = (
   "expecting value",
   "unterminated",
   "checksum",
+  "decompress",  # compressed chunks that no longer decode (bytes overwritten in place)
 )
 _ACCESS_SIGNS = ("permission_denied", "permission denied", "unavailable", "unauthenticated")
 
 
 def is_corruption(e: BaseException) -> bool:
-  """Whether an error opening a checkpoint is evidence that its files are damaged."""
-  if isinstance(e, PermissionError):
+  """Whether an error opening a checkpoint is evidence that its files are damaged.
+
+  The whole chain of causes counts: Orbax wraps tensorstore's error (the one that says what
+  is wrong) in a generic exception."""
+  chain = []
+  while e is not None and e not in chain:
+    chain.append(e)
+    e = e.__cause__
+  if any(_is_access_error(x) for x in chain):
     return False
+  return any(_is_damage(x) for x in chain)
+
+
+def _is_access_error(e: BaseException) -> bool:
+  text = f"{type(e).__name__}: {e}".lower()
+  return isinstance(e, PermissionError) or any(sign in text for sign in _ACCESS_SIGNS)
+
+
+def _is_damage(e: BaseException) -> bool:
   if isinstance(e, (FileNotFoundError, json.JSONDecodeError, EOFError, UnicodeDecodeError)):
     return True
   text = f"{type(e).__name__}: {e}".lower()
-  if any(sign in text for sign in _ACCESS_SIGNS):
-    return False
   return any(sign in text for sign in _CORRUPTION_SIGNS)
 
 
@@ -208,10 +223,13 @@ def verify_checkpoint(step_dir: str | os.PathLike) -> str | None:
   return None
 
 
-def latest_valid_step(directory: str | os.PathLike) -> int | None:
-  """Newest step in `directory` that `verify_checkpoint` accepts; warns about each newer one."""
+def latest_valid_step(directory: str | os.PathLike, below: int | None = None) -> int | None:
+  """Newest step in `directory` (older than `below` if given) that `verify_checkpoint`
+  accepts; warns about each newer one."""
   directory = pathlib.Path(directory)
   for step in reversed(_step_dirs(directory)):
+    if below is not None and step >= below:
+      continue
     reason = verify_checkpoint(directory / str(step))
     if reason is None:
       return step

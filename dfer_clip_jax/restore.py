@@ -25,6 +25,7 @@ import pathlib
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from dfer_clip_jax import checkpointing
@@ -142,6 +143,10 @@ def _latest_step(directory: pathlib.Path) -> int | None:
     ckptr.close()
 
 
+class UnreadableWeightsError(ValueError):
+  """A checkpoint's model weights could not be read (its cause says why)."""
+
+
 def _restore_model_state(step_dir: pathlib.Path, abstract_state, shardings):
   """Reads only the `model` subtree of the checkpoint's state item onto `shardings`."""
   target = {
@@ -160,7 +165,7 @@ def _restore_model_state(step_dir: pathlib.Path, abstract_state, shardings):
       ),
     )
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise ValueError(
+    raise UnreadableWeightsError(
       f"cannot read the model weights of checkpoint {step_dir}: "
       f"{type(e).__name__}: {str(e)[:500]} (does its saved model spec match "
       "its weights?)"
@@ -199,10 +204,41 @@ def load_model(
       model_state, _ = state_lib.shard_state(model_state, mesh, min_size)
       model = nnx.merge(graphdef, model_state)
     return model, spec, ref
-  saved = checkpointing.read_config(ref.path)
+  while True:
+    try:
+      return (*_load_checkpoint(ref.path, mesh, min_size), ref)
+    except UnreadableWeightsError as e:
+      ref = _earlier_latest(ref, e)
+
+
+def _earlier_latest(ref: CheckpointRef, error: UnreadableWeightsError) -> CheckpointRef:
+  """The step before `ref` when "latest" was asked for and its weights are damaged (the
+  integrity record can miss damage: it is absent when a run stopped between the save and the
+  record); re-raises `error` otherwise. Nothing is renamed: evaluation only reads."""
+  cause = error.__cause__
+  if ref.kind != WORKDIR or ref.which != "latest" or not checkpointing.is_corruption(cause):
+    raise error
+  directory = ref.path.parent
+  step = checkpointing.latest_valid_step(directory, below=ref.step)
+  if step is None:
+    raise ValueError(f"no usable checkpoint in {directory}: {error}") from cause
+  logging.warning(
+    "checkpoint %s is unusable because reading its weights failed (%s); using step %d",
+    ref.path,
+    f"{type(cause).__name__}: {str(cause)[:200]}",
+    step,
+  )
+  path = directory / str(step)
+  return dataclasses.replace(ref, path=path, step=step, epoch=_epoch_of(path))
+
+
+def _load_checkpoint(
+  path: pathlib.Path, mesh, min_size: int
+) -> tuple[nnx.Module, state_lib.ModelSpec]:
+  saved = checkpointing.read_config(path)
   if "model" not in saved:
     raise ValueError(
-      f"checkpoint {ref.path} has no model spec in its config item (keys: "
+      f"checkpoint {path} has no model spec in its config item (keys: "
       f"{sorted(saved)}); it was not written by the dfer_clip_jax trainer"
     )
   spec = state_lib.ModelSpec.from_dict(saved["model"])
@@ -213,5 +249,5 @@ def load_model(
     shardings = jax.tree.map(lambda _: device, abstract_state)
   else:
     shardings = sharding_lib.state_shardings(abstract_state, mesh, min_size=min_size)
-  model_state = _restore_model_state(ref.path, abstract_state, shardings)
-  return nnx.merge(graphdef, model_state), spec, ref
+  model_state = _restore_model_state(path, abstract_state, shardings)
+  return nnx.merge(graphdef, model_state), spec

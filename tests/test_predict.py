@@ -8,7 +8,9 @@ in the scikit-image wheel moved around a little, a face-less clip, and a corrupt
 import dataclasses
 import fractions
 import json
+import logging
 import pathlib
+import shutil
 
 import av
 import jax
@@ -449,3 +451,33 @@ def test_model_spec_round_trip_and_old_format_refused(saved):
   old = {**spec.to_dict(), "format": "dfer_clip_jax.model/1"}
   with pytest.raises(ValueError, match="older version of dfer_clip_jax"):
     state_lib.ModelSpec.from_dict(old)
+
+
+def test_a_damaged_latest_step_without_its_integrity_record_falls_back(saved, tmp_path, caplog):
+  """The integrity record is missing when a run stopped between a save and its record: damage
+  then shows only when the weights are read, and asking for "latest" takes the step before."""
+  run = tmp_path / "run"
+  shutil.copytree(saved["root"] / "run", run)
+  step7 = run / "checkpoints" / "7"
+  (step7 / checkpointing.INTEGRITY_FILE).unlink()
+  # The largest data file's second half overwritten (its size kept): the metadata still reads.
+  data = max(
+    (p for p in (step7 / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+    key=lambda p: p.stat().st_size,
+  )
+  size = data.stat().st_size
+  with open(data, "r+b") as fh:
+    fh.seek(size // 2)
+    fh.write(b"\xff" * (size - size // 2))
+  with caplog.at_level(logging.WARNING):
+    model, _, ref = restore.load_model(run, "latest")
+  assert ref.step == 4 and ref.path == run / "checkpoints" / "4"
+  assert any(
+    str(step7) in r.getMessage() and "using step 4" in r.getMessage() for r in caplog.records
+  )
+  want = jax.tree.leaves(nnx.state(saved["model"]))
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert step7.is_dir()  # evaluation renames nothing
+  with pytest.raises(restore.UnreadableWeightsError, match="cannot read the model weights"):
+    restore.load_model(run, "7")  # a step asked for by number is never swapped
