@@ -2,8 +2,12 @@
 
 import io
 import json
+import os
 import pathlib
 import pickle
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,13 +16,17 @@ from PIL import Image
 from dfer_clip_jax.benchmarks import input_pipeline
 from dfer_clip_jax.data import (
   annotations,
+  augment,
   build,
   datasets,
   packed,
   pipeline,
+  sampling,
   synthetic,
   tfds_builders,
 )
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +87,21 @@ def test_round_trip_keeps_clips_labels_and_frames(synth, data_dir, split):
     assert record["num_frames"] == clip.num_frames == len(record["frames"])
     files = annotations.list_frames(clip.frame_dir)
     # RGB JPEGs are stored as they are: byte-identical, decodable.
-    assert record["frames"] == [f.read_bytes() for f in files]
+    assert list(record["frames"]) == [f.read_bytes() for f in files]
+    assert record["frames"][-1] == files[-1].read_bytes()
   assert _decode(source[0]["frames"][0]).size == (32, 32)
+  # tfds' records hold the same index (for tfds readers of the blob).
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  records = tfds.data_source("synthetic/classes7", data_dir=data_dir, split=split)
+  blob = packed.blob_path(source.folder, split).read_bytes()
+  for i in (0, len(clips) - 1):
+    rec = records[i]
+    assert rec["clip_id"].decode() == clips[i].clip_id and rec["num_frames"] == len(
+      rec["frame_sizes"]
+    )
+    start = int(rec["frame_offset"]) + int(sum(rec["frame_sizes"][:-1]))
+    assert blob[start : start + int(rec["frame_sizes"][-1])] == source[i]["frames"][-1]
   assert source.labels == [c.label for c in clips]
   assert source[-1]["clip_id"] == clips[-1].clip_id
   with pytest.raises(IndexError, match="out of range"):
@@ -163,7 +184,7 @@ def test_reference_lists_with_the_authors_absolute_paths(tmp_path):
   tfds_builders.build("dfew", "fold1", manual_dir=manual, data_dir=tmp_path / "tfds", num_workers=1)
   test = packed.packed_source(tmp_path / "tfds", "dfew/fold1", "test")
   assert (test[0]["clip_id"], test[0]["label"]) == ("DFEW_Frame_Face/03060", 1)
-  assert test[0]["frames"] == [
+  assert list(test[0]["frames"]) == [
     p.read_bytes() for p in annotations.list_frames(manual / "DFEW_Frame_Face" / "03060")
   ]
 
@@ -248,6 +269,147 @@ def test_missing_lists_and_class_count_mismatch(synth, tmp_path, capsys):
         f"--data_dir={tmp_path / 'tfds'}",
       ]
     )
+
+
+def test_a_sample_reads_only_its_frames(synth, data_dir, monkeypatch):
+  """Bytes read (every os.pread counted) == the sampled frames' sizes, each read once."""
+  clips = annotations.read_annotations(synth / "train.txt", data_root=synth)
+  source = packed.packed_source(data_dir, "synthetic/classes7", "train")
+  reads = []
+  real_pread = os.pread
+
+  def counting_pread(fd, n, offset):
+    data = real_pread(fd, n, offset)
+    reads.append(len(data))
+    return data
+
+  monkeypatch.setattr(os, "pread", counting_pread)
+  i = max(range(len(clips)), key=lambda j: clips[j].num_frames)  # 16+ frames: 8 are a subset
+  sizes = [f.stat().st_size for f in annotations.list_frames(clips[i].frame_dir)]
+  record = source[i]
+  assert reads == []  # opening a record reads no frame
+  indices = sampling.train_indices(record["num_frames"], np.random.default_rng(3), 8)
+  augment.decode_frames(record["frames"], indices)
+  unique = sorted(set(int(k) for k in indices))
+  assert len(unique) < len(sizes)
+  assert sum(reads) == sum(sizes[k] for k in unique) and len(reads) == len(unique)
+  # The fast path opens the first frame's header, then decodes: still one read per frame.
+  reads.clear()
+  record = source[i]
+  test_idx = sampling.test_indices(record["num_frames"], 8)
+  augment.load_test_clip(record["frames"], test_idx, size=16, fast_decode=True)
+  assert sum(reads) == sum(sizes[k] for k in set(int(k) for k in test_idx))
+  assert len(reads) == len(set(int(k) for k in test_idx))
+
+
+def test_unpickled_source_reads_without_tfds_grain_or_jax(data_dir, tmp_path):
+  """A worker process unpickles the source and decodes a frame with numpy, PIL, os.pread."""
+  source = packed.packed_source(data_dir, "synthetic/classes7", "test")
+  pickled = tmp_path / "source.pkl"
+  pickled.write_bytes(pickle.dumps(source))
+  assert pickled.stat().st_size < 2000  # names and paths, no tables
+  code = (
+    "import json, pickle, sys\n"
+    f"source = pickle.loads(open({str(pickled)!r}, 'rb').read())\n"
+    "from dfer_clip_jax.data import augment\n"
+    "record = source[1]\n"
+    "image = augment.decode_frames(record['frames'], [record['num_frames'] - 1])[0]\n"
+    "heavy = [m for m in ('tensorflow_datasets', 'grain', 'jax') if m in sys.modules]\n"
+    "print(json.dumps([record['clip_id'], image.size, heavy]))\n"
+  )
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")]))
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+  ).stdout
+  assert json.loads(out) == [source[1]["clip_id"], [32, 32], []]
+
+
+def _copy_build(data_dir: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
+  """A copy of synthetic/classes7 under data_dir `to`; returns its version folder."""
+  shutil.copytree(data_dir / "synthetic" / "classes7", to / "synthetic" / "classes7")
+  return to / "synthetic" / "classes7" / packed.LAYOUT_VERSION
+
+
+def test_corrupt_or_truncated_blob_names_the_file_and_clip(data_dir, tmp_path):
+  folder = _copy_build(data_dir, tmp_path)
+  source = packed.packed_source(tmp_path, "synthetic/classes7", "train")
+  blob = packed.blob_path(folder, "train")
+  table = np.load(packed.frame_table_path(folder, "train"))
+  clip_id = source[2]["clip_id"]
+  row = source[2]["frames"]._first + 1  # frame 1 of clip 2
+  offset = int(table[row]["offset"])
+  data = bytearray(blob.read_bytes())
+  data[offset + 40] ^= 0xFF
+  blob.write_bytes(bytes(data))
+  fresh = packed.packed_source(tmp_path, "synthetic/classes7", "train")
+  assert fresh[2]["frames"][0]  # its neighbours read fine
+  with pytest.raises(packed.PackedDataError) as info:
+    fresh[2]["frames"][1]
+  for part in ("corrupt", f"frame 1 of clip {clip_id}", str(blob), "dfer_clip_jax.data.build"):
+    assert part in str(info.value)
+  # Truncated under an open source (a sync still running): the read names the short file.
+  os.truncate(blob, offset + 10)
+  with pytest.raises(packed.PackedDataError, match=f"frame 1 of clip {clip_id}.*file ends"):
+    source[2]["frames"][1]
+  # Opening it checks the blob's size against the frame table and names the first cut clip.
+  with pytest.raises(packed.PackedDataError, match=f"{blob} is {offset + 10} bytes.*{clip_id}"):
+    packed.packed_source(tmp_path, "synthetic/classes7", "train")
+  packed.clip_table_path(folder, "test").unlink()
+  with pytest.raises(packed.PackedDataError, match="test.clip_table.npz is missing"):
+    packed.packed_source(tmp_path, "synthetic/classes7", "test")
+
+
+def _as_layout_1(version_folder: pathlib.Path) -> pathlib.Path:
+  """Turns a copied build into what a 1.0.0 build looks like to a reader: tfds' files under
+  1.0.0/ with that version, and no blob or tables (1.0.0 kept the frames in the records)."""
+  old = version_folder.parent / "1.0.0"
+  version_folder.rename(old)
+  for f in old.glob("*.*_table.*"):
+    f.unlink()
+  for f in old.glob("*.frames"):
+    f.unlink()
+  info = json.loads((old / "dataset_info.json").read_text())
+  info["version"] = "1.0.0"
+  (old / "dataset_info.json").write_text(json.dumps(info))
+  return old
+
+
+def test_layout_1_builds_fail_with_the_rebuild_command(synth, data_dir, tmp_path):
+  old = _as_layout_1(_copy_build(data_dir, tmp_path))
+  with pytest.raises(packed.PackedDataError) as info:
+    packed.packed_source(tmp_path, "synthetic/classes7", "train")
+  command = (
+    "python -m dfer_clip_jax.data.build --dataset=synthetic --config=classes7 "
+    f"--manual_dir=MANUAL_DIR --data_dir={tmp_path}"
+  )
+  message = str(info.value)
+  assert str(old) in message and command in message and "of layout 1.0.0" in message
+  assert packed.rebuild_command("/d", "dfew/fold3_short224_q90") == (
+    "python -m dfer_clip_jax.data.build --dataset=dfew --config=fold3 "
+    "--resize_short_side=224 --jpeg_quality=90 --manual_dir=MANUAL_DIR --data_dir=/d"
+  )
+  # The command, run, writes 2.0.0 next to it, which is then read.
+  args = command.replace("MANUAL_DIR", str(synth)).split()[3:]
+  assert build.main([*args, "--workers=1", "--no_check_images"]) == 0
+  source = packed.packed_source(tmp_path, "synthetic/classes7", "train")
+  assert source.folder == str(old.parent / packed.LAYOUT_VERSION) and source[0]["frames"][0]
+
+
+def test_a_failed_build_leaves_nothing_that_opens(synth, tmp_path, monkeypatch):
+  calls = []
+
+  def encode_then_fail(task):
+    calls.append(task)
+    if len(calls) == 3:
+      raise RuntimeError("killed")
+    return tfds_builders.encode_frames(*task)
+
+  monkeypatch.setattr(tfds_builders, "_encode_task", encode_then_fail)
+  with pytest.raises(RuntimeError, match="killed"):
+    tfds_builders.build("synthetic", "classes7", manual_dir=synth, data_dir=tmp_path, num_workers=1)
+  assert not list(tmp_path.glob("**/*.frames")) and not list(tmp_path.glob("**/*_table.*"))
+  with pytest.raises(FileNotFoundError, match="not found"):
+    packed.packed_source(tmp_path, "synthetic/classes7", "train")
 
 
 def test_benchmark_tiny_run_writes_the_json_schema(tmp_path):

@@ -1,4 +1,4 @@
-r"""Builds packed (array_record) datasets from frame folders: the tfds builders' CLI.
+r"""Builds packed datasets from frame folders: the tfds builders' CLI.
 
     python -m dfer_clip_jax.data.build --dataset=dfew --manual_dir=/data/DFEW \
         --data_dir=/data/tfds [--config=fold1] [--resize_short_side=224]
@@ -8,8 +8,11 @@ default, synthetic: classes7 and classes11 -- only the one matching the generate
 count can succeed, so pass --config for synthetic). The manual_dir layout each dataset
 expects is described in `dfer_clip_jax/data/tfds_builders.py`. Every split is validated
 first (every frame decoded); any problem stops the build with the full report and nothing
-is written. Read the result with
-`dfer_clip_jax.data.packed.packed_source(data_dir, '<dataset>/<config>', 'train')`.
+is written. The result (layout 2.0.0, `<data_dir>/<dataset>/<config>/2.0.0/`: per split a
+`<split>.frames` file of every frame's bytes, its frame and clip tables, and tfds' index
+records; see `packed.py`) appears only once every split is written. Read it with
+`dfer_clip_jax.data.packed.packed_source(data_dir, '<dataset>/<config>', 'train')`. Builds of
+layout 1.0.0 are not read any more: rerun this command for them.
 """
 
 from __future__ import annotations

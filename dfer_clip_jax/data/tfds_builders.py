@@ -5,14 +5,23 @@ Builders (registered with tfds on import): `dfew` (configs fold1..fold5), `ferv3
 with `python -m dfer_clip_jax.data.build` and read them with
 `dfer_clip_jax.data.packed.packed_source`.
 
-Record features (one record per clip, in annotation-list order):
-  frames      Sequence(Scalar(object)): the encoded JPEG bytes of every frame, in order.
-  label       ClassLabel with the class names of the dataset registry (`datasets.py`).
-  clip_id     Text: the frame folder as written in the annotation list.
-  num_frames  int32: the number of frames.
+Layout 2.0.0 (`packed.py` reads and writes it; see its docstring): per split, every frame's
+encoded JPEG bytes are written once, back to back, into `<split>.frames` in the dataset's
+version folder, with a frame table ((offset, size, crc32) per frame) and a clip table
+(clip_id, label, num_frames, first frame), so that reading frame k of clip i reads only that
+frame's bytes. The side files are written into tfds' temporary `*.incomplete*` folder, which
+tfds renames only when every split was written: a killed build leaves nothing that looks
+complete. tfds' own records (one per clip, in annotation-list order) hold the index only:
+  label         ClassLabel with the class names of the dataset registry (`datasets.py`).
+  clip_id       Text: the frame folder as written in the annotation list.
+  num_frames    int32: the number of frames.
+  frame_offset  int64: where the clip's first frame starts in `<split>.frames`.
+  frame_sizes   Sequence(int64): the byte size of each frame (frames follow each other).
+Layout 1.0.0 (records holding every frame's bytes: a sample read the whole clip) is not
+read any more; `packed.PackedSource` names the rebuild command.
 
 Why bytes: tfds' Image / Video features encode and decode through TensorFlow, which this
-project does not depend on. A `Sequence` of object scalars is serialised by tfds' own
+project does not depend on. The records hold numbers and text only, serialised by tfds' own
 numpy example serializer, so building (array_record) and `tfds.data_source` reading both
 run without TensorFlow (tfds 4.9 still needs `importlib_resources`).
 
@@ -68,7 +77,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from dfer_clip_jax.data import annotations as annotations_lib
-from dfer_clip_jax.data import augment, datasets, synthetic, validate
+from dfer_clip_jax.data import augment, datasets, packed, synthetic, validate
 
 DATASETS = ("dfew", "ferv39k", "mafw", "synthetic")
 SPLITS = ("train", "test")
@@ -239,8 +248,13 @@ def _read_dfew_official(
 class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared logic: find the lists, validate, encode the frames of each clip."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version(packed.LAYOUT_VERSION)
+  RELEASE_NOTES = {
+    "1.0.0": "First release.",
+    "2.0.0": "Frames move out of the records into one <split>.frames file per split, located "
+    "by a frame table, so that a sample reads only the frames it decodes (1.0.0 read every "
+    "frame of the clip). 1.0.0 builds must be rebuilt.",
+  }
   DATASET: datasets.Dataset | None = None  # the registry entry: class names, list naming
   HOMEPAGE = ""
   DESCRIPTION = ""
@@ -276,10 +290,11 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       description=self.DESCRIPTION,
       features=tfds.features.FeaturesDict(
         {
-          "frames": tfds.features.Sequence(tfds.features.Scalar(dtype=np.object_)),
           "label": tfds.features.ClassLabel(names=list(self._class_names())),
           "clip_id": tfds.features.Text(),
           "num_frames": tfds.features.Scalar(dtype=np.int32),
+          "frame_offset": tfds.features.Scalar(dtype=np.int64),
+          "frame_sizes": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int64)),
         }
       ),
       # Records keep the annotation-list order, so record i is line i of the list.
@@ -351,17 +366,26 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     workers = min(workers, len(tasks))
 
     def examples(encoded):
-      for i, (clip, frames) in enumerate(zip(clips, encoded)):
-        # validate_clips guarantees the folder holds exactly num_frames images.
-        yield (
-          i,
-          {
-            "frames": frames,
-            "label": clip.label,
-            "clip_id": clip.clip_id,
-            "num_frames": len(frames),
-          },
-        )
+      # Inside download_and_prepare, data_path is tfds' temporary folder (renamed at the end).
+      writer = packed.FramesWriter(self.data_path, split)
+      try:
+        for i, (clip, frames) in enumerate(zip(clips, encoded)):
+          offset = writer.add(clip.clip_id, clip.label, frames)
+          # validate_clips guarantees the folder holds exactly num_frames images.
+          yield (
+            i,
+            {
+              "label": clip.label,
+              "clip_id": clip.clip_id,
+              "num_frames": len(frames),
+              "frame_offset": offset,
+              "frame_sizes": [len(f) for f in frames],
+            },
+          )
+      except BaseException:
+        writer.abort()  # tfds deletes its temporary folder, blob included.
+        raise
+      writer.close()
       # Stored in metadata.json (written after the splits), so that a reader gets all
       # labels (e.g. for a stratified validation split) without reading every record.
       self.info.metadata.setdefault("labels", {})[split] = [c.label for c in clips]
