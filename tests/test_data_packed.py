@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dfer_clip_jax.benchmarks import input_pipeline
 from dfer_clip_jax.data import (
   annotations,
   augment,
@@ -410,62 +409,3 @@ def test_a_failed_build_leaves_nothing_that_opens(synth, tmp_path, monkeypatch):
   assert not list(tmp_path.glob("**/*.frames")) and not list(tmp_path.glob("**/*_table.*"))
   with pytest.raises(FileNotFoundError, match="not found"):
     packed.packed_source(tmp_path, "synthetic/classes7", "train")
-
-
-def test_benchmark_tiny_run_writes_the_json_schema(tmp_path):
-  out = tmp_path / "bench.json"
-  assert (
-    input_pipeline.main(
-      [
-        f"--json={out}",
-        "--clips=14",
-        "--workers=0",
-        "--image_size=16",
-        "--render_size=24",
-        "--batch_size=2",
-        "--seconds=0",
-        "--min_batches=1",
-      ]
-    )
-    == 0
-  )
-  result = json.loads(out.read_text())
-  for key in (
-    "train_packed_clips_per_s",
-    "train_folders_clips_per_s",
-    "eval_packed_clips_per_s",
-    "eval_folders_clips_per_s",
-    "baseline_clips_per_s",
-    "train_packed_1thread_clips_per_s",
-    "train_packed_fast_decode_clips_per_s",
-  ):
-    assert result[key] > 0, key
-  assert result["workers"] == [0] and result["cores"] >= 1
-  # The headline names its configuration; the default path's figures stay alongside.
-  config = result["train_packed_config"]
-  assert result["train_packed_clips_per_s"] == config["clips_per_s"] > 0
-  assert (
-    config["name"] == "default"
-    or config["name"].removeprefix("train_packed_") in (result["extras"])
-  )
-  assert result["train_packed_default_clips_per_s"] > 0
-  assert (
-    result["train_packed_vs_baseline_per_cpu_s"]
-    >= (result["train_packed_default_vs_baseline_per_cpu_s"])
-  )
-  assert "short16_workers0_threads2_fast_decode" in result["extras"]
-  assert set(result["per_workers"]["0"]) == {
-    "train_packed",
-    "train_folders",
-    "eval_packed",
-    "eval_folders",
-  }
-  assert (result["image_size"], result["render_size"], result["num_frames"]) == (16, 24, 16)
-  assert result["machine"]["cpu_count"] >= 1
-
-
-def test_baseline_batches_are_reference_shaped(synth):
-  clips = annotations.read_annotations(synth / "train.txt", data_root=synth)
-  batch = next(input_pipeline.baseline_clips(clips, 16, batch_size=3))
-  assert batch.shape == (3, 16, 3, 16, 16) and batch.dtype == np.float32
-  assert 0.0 <= batch.min() and batch.max() <= 1.0

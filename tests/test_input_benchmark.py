@@ -47,3 +47,25 @@ def test_baseline_batches_are_reference_shaped(tmp_path):
   batch = next(input_pipeline.baseline_clips(clips, 16, batch_size=3))
   assert batch.shape == (3, 16, 3, 16, 16) and batch.dtype == np.float32
   assert 0.0 <= batch.min() and batch.max() <= 1.0
+
+
+def _run(uar, losses):
+  return {"test_uar": uar, "test_war": uar + 1, "loss_curve": dict(enumerate(losses))}
+
+
+def test_decode_paths_verdict_weighs_the_paths_against_the_seeds():
+  from dfer_clip_jax.benchmarks import decode_paths
+
+  seeds_apart = {
+    "exact": {0: _run(80.0, [2.0, 1.0, 0.5]), 1: _run(82.0, [2.2, 1.2, 0.6])},
+    "fast": {0: _run(81.0, [2.05, 1.0, 0.5]), 1: _run(81.5, [2.2, 1.25, 0.6])},
+  }
+  c = decode_paths.compare(seeds_apart)
+  assert c["exact"]["uar_mean"] == 81.0 and c["fast"]["uar_mean"] == 81.25
+  assert c["loss_curve_gap_between_paths"] < c["loss_curve_gap_between_seeds"]
+  assert c["same_within_noise"] is True
+  # A path that learns worse than the seeds' spread allows is not the same.
+  worse = {**seeds_apart, "fast": {s: _run(70.0, [2.5, 2.0, 1.8]) for s in (0, 1)}}
+  assert decode_paths.compare(worse)["same_within_noise"] is False
+  config, overrides = decode_paths.setup_overrides("dfew_like", 300, 3)
+  assert config.endswith("clips=300,epochs=3") and "clip.image_size=112" in overrides
