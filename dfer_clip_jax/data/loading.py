@@ -183,15 +183,15 @@ class BatchLoader:
     return {"video": video, "label": label, "index": index, "mask": mask}
 
 
-class TrainElements:
-  """Element e of this process -> the element of the global training plan."""
+class _Plan:
+  """What both plans share: the clips, this process's share of each global batch, and what to
+  do with a clip that cannot be loaded."""
 
   def __init__(
     self,
     loader: ClipLoader,
     *,
     num_clips: int,
-    seed: int,
     batch_size: int,
     process_index: int,
     process_count: int,
@@ -199,12 +199,19 @@ class TrainElements:
   ):
     self.loader = loader
     self.num_clips = num_clips
-    self.seed = seed
     self.batch_size = batch_size
     self.process_index = process_index
     self.global_batch = batch_size * process_count
-    self.steps_per_epoch = steps_per_epoch(num_clips, self.global_batch)
     self.bad_clip_policy = bad_clip_policy
+
+
+class TrainElements(_Plan):
+  """Element e of this process -> the element of the global training plan."""
+
+  def __init__(self, loader: ClipLoader, *, seed: int, **plan):
+    super().__init__(loader, **plan)
+    self.seed = seed
+    self.steps_per_epoch = steps_per_epoch(self.num_clips, self.global_batch)
 
   def positions(self, step: int) -> tuple[int, np.ndarray]:
     """(epoch, positions in the epoch's permutation) of this process's rows of `step`."""
@@ -242,26 +249,12 @@ class TrainElements:
     raise BadClipError(f"no clip of the {self.num_clips} in the source can be loaded")
 
 
-class EvalElements:
+class EvalElements(_Plan):
   """Element e of this process -> a clip (or a padding row) of the evaluation plan."""
 
-  def __init__(
-    self,
-    loader: ClipLoader,
-    *,
-    num_clips: int,
-    batch_size: int,
-    process_index: int,
-    process_count: int,
-    bad_clip_policy: str,
-  ):
-    self.loader = loader
-    self.num_clips = num_clips
-    self.batch_size = batch_size
-    self.process_index = process_index
-    self.global_batch = batch_size * process_count
-    self.num_steps = max(1, math.ceil(num_clips / self.global_batch))
-    self.bad_clip_policy = bad_clip_policy
+  def __init__(self, loader: ClipLoader, **plan):
+    super().__init__(loader, **plan)
+    self.num_steps = max(1, math.ceil(self.num_clips / self.global_batch))
 
   def planned(self, step: int) -> tuple[None, np.ndarray]:
     """(None, clip indices) of this process's rows of `step`; -1 marks padding rows."""
