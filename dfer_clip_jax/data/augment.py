@@ -18,7 +18,7 @@ the model's `preprocess` is the one place where pixels become float32 (on the de
 
 Speed: every transform is one or two PIL calls per frame (PIL's C code releases the GIL),
 repeated frames of short clips are decoded and transformed once, and the clip is written
-into one preallocated array. `fast_decode=True` (opt-in, off in paper configs) swaps PIL
+into one preallocated array. `fast_decode=True` (the configs' default, `data.fast_decode`) swaps PIL
 for OpenCV on the same random parameters (drawn from the full-size frame, in the same
 order): `cv2.imdecode` (libjpeg-turbo; at 1/2, 1/4 or 1/8 scale when the crop still has at
 least `size` pixels after it), the crop as a numpy slice, `cv2.resize` (area averaging when

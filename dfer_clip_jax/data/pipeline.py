@@ -224,9 +224,15 @@ class ClipBatchIterator(grain.DatasetIterator):
       k: (saved.get(k), ours.get(k)) for k in set(saved) | set(ours) if saved.get(k) != ours.get(k)
     }
     if diff:
+      hint = ""
+      if "fast_decode" in diff and diff["fast_decode"][0] is not None:
+        # The default decode path changed (exact PIL -> OpenCV): runs started before resume
+        # with the path they were started with.
+        hint = f"; to continue this run, add --config.data.fast_decode={diff['fast_decode'][0]}"
       raise ValueError(
         "the saved data iterator state belongs to a different pipeline: "
         + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        + hint
       )
     step = int(state["step"])
     if step < 0:
