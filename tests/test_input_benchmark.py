@@ -11,7 +11,7 @@ from dfer_clip_jax.data import annotations, synthetic
 def test_tiny_run_writes_every_figure(tmp_path):
   out = tmp_path / "bench.json"
   argv = [f"--json={out}", "--clips=14", "--workers=0,1", "--image_size=16", "--render_size=24"]
-  argv += ["--min_frames=16", "--max_frames=20", "--batch_size=2", "--repeat=1"]
+  argv += ["--min_frames=16", "--max_frames=20", "--batch_size=2", "--repeat=1", "--pairs=1"]
   assert input_pipeline.main(argv) == 0
   result = json.loads(out.read_text())
   keys = [
@@ -36,6 +36,8 @@ def test_tiny_run_writes_every_figure(tmp_path):
   assert one["peak_rss_mb"] > one["peak_rss_mb_main"]
   assert 0 < result["worker_start_s"] < 30 and result["worker_start_cpu_s"] > 0
   assert result["default_path"] in ("exact", "fast") and result["default_vs_baseline_per_cpu_s"] > 0
+  assert result["default_packed_vs_baseline_per_cpu_s"] > 0
+  assert len(result["default_rounds_cpu_ms_per_clip"]) == 1
   assert result["packed_bytes_per_clip_vs_frames"] > 0
   assert (result["image_size"], result["render_size"], result["num_frames"]) == (16, 24, 16)
   assert result["machine"]["cpu_count"] >= 1

@@ -35,8 +35,10 @@ via PIL, a float32 CHW conversion per frame, batches stacked as a default collat
 first and last, `baseline` is their mean). `vs_baseline_per_cpu_s` of a measurement is the
 baseline's CPU ms per clip over the measurement's, both for the whole pass. The headline keys:
 `default_path` (the path `config_lib.base_config()` selects), `default_vs_baseline_per_cpu_s`
-(train), `worker_start_s` / `worker_start_cpu_s` (one fresh worker, from launch to its first
-answer), `packed_bytes_per_clip_vs_frames` (packed train bytes read per clip over the bytes of
+and `default_packed_vs_baseline_per_cpu_s` (train, in-process, frame folders / packed: the
+median over `--pairs` rounds that alternate the baseline and both: on a machine whose speed
+drifts, the ratio of runs seconds apart is the robust one), `worker_start_s` /
+`worker_start_cpu_s` (one fresh worker, from launch to its first answer), `packed_bytes_per_clip_vs_frames` (packed train bytes read per clip over the bytes of
 the frames the sampler uses), with `machine`, the date and the load average.
 """
 
@@ -299,6 +301,7 @@ def run(
   max_frames: int,
   batch_size: int,
   repeat: int,
+  pairs: int = 3,
   work_dir: str | None = None,
   log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -424,13 +427,37 @@ def run(
     log(f"one worker: {results['worker_start_s']:.2f} s from launch to its first clip")
     default_path = "fast" if config_lib.base_config().data.fast_decode else "exact"
     m = results["measurements"]
-    default_key = f"train_folders_{default_path}_workers0"
+    # The headline ratio from alternating runs (baseline, folders, packed; `pairs` times):
+    # each ratio compares runs seconds apart, and the median ignores a drifting machine.
+    rounds = []
+    for _ in range(pairs):
+      row = {"baseline": baseline()["cpu_ms_per_clip"]}
+      for source_name in sources:
+        r = _measure(
+          lambda: iter(dataset("train", source_name, 0, default_path == "fast")),  # noqa: B023
+          batch_size,
+          num_batches,
+          0,
+        )
+        row[source_name] = r["cpu_ms_per_clip"]
+      rounds.append(row)
+    ratios = {
+      source_name: float(np.median([row["baseline"] / row[source_name] for row in rounds]))
+      for source_name in sources
+    }
+    log(
+      f"default path ({default_path}), train, in-process, median of {pairs} alternating "
+      f"rounds: folders {ratios['folders']:.2f}x, packed {ratios['packed']:.2f}x the baseline "
+      "per CPU-second"
+    )
     frames_bytes = _sample_frame_bytes(sources["packed"], clips)
     packed_read = m[f"train_packed_{default_path}_workers0"]["bytes_read_per_clip"]
     results.update(
       {
         "default_path": default_path,
-        "default_vs_baseline_per_cpu_s": m[default_key]["vs_baseline_per_cpu_s"],
+        "default_vs_baseline_per_cpu_s": ratios["folders"],
+        "default_packed_vs_baseline_per_cpu_s": ratios["packed"],
+        "default_rounds_cpu_ms_per_clip": rounds,
         "sampled_frame_bytes_per_clip": frames_bytes,
         "packed_bytes_per_clip_vs_frames": (
           None if packed_read is None else packed_read / frames_bytes
@@ -471,6 +498,9 @@ def _define(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("max_frames", 120, "longest synthetic clip", flag_values=fv)
   flags.DEFINE_integer("batch_size", 8, "clips per batch", flag_values=fv)
   flags.DEFINE_integer("repeat", 4, "passes over the clips per measurement", flag_values=fv)
+  flags.DEFINE_integer(
+    "pairs", 5, "alternating baseline / default-path rounds for the headline", flag_values=fv
+  )
   flags.DEFINE_string("work_dir", None, "keep the data here (default: temp)", flag_values=fv)
 
 
@@ -484,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.fail(_PROG, f"--workers needs non-negative counts, got {args.workers!r}")
   if args.clips < 14:
     cli.fail(_PROG, "--clips must be >= 14 (two per class)")
+  if args.pairs < 1:
+    cli.fail(_PROG, f"--pairs must be positive, got {args.pairs}")
   if not 1 <= args.min_frames <= args.max_frames:
     cli.fail(_PROG, "--min_frames must lie in [1, --max_frames]")
   results = run(
@@ -495,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_frames=args.max_frames,
     batch_size=args.batch_size,
     repeat=args.repeat,
+    pairs=args.pairs,
     work_dir=args.work_dir,
   )
   out = pathlib.Path(args.json)
