@@ -196,6 +196,10 @@ def test_eval_mode_reads_and_validates_only_the_test_split(finished_run, synth, 
   result = evaluate.evaluate_checkpoint(config, workdir, "latest")
   assert validated == [report["last_test"]["counts"]["total"]]
   assert result["war"] == report["last_test"]["war"]
+  # The demo's synthetic source likewise (its generated training list is not read).
+  validated.clear()
+  evaluate.evaluate_checkpoint(tiny_config(synth), workdir, "latest")
+  assert validated == [report["last_test"]["counts"]["total"]]
 
 
 def test_rerun_of_finished_run_does_not_train_again(finished_run, synth, monkeypatch):

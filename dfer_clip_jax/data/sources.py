@@ -205,6 +205,8 @@ def build_sources(
   elif data.source in ("folders", "synthetic"):
     if data.source == "synthetic":
       root, train_list, test_list = _synthetic_lists(data, workdir, len(names))
+      train_list = train_list if "train" in splits else None
+      test_list = test_list if "test" in splits else None
     else:
       root = pathlib.Path(data.root) if data.root else None
       train_list, test_list = (
