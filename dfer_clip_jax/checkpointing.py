@@ -38,8 +38,8 @@ import math
 import os
 import pathlib
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -48,6 +48,8 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from dfer_clip_jax import distributed
+
+T = TypeVar("T")
 
 STATE = "state"
 DATA_STATE = "data_state"
@@ -223,13 +225,10 @@ def verify_checkpoint(step_dir: str | os.PathLike) -> str | None:
   return None
 
 
-def latest_valid_step(directory: str | os.PathLike, below: int | None = None) -> int | None:
-  """Newest step in `directory` (older than `below` if given) that `verify_checkpoint`
-  accepts; warns about each newer one."""
+def latest_valid_step(directory: str | os.PathLike) -> int | None:
+  """Newest step in `directory` that `verify_checkpoint` accepts; warns about each newer one."""
   directory = pathlib.Path(directory)
   for step in reversed(_step_dirs(directory)):
-    if below is not None and step >= below:
-      continue
     reason = verify_checkpoint(directory / str(step))
     if reason is None:
       return step
@@ -237,6 +236,50 @@ def latest_valid_step(directory: str | os.PathLike, below: int | None = None) ->
       "checkpoint %s is unusable because %s; trying the previous one", directory / str(step), reason
     )
   return None
+
+
+def newest_readable(
+  directory: str | os.PathLike, read: Callable[[pathlib.Path], T], *, newest: int | None = None
+) -> tuple[int, T, list[int]]:
+  """(step, read(its folder), newer steps found broken) for the newest step of `directory`
+  (at most `newest`) that `verify_checkpoint` accepts and `read` reads.
+
+  The one fall-back of "latest" (the trainer's resume, evaluation): the integrity record can
+  miss damage that shows only when the arrays are read (it is absent when a run stopped
+  between a save and its record), so a read failing with signs of damage (`is_corruption`)
+  marks the step broken and the previous one is tried; any other error propagates.
+  Raises:
+    FileNotFoundError: `directory` holds no step folder.
+    ValueError: every step is broken (the warnings say why).
+  """
+  directory = pathlib.Path(directory)
+  steps = [s for s in _step_dirs(directory) if newest is None or s <= newest]
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints in {directory}")
+  broken: list[int] = []
+  for step in reversed(steps):
+    path = directory / str(step)
+    reason = verify_checkpoint(path)
+    if reason is None:
+      try:
+        result = read(path)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        if not is_corruption(e):
+          raise
+        reason = f"reading it failed ({_brief(e)})"
+      else:
+        if broken:
+          logging.warning(
+            "checkpoints %s are unusable; using step %d",
+            ", ".join(str(directory / str(b)) for b in broken),
+            step,
+          )
+        return step, result, broken
+    logging.warning("checkpoint %s is unusable because %s; trying the previous one", path, reason)
+    broken.append(step)
+  raise ValueError(
+    f"no usable checkpoint in {directory}: all of steps {steps} are broken (see the warnings above)"
+  )
 
 
 def read_metrics(step_dir: str | os.PathLike) -> dict | None:
@@ -616,30 +659,15 @@ class Checkpointer:
     return _restore_dir(path.absolute(), abstract_state)
 
   def _restore_latest(self, abstract_state: Any):
-    steps = _step_dirs(self.directory)
-    if not steps:
-      raise FileNotFoundError(f"no checkpoints in {self.directory}")
-    broken = []
-    result = None
-    for step in reversed(steps):
-      path = self.directory / str(step)
-      reason = verify_checkpoint(path)
-      if reason is None:
-        try:
-          result = _restore_dir(path, abstract_state)
-        except Exception as e:  # pylint: disable=broad-exception-caught
-          if not is_corruption(e):
-            raise _access_error(path, "reading it", e) from e
-          reason = f"reading it failed ({_brief(e)})"
-      if reason is None:
-        break
-      logging.warning("checkpoint %s is unusable because %s; trying the previous one", path, reason)
-      broken.append(step)
-    if result is None:
-      raise ValueError(
-        f"no usable checkpoint in {self.directory}: all of steps {steps} are "
-        "broken (see the warnings above)"
-      )
+    def read(path: pathlib.Path):
+      try:
+        return _restore_dir(path, abstract_state)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        if is_corruption(e):
+          raise  # The step is broken: newest_readable tries the previous one.
+        raise _access_error(path, "reading it", e) from e
+
+    _, result, broken = newest_readable(self.directory, read)
     self._set_aside(broken)
     return result
 

@@ -25,7 +25,6 @@ import pathlib
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 from flax import nnx
 
 from dfer_clip_jax import checkpointing
@@ -204,32 +203,18 @@ def load_model(
       model_state, _ = state_lib.shard_state(model_state, mesh, min_size)
       model = nnx.merge(graphdef, model_state)
     return model, spec, ref
-  while True:
-    try:
-      return (*_load_checkpoint(ref.path, mesh, min_size), ref)
-    except UnreadableWeightsError as e:
-      ref = _earlier_latest(ref, e)
-
-
-def _earlier_latest(ref: CheckpointRef, error: UnreadableWeightsError) -> CheckpointRef:
-  """The step before `ref` when "latest" was asked for and its weights are damaged (the
-  integrity record can miss damage: it is absent when a run stopped between the save and the
-  record); re-raises `error` otherwise. Nothing is renamed: evaluation only reads."""
-  cause = error.__cause__
-  if ref.kind != WORKDIR or ref.which != "latest" or not checkpointing.is_corruption(cause):
-    raise error
-  directory = ref.path.parent
-  step = checkpointing.latest_valid_step(directory, below=ref.step)
-  if step is None:
-    raise ValueError(f"no usable checkpoint in {directory}: {error}") from cause
-  logging.warning(
-    "checkpoint %s is unusable because reading its weights failed (%s); using step %d",
-    ref.path,
-    f"{type(cause).__name__}: {str(cause)[:200]}",
-    step,
-  )
-  path = directory / str(step)
-  return dataclasses.replace(ref, path=path, step=step, epoch=_epoch_of(path))
+  if ref.kind == WORKDIR and ref.which == "latest":
+    # Damage that only reading the weights shows falls back to the step before (nothing is
+    # renamed: evaluation only reads); a step asked for by number is never swapped.
+    directory = ref.path.parent
+    step, (model, spec), _ = checkpointing.newest_readable(
+      directory, lambda p: _load_checkpoint(p, mesh, min_size), newest=ref.step
+    )
+    if step != ref.step:
+      path = directory / str(step)
+      ref = dataclasses.replace(ref, path=path, step=step, epoch=_epoch_of(path))
+    return model, spec, ref
+  return (*_load_checkpoint(ref.path, mesh, min_size), ref)
 
 
 def _load_checkpoint(

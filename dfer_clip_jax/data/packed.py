@@ -139,7 +139,7 @@ def _find_build(data_dir: str | os.PathLike, name: str) -> pathlib.Path:
     found = [p for p in d.glob("*/dataset_info.json") if _VERSION.fullmatch(p.parent.name)]
     return sorted((p.parent for p in found), key=lambda p: tuple(map(int, p.name.split("."))))
 
-  found = {d: versions(d) for d in config_dirs if versions(d)}
+  found = {d: v for d in config_dirs if (v := versions(d))}
   if not found:
     raise FileNotFoundError(
       f"packed dataset {name} not found in {os.fspath(data_dir)} (no <version>/"

@@ -385,10 +385,7 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       except BaseException:
         writer.abort()  # tfds deletes its temporary folder, blob included.
         raise
-      writer.close()
-      # Stored in metadata.json (written after the splits), so that a reader gets all
-      # labels (e.g. for a stratified validation split) without reading every record.
-      self.info.metadata.setdefault("labels", {})[split] = [c.label for c in clips]
+      writer.close()  # The clip table also gives readers every label without a record read.
 
     if workers <= 1:
       yield from examples(_encode_task(t) for t in tasks)
