@@ -61,7 +61,7 @@ def _shm_exists(name: str) -> bool:
 def test_a_worker_imports_neither_jax_grain_nor_tfds(source, tmp_path):
   """What a worker process runs -- the workers module, then unpickling a batch loader and
   loading a batch -- in a fresh interpreter, whose modules are then listed."""
-  loader = _train(source, 0)._batch_loader
+  loader = _train(source, 0).batch_loader
   (tmp_path / "loader.pkl").write_bytes(pickle.dumps(loader))
   script = textwrap.dedent(
     f"""

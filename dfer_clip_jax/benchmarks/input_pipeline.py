@@ -67,7 +67,15 @@ from PIL import Image
 
 from dfer_clip_jax import cli, config_lib
 from dfer_clip_jax.data import annotations as annotations_lib
-from dfer_clip_jax.data import augment, loading, packed, pipeline, synthetic, tfds_builders
+from dfer_clip_jax.data import (
+  augment,
+  loading,
+  packed,
+  pipeline,
+  sampling,
+  synthetic,
+  tfds_builders,
+)
 from dfer_clip_jax.data import workers as workers_lib
 
 NUM_SEGMENTS = 16
@@ -180,9 +188,8 @@ class _Usage:
 
 
 def _sample_frame_bytes(source, num_clips: int) -> float:
-  """Mean bytes of the frames the train sampler would use, per clip (16 of each clip)."""
-  from dfer_clip_jax.data import sampling  # pylint: disable=g-import-not-at-top
-
+  """Mean bytes per clip of 16 sampled frames (the test sampler's: as many distinct frames as
+  the train sampler's of a clip this long, without its randomness)."""
   total = 0
   for i in range(num_clips):
     record = source[i]
@@ -423,7 +430,7 @@ def run(
     one_clip = pipeline.make_eval_dataset(
       sources["folders"], batch_size=1, num_frames=1, image_size=image_size
     )
-    results.update(worker_start(one_clip._batch_loader))  # pylint: disable=protected-access
+    results.update(worker_start(one_clip.batch_loader))
     log(f"one worker: {results['worker_start_s']:.2f} s from launch to its first clip")
     default_path = "fast" if config_lib.base_config().data.fast_decode else "exact"
     m = results["measurements"]

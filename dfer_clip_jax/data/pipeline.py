@@ -123,8 +123,9 @@ class ClipDataset:
     self.steps_per_epoch = elements.steps_per_epoch if kind == "train" else num_steps
     self.skipped: list[SkippedClip] = []
     total = num_steps if num_steps is not None else _UNBOUNDED_ELEMENTS // self.batch_size
-    self._batch_loader = loading.BatchLoader(elements)
-    self.batches: grain.MapDataset = grain.MapDataset.range(total).map(self._batch_loader)
+    # step -> batch; also what the input worker processes run.
+    self.batch_loader = loading.BatchLoader(elements)
+    self.batches: grain.MapDataset = grain.MapDataset.range(total).map(self.batch_loader)
 
   def __len__(self) -> int:
     if self.num_steps is None:
@@ -145,7 +146,7 @@ class ClipDataset:
     if self.worker_count > 0:
       pool = workers_lib.shared_pool(self.worker_count)
       return workers_lib.PoolBatches(
-        pool, self._batch_loader, step, self.num_steps, depth=2 * self.worker_count
+        pool, self.batch_loader, step, self.num_steps, depth=2 * self.worker_count
       )
     return self.batches.slice(slice(step, None)).to_iter_dataset(
       grain.ReadOptions(
