@@ -45,7 +45,7 @@ from dfer_clip_jax import metrics as metrics_lib
 from dfer_clip_jax import restore as restore_lib
 from dfer_clip_jax import sharding as sharding_lib
 from dfer_clip_jax import state as state_lib
-from dfer_clip_jax.data import pipeline
+from dfer_clip_jax.data import loading, pipeline
 from dfer_clip_jax.data import sources as sources_lib
 
 CHECKPOINT_FORMAT = "dfer_clip_jax.train/1"
@@ -215,7 +215,7 @@ class Trainer:
         f"train.microbatches={t.microbatches} must divide the {per_device} clips "
         "each device gets per step (train.batch_size / devices)"
       )
-    self.steps_per_epoch = pipeline.steps_per_epoch(len(self.sources.train), t.batch_size)
+    self.steps_per_epoch = loading.steps_per_epoch(len(self.sources.train), t.batch_size)
     if self.steps_per_epoch == 0:
       raise ValueError(
         f"the train split has {len(self.sources.train)} clips, fewer than one "

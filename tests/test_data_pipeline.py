@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dfer_clip_jax.data import annotations, augment, datasets, pipeline, sampling
+from dfer_clip_jax.data import annotations, augment, datasets, loading, pipeline, sampling
 
 _T = 4  # Frames per clip.
 _S = 16  # Output image size.
@@ -75,7 +75,7 @@ def test_train_batch_structure(source, train_batches):
 
 
 def test_two_process_train_epochs_cover_each_clip_once(train_batches):
-  spe = pipeline.steps_per_epoch(_NUM_CLIPS, 4)
+  spe = loading.steps_per_epoch(_NUM_CLIPS, 4)
   assert spe == 3 and all(len(b) == 2 * spe for b in train_batches)
   orders = []
   for epoch in range(2):
@@ -86,7 +86,7 @@ def test_two_process_train_epochs_cover_each_clip_once(train_batches):
       ]
     )
     assert len(set(seen.tolist())) == len(seen) == 12  # 13 mod 4 = 1 clip dropped.
-    np.testing.assert_array_equal(seen, pipeline.epoch_order(_NUM_CLIPS, 3, epoch)[:12])
+    np.testing.assert_array_equal(seen, loading.epoch_order(_NUM_CLIPS, 3, epoch)[:12])
     orders.append(seen)
   assert not np.array_equal(orders[0], orders[1])  # Reshuffled every epoch.
 
@@ -121,7 +121,7 @@ def test_train_clip_equals_direct_load(source, train_batches):
   batch = train_batches[1][4]  # Epoch 1.
   index = int(batch["index"][1])
   record = source[index]
-  rng = pipeline.clip_rng(3, 1, index)
+  rng = loading.clip_rng(3, 1, index)
   frames = sampling.train_indices(record["num_frames"], rng, _T)
   expected = augment.load_train_clip(
     record["frames"], frames, rng, augmentation=_aug("dfew"), size=_S
@@ -227,9 +227,9 @@ def test_bad_clip_error_names_the_clip(folder_dataset):
   lst = folder_dataset / "broken.txt"
   lst.write_text("c00 5 0\nc01 9 1\nbroken 4 2\nc02 12 3\n")  # 'broken' has no frames.
   source = annotations.FrameFolderSource.from_file(lst)
-  with pytest.raises(pipeline.BadClipError, match=r"clip 2 'broken' \(.*broken.txt:3\)"):
+  with pytest.raises(loading.BadClipError, match=r"clip 2 'broken' \(.*broken.txt:3\)"):
     list(_eval(source, batch_size=4))
-  with pytest.raises(pipeline.BadClipError, match=r"0 frames found, the annotation says 4"):
+  with pytest.raises(loading.BadClipError, match=r"0 frames found, the annotation says 4"):
     list(_train(source, batch_size=4, num_epochs=1))
 
 
@@ -248,7 +248,7 @@ def test_bad_clip_skip_replaces_and_reports():
   batches = list(dataset)
   used = np.concatenate([b["index"] for b in batches])
   assert not {1, 4} & set(used.tolist()) and np.concatenate([b["mask"] for b in batches]).all()
-  planned = np.concatenate([pipeline.epoch_order(7, 0, e)[:6] for e in range(2)])
+  planned = np.concatenate([loading.epoch_order(7, 0, e)[:6] for e in range(2)])
   assert len(dataset.skipped) == int(np.isin(planned, [1, 4]).sum()) > 0
   for skip in dataset.skipped:
     assert skip.index in (1, 4) and skip.clip_id == f"clip{skip.index}"
@@ -289,7 +289,7 @@ def test_split_train_val_is_stratified_and_deterministic():
 
 def test_subset_source(source):
   train, val = pipeline.split_train_val(source, 0.3, seed=0)
-  subset = pipeline.SubsetSource(source, val)
+  subset = loading.SubsetSource(source, val)
   assert len(subset) == len(val) and subset.labels == [source.labels[i] for i in val]
   assert subset[0] == source[int(val[0])]
   batch = next(iter(_eval(subset, batch_size=2)))

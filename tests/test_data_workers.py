@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dfer_clip_jax.data import annotations, augment, pipeline, workers
+from dfer_clip_jax.data import annotations, augment, loading, pipeline, workers
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _T, _S = 4, 16
@@ -111,7 +111,7 @@ def test_a_bad_clip_in_a_worker_names_the_clip_and_the_worker_traceback(source, 
   lst = tmp_path / "broken.txt"
   lst.write_text(f"{source.annotations[0].frame_dir} 6 0\nbroken 3 1\n")
   bad = annotations.FrameFolderSource.from_file(lst)
-  with pytest.raises(pipeline.BadClipError, match=r"clip 1 'broken' \(.*broken.txt:2\)") as e:
+  with pytest.raises(loading.BadClipError, match=r"clip 1 'broken' \(.*broken.txt:2\)") as e:
     list(_eval(bad, 1))
   assert "in input worker" in str(e.value.__cause__)
 

@@ -34,7 +34,7 @@ padding rows (zero video, label 0, index -1, mask False), so every clip is seen 
 across processes and every process yields the same number of batches (multi-host jit).
 
 Bad clips (unreadable frames, missing folder, frame count differing from the record's):
-  'error' (default): raise `BadClipError` naming the clip (clip id, annotation file:line).
+  'error' (default): raise `loading.BadClipError` naming the clip (clip id, annotation file:line).
   'skip': training replaces the clip by the next readable clip of the epoch's permutation
   (deterministic, so resume and worker counts are unaffected; a clip may then appear twice
   in that epoch); evaluation sets the row's mask to False. Either way every skipped clip is
@@ -59,13 +59,6 @@ from absl import logging
 from dfer_clip_jax.data import augment as augment_lib
 from dfer_clip_jax.data import loading
 from dfer_clip_jax.data import workers as workers_lib
-
-# Names callers know from this module (each defined once, in loading.py).
-BadClipError = loading.BadClipError
-SubsetSource = loading.SubsetSource
-clip_rng = loading.clip_rng
-epoch_order = loading.epoch_order
-steps_per_epoch = loading.steps_per_epoch
 
 BAD_CLIP_POLICIES = ("error", "skip")
 
@@ -323,7 +316,7 @@ def make_train_dataset(
   if seed < 0:
     raise ValueError(f"seed must be non-negative, got {seed}")
   global_batch = batch_size * process_count
-  spe = steps_per_epoch(num_clips, global_batch)
+  spe = loading.steps_per_epoch(num_clips, global_batch)
   if spe == 0:
     raise ValueError(
       f"{num_clips} clips do not fill one global batch of {global_batch} "

@@ -28,7 +28,7 @@ from absl import logging
 from dfer_clip_jax import distributed
 from dfer_clip_jax.data import annotations as annotations_lib
 from dfer_clip_jax.data import augment as augment_lib
-from dfer_clip_jax.data import datasets, pipeline
+from dfer_clip_jax.data import datasets, loading, pipeline
 from dfer_clip_jax.data import validate as validate_lib
 
 
@@ -224,7 +224,7 @@ def build_sources(
     train_idx, val_idx = pipeline.split_train_val(
       list(train.labels), data.val_fraction, data.val_seed
     )
-    train, val = pipeline.SubsetSource(train, train_idx), pipeline.SubsetSource(train, val_idx)
+    train, val = loading.SubsetSource(train, train_idx), loading.SubsetSource(train, val_idx)
   sources = Sources(train=train, val=val, test=test, class_names=names, skipped=skipped)
   if jax.process_count() > 1:
     check_same_on_all_processes(sources)
