@@ -193,7 +193,7 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "folders"  # folders (annotation lists) | packed (TFDS array_record) | synthetic
+  c.data.source = "folders"  # folders (annotation lists) | packed (data.build) | synthetic
   c.data.root = ""  # joined with relative frame-folder paths of the annotation lists
   c.data.train_list = ""  # annotation list of the training split ({fold} = the fold number)
   c.data.test_list = ""  # annotation list of the test split ({fold} = the fold number)

@@ -1,4 +1,4 @@
-"""tensorflow-datasets builders that pack frame-folder datasets into array_record files.
+"""tensorflow-datasets builders that pack frame-folder datasets (a frames file per split + index).
 
 Builders (registered with tfds on import): `dfew` (configs fold1..fold5), `ferv39k`
 (config `default`), `mafw` (fold1..fold5) and `synthetic` (classes7, classes11). Build them
