@@ -164,3 +164,21 @@ def test_workers_exit_with_their_parent_and_nothing_is_leaked(source, tmp_path):
   alive = [p for p in pids if pathlib.Path(f"/proc/{p}/status").exists()]
   alive = [p for p in alive if "zombie" not in pathlib.Path(f"/proc/{p}/status").read_text()]
   assert not alive, f"workers {alive} outlived their killed parent"
+
+
+def test_too_little_shared_memory_fails_before_any_worker_writes(source, monkeypatch):
+  """A worker writing past a full /dev/shm (Docker's default is 64 MB) would die of a bus
+  error; the pipeline says what it needs and how to get it instead."""
+  real = os.statvfs
+
+  def statvfs(path):
+    st = real(path)
+    if path != workers.SHM_DIR:
+      return st
+    return os.statvfs_result((*st[:4], 0, *st[5:]))  # f_bavail = 0 blocks
+
+  monkeypatch.setattr(os, "statvfs", statvfs)
+  before = set(os.listdir(workers.SHM_DIR))
+  with pytest.raises(RuntimeError, match=r"need \d+ MB of shared memory .* has 0 MB free"):
+    next(iter(_eval(source, 2)))
+  assert set(os.listdir(workers.SHM_DIR)) <= before  # no block was created

@@ -47,6 +47,8 @@ import numpy as np
 # Loaders (datasets) a worker keeps unpickled, and shared-memory blocks it keeps mapped.
 _LOADER_CACHE = 8
 _MAP_CACHE = 64
+# Where POSIX shared memory lives on Linux (a tmpfs; Docker's default holds only 64 MB).
+SHM_DIR = "/dev/shm"
 
 
 class WorkerError(RuntimeError):
@@ -169,7 +171,10 @@ class _Worker:
     with self.lock:
       self.dead = WorkerError(
         f"input worker {self.number} (pid {self.process.pid}) exited with status {status}"
-        + (" (killed: out of memory?)" if status == -9 else "")
+        + {
+          -9: " (killed: out of memory?)",
+          -7: f" (bus error: is {SHM_DIR} full? see PoolBatches)",
+        }.get(status, "")
       )
       pending, self.pending = self.pending, {}
     for future in pending.values():
@@ -277,6 +282,25 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+def _check_shared_memory(depth: int, nbytes: int) -> None:
+  """Fails before any batch is made when the shared-memory file system cannot hold `depth`
+  blocks of `nbytes`: its pages are allocated as the workers write, and a worker writing past
+  the limit dies of a bus error instead of reporting it."""
+  try:
+    st = os.statvfs(SHM_DIR)
+  except OSError:
+    return  # Not Linux: shared memory is not a mounted file system there.
+  free = st.f_bavail * st.f_frsize
+  if depth * nbytes > free:
+    raise RuntimeError(
+      f"the input worker processes need {depth * nbytes / 2**20:.0f} MB of shared memory "
+      f"({depth} batches in flight of {nbytes / 2**20:.1f} MB) but {SHM_DIR} has "
+      f"{free / 2**20:.0f} MB free: give it more (docker run --shm-size=...), or lower "
+      "data.worker_count (0 decodes in threads of this process, without shared memory) or "
+      "the batch size per host"
+    )
+
+
 class PoolBatches:
   """Iterator over `batch_loader`'s steps [start, stop) made by a pool, in order, with `depth`
   batches in flight (one shared-memory block each).
@@ -292,6 +316,7 @@ class PoolBatches:
     self.stop = stop
     self.next_step = start
     nbytes = max(1, int(np.prod(self.shape)))
+    _check_shared_memory(depth, nbytes)
     self.blocks = [shared_memory.SharedMemory(create=True, size=nbytes) for _ in range(depth)]
     self.free = collections.deque(range(depth))
     self.pending: collections.deque = collections.deque()
@@ -333,7 +358,7 @@ class PoolBatches:
     return self.consumed + sum(future.done() for _, future in self.pending)
 
   def close(self) -> None:
-    blocks, self.blocks = self.blocks, None
+    blocks, self.blocks = getattr(self, "blocks", None), None  # None: __init__ failed
     if blocks is None:
       return
     # Unlinking while a worker still writes is safe: its mapping stays valid until it
