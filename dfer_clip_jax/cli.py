@@ -27,6 +27,14 @@ def fail(prog: str, message: str) -> NoReturn:
   raise SystemExit(2)
 
 
+def int_list(prog: str, name: str, value: str) -> list[int]:
+  """The comma-separated integers of flag `--name` (empty items ignored); a usage error else."""
+  try:
+    return [int(item) for item in value.split(",") if item.strip()]
+  except ValueError:
+    fail(prog, f"--{name} must be comma-separated integers, got {value!r}")
+
+
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from dfer_clip_jax.benchmarks import input_pipeline
 from dfer_clip_jax.data import annotations, synthetic
@@ -71,3 +72,16 @@ def test_decode_paths_verdict_weighs_the_paths_against_the_seeds():
   assert decode_paths.compare(worse)["same_within_noise"] is False
   config, overrides = decode_paths.setup_overrides("dfew_like", 300, 3)
   assert config.endswith("clips=300,epochs=3") and "clip.image_size=64" in overrides
+
+
+def test_list_flags_refuse_what_is_not_a_list_of_integers(tmp_path, capsys):
+  from dfer_clip_jax.benchmarks import decode_paths
+
+  for main, argv in (
+    (input_pipeline.main, ["--workers=0,two"]),
+    (decode_paths.main, ["--seeds=0,x"]),
+  ):
+    with pytest.raises(SystemExit) as e:
+      main([f"--json={tmp_path / 'out.json'}", *argv])
+    assert e.value.code == 2
+    assert "must be comma-separated integers" in capsys.readouterr().err

@@ -152,10 +152,9 @@ def _define(fv: flags.FlagValues) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args, _ = cli.parse(_PROG, __doc__, _define, argv, paths=("json", "work_dir"))
-  try:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  except ValueError:
-    cli.fail(_PROG, f"--seeds must be comma-separated integers, got {args.seeds!r}")
+  seeds = cli.int_list(_PROG, "seeds", args.seeds)
+  if not seeds:
+    cli.fail(_PROG, "--seeds needs at least one seed (two give the seed-to-seed noise)")
   config, overrides = setup_overrides(args.setup, args.clips, args.epochs)
   repo = pathlib.Path(__file__).resolve().parents[2]
   root = pathlib.Path(args.work_dir) / args.setup

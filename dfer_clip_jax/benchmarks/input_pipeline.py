@@ -513,10 +513,7 @@ def _define(fv: flags.FlagValues) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args, _ = cli.parse(_PROG, __doc__, _define, argv, paths=("json", "work_dir"))
-  try:
-    workers = [int(w) for w in args.workers.split(",") if w.strip()]
-  except ValueError:
-    cli.fail(_PROG, f"--workers must be comma-separated integers, got {args.workers!r}")
+  workers = cli.int_list(_PROG, "workers", args.workers)
   if not workers or min(workers) < 0:
     cli.fail(_PROG, f"--workers needs non-negative counts, got {args.workers!r}")
   if args.clips < 14:
